@@ -1,0 +1,36 @@
+# Contributor commands. `make run` and `make test` are the two that matter.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PACKAGES := -e libs/common[sentry] -e services/records -e services/collab -e services/bots
+
+.PHONY: install run test test-fast bench lint clean node
+
+install: $(BIN)/.installed node
+
+$(BIN)/.installed: requirements-dev.txt libs/common/pyproject.toml services/*/pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements-dev.txt $(PACKAGES)
+	touch $@
+
+node: tests/node/node_modules/.installed
+
+tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
+	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: install
+	$(BIN)/python scripts/run.py
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+lint: install
+	$(BIN)/ruff check libs services tests scripts
+
+clean:
+	rm -rf $(VENV) tests/node/node_modules .pytest_cache

@@ -1,0 +1,97 @@
+"""Every setting of every service, read from the environment names that the
+original Node.js deployment used (see shared/spec/contracts.md)."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    redis_url: str = Field("redis://localhost:6379/0", validation_alias="REDIS_URL")
+    sentry_dsn: str | None = Field(
+        None, validation_alias=AliasChoices("SENTRY_DSN", "SENTRY_PUBLIC_DSN")
+    )
+    log_level: str = Field("INFO", validation_alias="LOG_LEVEL")
+    # Seconds a service waits for in-flight work after SIGTERM before exiting.
+    shutdown_grace_seconds: float = Field(5.0, validation_alias="SHUTDOWN_GRACE_SECONDS")
+    host: str = Field("0.0.0.0", validation_alias="HOST")
+
+
+def _strip_channels_prefix(host: str) -> str:
+    return host[len("channels."):] if host.startswith("channels.") else host
+
+
+class RecordsSettings(CommonSettings):
+    port: int = Field(5000, validation_alias="PORT")
+    public_app_url: str | None = Field(None, validation_alias="PUBLIC_APP_URL")
+    canonical_host: str | None = Field(None, validation_alias="CANONICAL_HOST")
+    virtual_host: str | None = Field(None, validation_alias="VIRTUAL_HOST")
+    recovery_window_seconds: int = Field(1800, validation_alias="RECOVERY_WINDOW_SECONDS")
+    # Connections to Redis for token lookups; further lookups wait for a free one.
+    redis_pool_size: int = Field(50, validation_alias="REDIS_POOL_SIZE")
+    # Bytes queued for one client before it is considered stuck and disconnected.
+    max_client_buffer_bytes: int = Field(
+        4 * 1024 * 1024, validation_alias="MAX_CLIENT_BUFFER_BYTES"
+    )
+
+    @property
+    def cors_origin(self) -> str | None:
+        """The one browser origin allowed, as the original computed it."""
+        if self.public_app_url:
+            return self.public_app_url.rstrip("/")
+        host = self.canonical_host or self.virtual_host
+        if host:
+            return "https://" + _strip_channels_prefix(host)
+        return None
+
+
+class CollabSettings(CommonSettings):
+    port: int | None = Field(None, validation_alias="PORT")
+    rails_env: str = Field("development", validation_alias="RAILS_ENV")
+    private_app_url: str | None = Field(None, validation_alias="PRIVATE_APP_URL")
+    app_url: str | None = Field(None, validation_alias="APP_URL")
+    public_app_url: str | None = Field(None, validation_alias="PUBLIC_APP_URL")
+    canonical_host: str | None = Field(None, validation_alias="CANONICAL_HOST")
+    timeout_ms: int = Field(30000, validation_alias="COLLAB_TIMEOUT_MS")
+    debounce_ms: int = Field(5000, validation_alias="COLLAB_DEBOUNCE_MS")
+    max_debounce_ms: int = Field(30000, validation_alias="COLLAB_MAX_DEBOUNCE_MS")
+    # Bounds on the ephemeral draft store.
+    max_drafts: int = Field(10000, validation_alias="COLLAB_MAX_DRAFTS")
+    draft_max_idle_seconds: int = Field(86400, validation_alias="COLLAB_DRAFT_MAX_IDLE_SECONDS")
+    # Seconds to wait for Rails to answer an auth request.
+    auth_timeout_seconds: float = Field(10.0, validation_alias="COLLAB_AUTH_TIMEOUT_SECONDS")
+    max_frame_bytes: int = Field(10 * 1024 * 1024, validation_alias="COLLAB_MAX_FRAME_BYTES")
+
+    @model_validator(mode="after")
+    def _default_port(self) -> "CollabSettings":
+        if self.port is None:
+            self.port = 5000 if self.rails_env == "production" else 4444
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.rails_env == "production"
+
+    @property
+    def rails_base_url(self) -> str | None:
+        """First one set of PRIVATE_APP_URL, APP_URL, PUBLIC_APP_URL, CANONICAL_HOST."""
+        for value in (self.private_app_url, self.app_url, self.public_app_url):
+            if value:
+                return value.rstrip("/")
+        if self.canonical_host:
+            host = self.canonical_host
+            return host.rstrip("/") if "://" in host else "https://" + host
+        return None
+
+
+class BotsSettings(CommonSettings):
+    # The bots service serves only /healthz, /readyz and /metrics.
+    port: int = Field(5002, validation_alias="PORT")
+    client_cache_size: int = Field(100, validation_alias="BOTS_CLIENT_CACHE_SIZE")
+    client_idle_seconds: float = Field(900.0, validation_alias="BOTS_CLIENT_IDLE_SECONDS")
+    alias_ttl_seconds: float = Field(300.0, validation_alias="BOTS_ALIAS_TTL_SECONDS")
+    max_concurrent_sends: int = Field(20, validation_alias="BOTS_MAX_CONCURRENT_SENDS")
+    max_attempts: int = Field(6, validation_alias="BOTS_MAX_ATTEMPTS")

@@ -1,0 +1,52 @@
+from channels_common.settings import BotsSettings, CollabSettings, RecordsSettings
+
+
+def test_records_defaults(monkeypatch):
+    for name in ("PORT", "PUBLIC_APP_URL", "CANONICAL_HOST", "VIRTUAL_HOST", "REDIS_URL", "RECOVERY_WINDOW_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    s = RecordsSettings()
+    assert s.port == 5000
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.recovery_window_seconds == 1800
+    assert s.cors_origin is None
+
+
+def test_records_cors_origin_fallbacks(monkeypatch):
+    monkeypatch.delenv("PUBLIC_APP_URL", raising=False)
+    monkeypatch.setenv("VIRTUAL_HOST", "channels.loomio.example")
+    assert RecordsSettings().cors_origin == "https://loomio.example"
+    monkeypatch.setenv("CANONICAL_HOST", "channels.app.example")
+    assert RecordsSettings().cors_origin == "https://app.example"
+    monkeypatch.setenv("PUBLIC_APP_URL", "https://public.example/")
+    assert RecordsSettings().cors_origin == "https://public.example"
+
+
+def test_collab_port_depends_on_rails_env(monkeypatch):
+    monkeypatch.delenv("PORT", raising=False)
+    monkeypatch.delenv("RAILS_ENV", raising=False)
+    assert CollabSettings().port == 4444
+    monkeypatch.setenv("RAILS_ENV", "production")
+    assert CollabSettings().port == 5000
+    monkeypatch.setenv("PORT", "6001")
+    assert CollabSettings().port == 6001
+
+
+def test_collab_rails_base_url_order(monkeypatch):
+    for name in ("PRIVATE_APP_URL", "APP_URL", "PUBLIC_APP_URL", "CANONICAL_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert CollabSettings().rails_base_url is None
+    monkeypatch.setenv("CANONICAL_HOST", "loomio.example")
+    assert CollabSettings().rails_base_url == "https://loomio.example"
+    monkeypatch.setenv("PUBLIC_APP_URL", "https://public.example")
+    assert CollabSettings().rails_base_url == "https://public.example"
+    monkeypatch.setenv("APP_URL", "http://app:3000/")
+    assert CollabSettings().rails_base_url == "http://app:3000"
+    monkeypatch.setenv("PRIVATE_APP_URL", "http://private:3000")
+    assert CollabSettings().rails_base_url == "http://private:3000"
+    monkeypatch.setenv("COLLAB_TIMEOUT_MS", "1000")
+    assert CollabSettings().timeout_ms == 1000
+
+
+def test_bots_defaults(monkeypatch):
+    monkeypatch.delenv("PORT", raising=False)
+    assert BotsSettings().port == 5002

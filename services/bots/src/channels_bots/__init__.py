@@ -1,0 +1,1 @@
+"""Loomio Matrix bot bridge fed by Redis chatbot/* messages"""

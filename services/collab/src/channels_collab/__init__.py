@@ -1,0 +1,1 @@
+"""Loomio collaborative editing: a Hocuspocus-compatible Yjs server on pycrdt"""
