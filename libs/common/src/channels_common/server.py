@@ -3,14 +3,43 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 import uvicorn
 
 log = logging.getLogger("channels.server")
 
 
-def serve(app, *, host: str, port: int, grace_seconds: float = 5.0, ws: str = "websockets", **options) -> None:
+class _Server(uvicorn.Server):
+    """Runs `on_stop` once listeners are closed and before uvicorn shuts the
+    open connections down, so a service can close its clients in its own
+    protocol (for example so that they reconnect elsewhere)."""
+
+    on_stop = None
+
+    async def shutdown(self, sockets=None) -> None:
+        if self.on_stop is not None:
+            for server in self.servers:
+                server.close()
+            try:
+                await asyncio.wait_for(self.on_stop(), timeout=self.config.timeout_graceful_shutdown)
+            except Exception:
+                log.exception("on_stop hook failed")
+        await super().shutdown(sockets)
+
+
+def serve(
+    app,
+    *,
+    host: str,
+    port: int,
+    grace_seconds: float = 5.0,
+    ws: str = "websockets",
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    **options,
+) -> None:
     config = uvicorn.Config(
         app,
         host=host,
@@ -28,6 +57,7 @@ def serve(app, *, host: str, port: int, grace_seconds: float = 5.0, ws: str = "w
         server_header=False,
         **options,
     )
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    server.on_stop = on_stop
     log.info("listening", extra={"host": host, "port": port})
     server.run()
