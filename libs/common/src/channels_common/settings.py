@@ -95,3 +95,10 @@ class BotsSettings(CommonSettings):
     alias_ttl_seconds: float = Field(300.0, validation_alias="BOTS_ALIAS_TTL_SECONDS")
     max_concurrent_sends: int = Field(20, validation_alias="BOTS_MAX_CONCURRENT_SENDS")
     max_attempts: int = Field(6, validation_alias="BOTS_MAX_ATTEMPTS")
+    # Backoff between attempts after network errors and 5xx: base * 2^n, capped, jittered.
+    retry_base_seconds: float = Field(0.5, validation_alias="BOTS_RETRY_BASE_SECONDS")
+    retry_max_seconds: float = Field(30.0, validation_alias="BOTS_RETRY_MAX_SECONDS")
+    # Seconds one request to a homeserver may take.
+    request_timeout_seconds: float = Field(30.0, validation_alias="BOTS_REQUEST_TIMEOUT_SECONDS")
+    # Messages queued or in flight; further ones are dropped with a log line.
+    max_pending_messages: int = Field(10000, validation_alias="BOTS_MAX_PENDING_MESSAGES")

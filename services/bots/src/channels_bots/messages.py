@@ -1,0 +1,125 @@
+"""chatbot/* payloads (as Rails' ChatbotService publishes them) -> typed
+commands. Everything from Redis is treated as hostile: anything that is not
+exactly a known channel with a complete payload raises `Rejected` with a
+short reason that is safe to log (never the access token, never the payload).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+
+from .render import html_to_text
+
+TEST_CHANNEL = "chatbot/test"
+PUBLISH_CHANNEL = "chatbot/publish"
+CHANNELS = (TEST_CHANNEL, PUBLISH_CHANNEL)
+
+# Matrix caps an event at 64 KiB; a payload far beyond that is not a message.
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_SERVER_LENGTH = 2048
+MAX_TOKEN_LENGTH = 4096
+# `#alias:server` (the server part may carry a port) or a room id: `!opaque:server`,
+# or from room version 12 on just `!opaque`.
+_ROOM = re.compile(r"^(#[^\s:]{1,255}:[A-Za-z0-9.\-\[\]:]{1,255}|![^\s]{1,255})$")
+_SERVER = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$", re.IGNORECASE)
+
+
+class Rejected(ValueError):
+    """A message that is dropped; `reason` is a metric label and a log word."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Bot:
+    """Where and as whom to post. The token stays out of repr and logs."""
+
+    server: str
+    access_token: str = field(repr=False)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.server, self.access_token)
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """One Matrix message to deliver."""
+
+    kind: str  # "test" or "publish"
+    bot: Bot
+    room: str  # as Rails gave it: an alias or a room id
+    content: dict = field(repr=False)
+    # Fixed when the message is received, so every retry is the same
+    # transaction to the homeserver and can never post twice.
+    txn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def fresh_client(self) -> bool:
+        # chatbot/test checks a configuration: its client is used once.
+        return self.kind == "test"
+
+    @property
+    def queue_key(self) -> tuple[str, str]:
+        return (self.bot.server, self.room)
+
+
+def _text_field(obj: dict, name: str, where: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str):
+        raise Rejected("incomplete", f"{where}{name} missing or not a string")
+    return value
+
+
+def _bot_and_room(obj: dict, where: str) -> tuple[Bot, str]:
+    server = _text_field(obj, "server", where).strip().rstrip("/")
+    token = _text_field(obj, "access_token", where)
+    room = _text_field(obj, "channel", where).strip()
+    if not (0 < len(server) <= MAX_SERVER_LENGTH and _SERVER.match(server)):
+        raise Rejected("invalid", f"{where}server is not an http(s) URL")
+    if not (0 < len(token) <= MAX_TOKEN_LENGTH) or not token.isprintable() or " " in token:
+        raise Rejected("invalid", f"{where}access_token is malformed")
+    if not _ROOM.match(room):
+        raise Rejected("invalid", f"{where}channel is not a #alias:server or a !room id")
+    return Bot(server=server, access_token=token), room
+
+
+def parse(channel: str, data: bytes) -> Command:
+    """The command a chatbot/* message asks for, or `Rejected`."""
+    if channel not in CHANNELS:
+        raise Rejected("unknown_channel")
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise Rejected("too_large", f"{len(data)} bytes")
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise Rejected("not_json") from None
+    if not isinstance(obj, dict):
+        raise Rejected("incomplete", "payload is not an object")
+
+    if channel == TEST_CHANNEL:
+        bot, room = _bot_and_room(obj, "")
+        message = _text_field(obj, "message", "")
+        return Command("test", bot, room, {"msgtype": "m.notice", "body": message})
+
+    config = obj.get("config")
+    payload = obj.get("payload")
+    if not isinstance(config, dict):
+        raise Rejected("incomplete", "config missing or not an object")
+    if not isinstance(payload, dict):
+        raise Rejected("incomplete", "payload missing or not an object")
+    bot, room = _bot_and_room(config, "config.")
+    html = _text_field(payload, "html", "payload.")
+    content = {
+        "msgtype": "m.text",
+        "body": html_to_text(html),
+        "format": "org.matrix.custom.html",
+        "formatted_body": html,
+    }
+    return Command("publish", bot, room, content)
