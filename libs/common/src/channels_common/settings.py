@@ -102,3 +102,26 @@ class BotsSettings(CommonSettings):
     request_timeout_seconds: float = Field(30.0, validation_alias="BOTS_REQUEST_TIMEOUT_SECONDS")
     # Messages queued or in flight; further ones are dropped with a log line.
     max_pending_messages: int = Field(10000, validation_alias="BOTS_MAX_PENDING_MESSAGES")
+
+
+class PlaygroundSettings(CommonSettings):
+    """The development playground page served by records (never in production)."""
+
+    rails_env: str = Field("development", validation_alias="RAILS_ENV")
+    # Where the page's editor reaches collab; unset: the page's own host, port 4444.
+    collab_url: str | None = Field(None, validation_alias="PLAYGROUND_COLLAB_URL")
+    # The built front-end bundle; unset: playground/dist of the source checkout.
+    dist_dir: str | None = Field(None, validation_alias="PLAYGROUND_DIST")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rails_env != "production"
+
+
+class DevRailsSettings(CommonSettings):
+    """channels-dev-rails, the development stand-in for Rails (refused in production)."""
+
+    port: int = Field(3030, validation_alias="PORT")
+    rails_env: str = Field("development", validation_alias="RAILS_ENV")
+    # Seconds between rewrites of the demo channel token (survives a Redis restart).
+    token_refresh_seconds: float = Field(30.0, validation_alias="DEV_RAILS_TOKEN_REFRESH_SECONDS")

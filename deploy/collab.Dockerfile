@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# Image of channels-collab -- collab: the Hocuspocus-compatible Yjs server (port 5000 in production, as the original).
+# Build context is the repository root, so that libs/common is in reach:
+#   docker build -f deploy/collab.Dockerfile -t loomio-channels-collab .
+ARG PYTHON_IMAGE=python:3.12-slim-bookworm
+
+# Build stage: a virtual environment holding only channels-common and this
+# service with their dependencies (wheels; nothing compiled at run time).
+FROM ${PYTHON_IMAGE} AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+COPY libs/common /src/libs/common
+COPY services/collab /src/services/collab
+RUN /opt/venv/bin/pip install "/src/libs/common[sentry]" /src/services/collab
+
+# Run stage: the same slim base, the venv, and an unprivileged user. The
+# root filesystem may be mounted read-only (no bytecode is written).
+FROM ${PYTHON_IMAGE}
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin channels
+COPY --from=build /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    RAILS_ENV=production
+USER 10001:10001
+EXPOSE 5000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["channels-healthcheck", "--port", "5000", "--path", "/healthz"]
+ENTRYPOINT ["channels-collab"]

@@ -1,0 +1,323 @@
+"""deploy/ validated offline: the compose file against the Compose
+Specification's JSON schema (shipped in deploy/schemas), the Kubernetes base
+against the API schemas shipped by kubernetes-validate, and every name,
+port, probe and command cross-checked against what the services really are."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.integration.deploy_support import (
+    COMPOSE_NAMES,
+    DEPLOY,
+    K8S,
+    ROOT,
+    SERVICES,
+    Dockerfile,
+    by_kind,
+    console_scripts,
+    docker_ignored,
+    dockerignore_patterns,
+    load_kustomization,
+    production_port,
+    service_script,
+    setting_names,
+)
+
+K8S_VERSION = "1.30.0"
+HEALTHCHECK_SCRIPT = "channels-healthcheck"
+
+
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def compose_validator() -> jsonschema.Validator:
+    schema = json.loads((DEPLOY / "schemas" / "compose-spec.json").read_text())
+    return jsonschema.Draft7Validator(schema)
+
+
+def dockerfile(service: str) -> Dockerfile:
+    return Dockerfile.load(DEPLOY / f"{service}.Dockerfile")
+
+
+# --- images -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerfile_builds_one_service_as_non_root(service):
+    df = dockerfile(service)
+    froms = df.all("FROM")
+    assert len(froms) >= 2, "multi-stage: a build stage and a run stage"
+    (arg,) = [a for a in df.all("ARG") if a.startswith("PYTHON_IMAGE=")]
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.\d+-slim(-\w+)?", arg), arg
+    assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
+
+    # Only channels-common and this service go in, and only they are installed.
+    assert {src for src, _ in df.copies()} - {"/opt/venv"} == {"libs/common", f"services/{service}"}
+    targets = [a.split("[")[0] for a in df.pip_install_args()]
+    assert targets == ["/src/libs/common", f"/src/services/{service}"]
+
+    user = df.final("USER")
+    assert user and user[-1].split(":")[0] not in ("root", "0")
+    env = df.env()
+    assert env.get("PYTHONUNBUFFERED") == "1"
+    assert env.get("RAILS_ENV") == "production", "images never serve the development playground"
+    assert df.exec_form("ENTRYPOINT") == [service_script(service)]
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerfile_port_and_healthcheck_match_the_service(service):
+    df = dockerfile(service)
+    port = production_port(service)
+    assert df.final("EXPOSE") == [str(port)]
+    command = df.healthcheck_command()
+    assert command[0] == HEALTHCHECK_SCRIPT
+    assert HEALTHCHECK_SCRIPT in console_scripts(ROOT / "libs/common/pyproject.toml")
+    assert command[command.index("--port") + 1] == str(port)
+    assert command[command.index("--path") + 1] == "/healthz"
+
+
+def test_dockerignore_keeps_tests_caches_and_venv_out_and_sources_in():
+    patterns = dockerignore_patterns()
+    for out in [".venv/bin/python", "tests/support.py", "services/records/tests/test_x.py",
+                "libs/common/tests/test_settings.py", "libs/common/src/channels_common/__pycache__/x.pyc",
+                ".pytest_cache/v/cache", "tests/node/node_modules/ws/index.js", ".git/HEAD",
+                "libs/common/src/channels_common.egg-info/PKG-INFO", "deploy/.env", "playground/dist/app.js"]:
+        assert docker_ignored(out, patterns), out
+    # Everything the Dockerfiles copy is still in the build context.
+    copied = [p for p in (ROOT / "libs/common").rglob("*") if p.is_file()]
+    for service in SERVICES:
+        copied += [p for p in (ROOT / "services" / service).rglob("*") if p.is_file()]
+    kept = [p for p in copied if not docker_ignored(str(p.relative_to(ROOT)), patterns)]
+    kept_names = {str(p.relative_to(ROOT)) for p in kept}
+    for needed in ["libs/common/pyproject.toml", "libs/common/src/channels_common/settings.py",
+                   *[f"services/{s}/pyproject.toml" for s in SERVICES]]:
+        assert needed in kept_names, needed
+    assert not any("/tests/" in name or "__pycache__" in name for name in kept_names)
+
+
+def test_dockerignore_matcher_follows_docker_rules():
+    assert docker_ignored("a/b/tests/c.py", ["**/tests"])
+    assert docker_ignored("tests", ["**/tests"])
+    assert not docker_ignored("a/testsuite/c.py", ["**/tests"])
+    assert docker_ignored("bench/run.py", ["bench"])
+    assert not docker_ignored("services/bench.py", ["bench"])
+
+
+# --- docker compose ------------------------------------------------------------
+
+
+def test_compose_file_is_valid_against_the_compose_specification():
+    errors = sorted(compose_validator().iter_errors(compose()), key=str)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+
+
+def test_compose_schema_rejects_a_broken_file():
+    broken = copy.deepcopy(compose())
+    broken["services"]["channels"]["healthcheck"]["interval"] = 15  # must be a duration string
+    broken["services"]["hocuspocus"]["restart_policy"] = "always"  # no such key
+    assert len(list(compose_validator().iter_errors(broken))) >= 2
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_compose_service_matches_image_and_service(service):
+    svc = compose()["services"][COMPOSE_NAMES[service]]
+    port = production_port(service)
+    df = dockerfile(service)
+    assert svc["build"] == {"context": "..", "dockerfile": f"deploy/{service}.Dockerfile"}
+    assert (DEPLOY / ".." / svc["build"]["dockerfile"]).resolve().exists()
+    assert svc["image"].split(":")[0] == f"loomio-channels-{service}"
+    # No command override: the image's entrypoint, the service's console script.
+    assert "command" not in svc and "entrypoint" not in svc
+    assert svc["restart"] in ("unless-stopped", "always")
+    assert svc["environment"]["PORT"] == str(port)
+    assert svc["environment"]["RAILS_ENV"] == "production"
+    assert svc["healthcheck"]["test"] == ["CMD", *df.healthcheck_command()]
+    container_ports = {str(p).split(":")[-1] for p in svc.get("ports", [])} | {
+        str(p) for p in svc.get("expose", [])
+    }
+    assert container_ports == {str(port)}
+    assert any(e["path"] == "./.env" for e in svc["env_file"])
+    assert "redis" in svc["depends_on"]
+
+
+def test_compose_publishes_records_and_collab_on_their_own_host_ports():
+    services = compose()["services"]
+    records = services["channels"]["ports"][0]
+    collab = services["hocuspocus"]["ports"][0]
+    assert records == "${CHANNELS_HOST_PORT:-5000}:5000"
+    assert collab == "${HOCUSPOCUS_HOST_PORT:-4444}:5000"
+    assert "ports" not in services["bots"]
+    redis = services["redis"]
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert redis["restart"] == "unless-stopped"
+
+
+def test_env_example_documents_known_settings_only():
+    names = set()
+    for line in (DEPLOY / ".env.example").read_text().splitlines():
+        m = re.match(r"#?\s*([A-Z][A-Z0-9_]+)=", line)
+        if m:
+            names.add(m.group(1))
+    interpolated = set(re.findall(r"\$\{([A-Z0-9_]+)", (DEPLOY / "docker-compose.yml").read_text()))
+    unknown = names - setting_names() - interpolated
+    assert not unknown, f"not read by any service nor by the compose file: {unknown}"
+    # The contract's names of the original deployment are all there.
+    for required in ["REDIS_URL", "PUBLIC_APP_URL", "PRIVATE_APP_URL", "CANONICAL_HOST", "RAILS_ENV",
+                     "SENTRY_DSN", "RECOVERY_WINDOW_SECONDS", "COLLAB_TIMEOUT_MS", "COLLAB_DEBOUNCE_MS",
+                     "COLLAB_MAX_DEBOUNCE_MS"]:
+        assert required in names, required
+    assert interpolated - names - {"CANONICAL_HOST"} <= {"CHANNELS_TAG", "CHANNELS_HOST_PORT",
+                                                         "HOCUSPOCUS_HOST_PORT"}
+
+
+# --- Kubernetes ----------------------------------------------------------------
+
+
+def test_every_kubernetes_manifest_is_valid():
+    _, docs = load_kustomization()
+    for name, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{name} {doc['kind']}/{doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def test_kubernetes_validation_rejects_a_broken_manifest():
+    _, docs = load_kustomization()
+    deployment = copy.deepcopy(by_kind(docs, "Deployment")["channels-records"])
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinesProbe"] = {"httpGet": {"path": "/readyz"}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
+
+
+def test_kustomization_lists_every_manifest_once():
+    kustomization, docs = load_kustomization()
+    on_disk = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(kustomization["resources"]) == sorted(on_disk)
+    keys = [(d["kind"], d["metadata"]["name"]) for _, d in docs]
+    assert len(keys) == len(set(keys)), "duplicate resources"
+    assert {"ConfigMap", "Secret", "Deployment", "Service", "PodDisruptionBudget",
+            "HorizontalPodAutoscaler", "Ingress"} <= {k for k, _ in keys}
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_deployment_matches_the_service(service):
+    _, docs = load_kustomization()
+    name = f"channels-{service}"
+    deployment = by_kind(docs, "Deployment")[name]
+    spec = deployment["spec"]
+    pod = spec["template"]
+    labels = pod["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    assert labels["app.kubernetes.io/name"] == name
+
+    (container,) = pod["spec"]["containers"]
+    port = production_port(service)
+    assert container["image"] == f"loomio-channels-{service}:latest"
+    assert "command" not in container and "args" not in container
+    (http,) = container["ports"]
+    assert (http["name"], http["containerPort"]) == ("http", port)
+    assert {"name": "PORT", "value": str(port)} in container["env"]
+    assert str(port) == pod["metadata"]["annotations"]["prometheus.io/port"]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= container["resources"][kind].keys()
+
+    pod_security = pod["spec"]["securityContext"]
+    (user,) = dockerfile(service).final("USER")
+    assert pod_security["runAsNonRoot"] is True
+    assert str(pod_security["runAsUser"]) == user.split(":")[0]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+
+    refs = {next(iter(e.values()))["name"] for e in container["envFrom"]}
+    assert refs == {"channels-config", "channels-secrets"}
+    assert set(by_kind(docs, "ConfigMap")) | set(by_kind(docs, "Secret")) >= refs
+
+    # The pod gets long enough to drain and to finish SIGTERM's graceful shutdown.
+    grace = float(by_kind(docs, "ConfigMap")["channels-config"]["data"]["SHUTDOWN_GRACE_SECONDS"])
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", ["sleep", "0"])
+    assert pre_stop[0] == "sleep"
+    assert pod["spec"]["terminationGracePeriodSeconds"] >= float(pre_stop[1]) + grace + 5
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_service_and_disruption_budget_select_the_pods(service):
+    _, docs = load_kustomization()
+    name = f"channels-{service}"
+    pod = by_kind(docs, "Deployment")[name]["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    port_names = {p["name"]: p["containerPort"] for p in pod["spec"]["containers"][0]["ports"]}
+
+    svc = by_kind(docs, "Service")[name]["spec"]
+    assert svc["selector"].items() <= labels.items()
+    (port,) = svc["ports"]
+    assert port["targetPort"] in port_names
+    assert port["port"] == port_names[port["targetPort"]]
+
+    pdb = by_kind(docs, "PodDisruptionBudget")[name]["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+
+
+def test_scaling_follows_what_each_service_can_do():
+    _, docs = load_kustomization()
+    deployments = by_kind(docs, "Deployment")
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"channels-records", "channels-collab"}
+    for name, hpa in hpas.items():
+        target = hpa["spec"]["scaleTargetRef"]
+        assert (target["kind"], target["name"]) == ("Deployment", name)
+        assert name in deployments
+    # records is stateless per pod: it scales out, and always has a spare.
+    assert hpas["channels-records"]["spec"]["minReplicas"] >= 2
+    assert hpas["channels-records"]["spec"]["maxReplicas"] > hpas["channels-records"]["spec"]["minReplicas"]
+    assert by_kind(docs, "PodDisruptionBudget")["channels-records"]["spec"]["minAvailable"] >= 1
+    assert by_kind(docs, "Service")["channels-records"]["spec"]["sessionAffinity"] == "ClientIP"
+    # collab holds live documents in one process: a single instance (README).
+    assert hpas["channels-collab"]["spec"]["maxReplicas"] == 1
+    assert deployments["channels-collab"]["spec"]["replicas"] == 1
+    assert deployments["channels-collab"]["spec"]["strategy"]["type"] == "Recreate"
+    # bots: every subscriber posts every message, so exactly one.
+    assert deployments["channels-bots"]["spec"]["replicas"] == 1
+    assert deployments["channels-bots"]["spec"]["strategy"]["type"] == "Recreate"
+    assert "channels-bots" not in hpas
+
+
+def test_ingress_routes_to_services_with_websockets_and_affinity():
+    _, docs = load_kustomization()
+    (ingress,) = by_kind(docs, "Ingress").values()
+    services = by_kind(docs, "Service")
+    backends = {}
+    for rule in ingress["spec"]["rules"]:
+        (path,) = rule["http"]["paths"]
+        backend = path["backend"]["service"]
+        svc = services[backend["name"]]
+        assert backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+        backends[rule["host"].split(".")[0]] = backend["name"]
+    assert backends == {"channels": "channels-records", "hocuspocus": "channels-collab"}
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/affinity"] == "cookie"
+    assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+
+
+def test_configmap_and_secret_hold_known_settings_only():
+    _, docs = load_kustomization()
+    known = setting_names()
+    config = by_kind(docs, "ConfigMap")["channels-config"]["data"]
+    secret = by_kind(docs, "Secret")["channels-secrets"]["stringData"]
+    assert set(config) <= known, set(config) - known
+    assert set(secret) <= known, set(secret) - known
+    assert config["RAILS_ENV"] == "production"
+    assert "REDIS_URL" in secret and "REDIS_URL" not in config
