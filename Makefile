@@ -14,10 +14,15 @@ $(BIN)/.installed: requirements-dev.txt libs/common/pyproject.toml services/*/py
 	$(BIN)/pip install -q -r requirements-dev.txt $(PACKAGES)
 	touch $@
 
-node: tests/node/node_modules/.installed
+node: tests/node/node_modules/.installed bench/node_modules/.installed
 
 tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# make bench's reference servers and load generators (its own npm package).
+bench/node_modules/.installed: bench/package.json bench/package-lock.json
+	cd bench && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: install
@@ -33,4 +38,4 @@ lint: install
 	$(BIN)/ruff check libs services tests scripts
 
 clean:
-	rm -rf $(VENV) tests/node/node_modules .pytest_cache
+	rm -rf $(VENV) tests/node/node_modules bench/node_modules .pytest_cache

@@ -1,0 +1,1 @@
+"""`make bench`: our services against the Node.js originals, same machine, same run."""

@@ -1,0 +1,199 @@
+// Records load generator: many lean Socket.IO websocket clients in one process.
+//
+// Each client speaks just enough of Engine.IO 4 / Socket.IO 5 over `ws` to be
+// a real websocket client of both servers (open, CONNECT to "/", ping/pong,
+// EVENT) without socket.io-client's per-socket machinery, so 2,000 of them
+// fit beside the servers on a 2-core machine. The real client library is
+// proven against our service by the integration tests, not here.
+//
+// Driven over stdin/stdout, one JSON object per line:
+//   {"cmd":"connect","url":"ws://127.0.0.1:5000/socket.io/","clients":N,"groups":G,"tokenPrefix":"t-"}
+//   {"cmd":"status"}                  -> {"event":"status","open":..,"heard":..}
+//   {"cmd":"peek","step":K}            -> {"event":"peek","step":K,"received":..}
+//   {"cmd":"stats","step":K}          -> {"event":"stats","step":K,"received":..,"p50":..,...}
+//   {"cmd":"close"}
+// Latency = receive wall time - the send wall time the publisher stamped in
+// the payload as "bench":[step, seq, sendTimeMs, group].
+import { createInterface } from "node:readline";
+import { performance } from "node:perf_hooks";
+import WebSocket from "ws";
+
+const now = () => performance.timeOrigin + performance.now();
+const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+
+const clients = [];
+// step -> {latencies: Float64Array, n, misrouted}
+const steps = new Map();
+let other = 0;
+let malformed = 0;
+let closedUnexpectedly = 0;
+
+function stepRecord(step) {
+  let rec = steps.get(step);
+  if (!rec) {
+    rec = { latencies: new Float64Array(4096), n: 0, misrouted: 0, first: null, last: null };
+    steps.set(step, rec);
+  }
+  return rec;
+}
+
+function record(step, received, latency, misrouted) {
+  const rec = stepRecord(step);
+  if (rec.first === null) rec.first = received;
+  rec.last = received;
+  if (rec.n === rec.latencies.length) {
+    const bigger = new Float64Array(rec.latencies.length * 2);
+    bigger.set(rec.latencies);
+    rec.latencies = bigger;
+  }
+  rec.latencies[rec.n++] = latency;
+  if (misrouted) rec.misrouted++;
+}
+
+const MARK = '"bench":[';
+
+function onEvent(client, text) {
+  // text is a Socket.IO EVENT packet body: ["records",{...},offset?]
+  const at = text.indexOf(MARK);
+  if (at < 0) {
+    other++;
+    return;
+  }
+  const end = text.indexOf("]", at + MARK.length);
+  const parts = text.slice(at + MARK.length, end).split(",");
+  if (parts.length !== 4) {
+    malformed++;
+    return;
+  }
+  const received = now();
+  client.heard = true;
+  record(Number(parts[0]), received, received - Number(parts[2]), Number(parts[3]) !== client.group);
+}
+
+function connectOne(url, token, group) {
+  return new Promise((resolve) => {
+    const client = { ws: null, group, open: false, heard: false, sid: null };
+    const sep = url.includes("?") ? "&" : "?";
+    const full = `${url}${sep}EIO=4&transport=websocket&channel_token=${encodeURIComponent(token)}`;
+    const ws = new WebSocket(full);
+    client.ws = ws;
+    let settled = false;
+    const settle = (ok, why) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve({ client, ok, why });
+    };
+    const timer = setTimeout(() => {
+      settle(false, "timeout");
+      ws.terminate();
+    }, 20000);
+    ws.on("message", (data, isBinary) => {
+      if (isBinary) return;
+      const text = data.toString();
+      const type = text.charCodeAt(0);
+      if (type === 0x34 /* '4' message */) {
+        const sio = text.charCodeAt(1);
+        if (sio === 0x32 /* '2' EVENT */) onEvent(client, text);
+        else if (sio === 0x30 /* '0' CONNECT ack */) {
+          client.open = true;
+          settle(true);
+        } else if (sio === 0x34 /* '4' CONNECT_ERROR */) settle(false, "connect_error");
+      } else if (type === 0x32 /* '2' ping */) {
+        ws.send("3");
+      } else if (type === 0x30 /* '0' open */) {
+        ws.send("40");
+      } else if (type === 0x31 /* '1' close */) {
+        ws.close();
+      }
+    });
+    ws.on("error", (err) => settle(false, err.code || err.message));
+    ws.on("close", () => {
+      if (client.open && !client.closing) closedUnexpectedly++;
+      client.open = false;
+      settle(false, "closed");
+    });
+  });
+}
+
+async function connectAll({ url, clients: n, groups, tokenPrefix, concurrency = 50 }) {
+  const started = now();
+  let next = 0;
+  let failed = 0;
+  const reasons = {};
+  async function worker() {
+    while (next < n) {
+      const i = next++;
+      const { client, ok, why } = await connectOne(url, `${tokenPrefix}${i}`, i % groups);
+      clients.push(client);
+      if (!ok) {
+        failed++;
+        reasons[why] = (reasons[why] || 0) + 1;
+      }
+    }
+  }
+  await Promise.all(Array.from({ length: Math.min(concurrency, n) }, worker));
+  out({ event: "connected", count: n - failed, failed, reasons, ms: now() - started });
+}
+
+function percentile(sorted, q) {
+  if (sorted.length === 0) return null;
+  const idx = Math.min(sorted.length - 1, Math.max(0, Math.ceil(q * sorted.length) - 1));
+  return sorted[idx];
+}
+
+function stats(step) {
+  const rec = steps.get(step) || { latencies: new Float64Array(0), n: 0, misrouted: 0 };
+  steps.delete(step);
+  const sorted = rec.latencies.subarray(0, rec.n).sort();
+  return {
+    event: "stats",
+    step,
+    received: rec.n,
+    misrouted: rec.misrouted,
+    p50: percentile(sorted, 0.5),
+    p99: percentile(sorted, 0.99),
+    max: rec.n ? sorted[rec.n - 1] : null,
+    first: rec.first,
+    last: rec.last,
+    open: clients.filter((c) => c.open).length,
+    closed_unexpectedly: closedUnexpectedly,
+    malformed,
+    other,
+  };
+}
+
+const rl = createInterface({ input: process.stdin });
+rl.on("line", async (line) => {
+  let msg;
+  try {
+    msg = JSON.parse(line);
+  } catch {
+    out({ event: "error", error: "bad command" });
+    return;
+  }
+  if (msg.cmd === "connect") await connectAll(msg);
+  else if (msg.cmd === "status") {
+    out({
+      event: "status",
+      open: clients.filter((c) => c.open).length,
+      heard: clients.filter((c) => c.heard).length,
+    });
+  } else if (msg.cmd === "peek") {
+    const rec = steps.get(msg.step);
+    out({ event: "peek", step: msg.step, received: rec ? rec.n : 0 });
+  } else if (msg.cmd === "stats") out(stats(msg.step));
+  else if (msg.cmd === "close") shutdown();
+});
+rl.on("close", shutdown);
+
+function shutdown() {
+  for (const c of clients) {
+    c.closing = true;
+    try {
+      c.ws.terminate();
+    } catch {}
+  }
+  out({ event: "closed" });
+  process.exit(0);
+}

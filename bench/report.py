@@ -1,0 +1,187 @@
+"""Turn the raw results of a run into side-by-side tables, JSON and a chart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+# (label, how to get the figure, unit scale, format, bar) where bar is
+# (">=" | "<=", ratio) on ours / reference, or None for figures shown for context.
+Row = tuple
+
+
+def _ratio(ours, ref):
+    if ours is None or ref is None or ref == 0:
+        return None
+    return ours / ref
+
+
+def _verdict(ratio, bar):
+    if bar is None:
+        return ""
+    op, limit = bar
+    if ratio is None:
+        return f"{op}{limit:g}  n/a"
+    ok = ratio >= limit if op == ">=" else ratio <= limit
+    return f"{op}{limit:g}  {'PASS' if ok else 'FAIL'}"
+
+
+def _cell(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def table(title: str, rows: list[tuple[str, object, object, str, tuple | None]]) -> str:
+    """rows: (label, ours, reference, format, bar)."""
+    header = ("", "ours", "reference", "ratio", "bar")
+    lines = []
+    body = []
+    for label, ours, ref, fmt, bar in rows:
+        ratio = _ratio(ours, ref)
+        body.append((label, _cell(ours, fmt), _cell(ref, fmt), _cell(ratio, ".2f"), _verdict(ratio, bar)))
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(5)]
+    lines.append(title)
+    fmt_line = "  ".join(f"{{:<{widths[0]}}}" if i == 0 else f"{{:>{widths[i]}}}" for i in range(5))
+    lines.append(fmt_line.format(*header))
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(fmt_line.format(*r) for r in body)
+    return "\n".join(lines)
+
+
+def markdown_table(rows: list[tuple[str, object, object, str, tuple | None]]) -> str:
+    out = ["| | ours | reference | ratio | bar |", "|---|---:|---:|---:|---|"]
+    for label, ours, ref, fmt, bar in rows:
+        ratio = _ratio(ours, ref)
+        out.append(
+            f"| {label} | {_cell(ours, fmt)} | {_cell(ref, fmt)} | {_cell(ratio, '.2f')} | {_verdict(ratio, bar)} |"
+        )
+    return "\n".join(out)
+
+
+def _get(d, *path):
+    for key in path:
+        if d is None:
+            return None
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def common_step(ours: dict, ref: dict) -> int | None:
+    """The highest offered load at which both servers met the latency bar, so
+    CPU per delivery is compared at the same load."""
+    from bench.records_bench import P99_LIMIT_MS
+
+    def passed(result):
+        return {
+            s["step"]
+            for s in result.get("steps", [])
+            if s["lost"] == 0 and s["misrouted"] == 0 and s["p99_ms"] is not None and s["p99_ms"] < P99_LIMIT_MS
+        }
+
+    both = passed(ours) & passed(ref)
+    return max(both) if both else None
+
+
+def records_rows(ours: dict, ref: dict) -> list:
+    step = common_step(ours, ref)
+
+    def at(result, key):
+        if step is None:
+            return _get(result, "headline", key)
+        return next((s[key] for s in result.get("steps", []) if s["step"] == step), None)
+
+    def kib(result):
+        value = _get(result, "memory", "per_client_bytes")
+        return None if value is None else value / 1024
+
+    def max_rate(result):
+        return max((s["deliveries_per_s"] for s in result.get("steps", [])), default=None)
+
+    return [
+        ("deliveries/s, highest with p99 < 100 ms, no loss", _get(ours, "headline", "deliveries_per_s"),
+         _get(ref, "headline", "deliveries_per_s"), ".0f", (">=", 1.25)),
+        ("  p50 at that rate (ms)", _get(ours, "headline", "p50_ms"), _get(ref, "headline", "p50_ms"), ".1f", None),
+        ("  p99 at that rate (ms)", _get(ours, "headline", "p99_ms"), _get(ref, "headline", "p99_ms"), ".1f", None),
+        (f"CPU per delivery (µs) at {at(ref, 'target_per_s') or '-'}/s offered", at(ours, "cpu_us_per_delivery"),
+         at(ref, "cpu_us_per_delivery"), ".1f", ("<=", 0.7)),
+        ("memory per idle connection (KiB)", kib(ours), kib(ref), ".1f", ("<=", 0.5)),
+        ("highest delivery rate reached, any latency", max_rate(ours), max_rate(ref), ".0f", None),
+        ("connect all clients (s)", _seconds(_get(ours, "connect", "ms")), _seconds(_get(ref, "connect", "ms")),
+         ".1f", None),
+    ]
+
+
+def _seconds(ms):
+    return None if ms is None else ms / 1000
+
+
+def collab_rows(ours: dict, ref: dict) -> list:
+    def kib(result, key):
+        value = _get(result, "memory", key)
+        return None if value is None else value / 1024
+
+    return [
+        ("update propagation p50 (ms)", _get(ours, "edit", "p50"), _get(ref, "edit", "p50"), ".1f", None),
+        ("update propagation p99 (ms)", _get(ours, "edit", "p99"), _get(ref, "edit", "p99"), ".1f", ("<=", 1.0)),
+        ("update propagation max (ms)", _get(ours, "edit", "max"), _get(ref, "edit", "max"), ".1f", None),
+        ("updates lost", _get(ours, "edit", "lost"), _get(ref, "edit", "lost"), "d", None),
+        ("server CPU per update (µs)", _get(ours, "edit", "cpu_us_per_update"),
+         _get(ref, "edit", "cpu_us_per_update"), ".0f", None),
+        ("memory per loaded document (KiB)", kib(ours, "per_doc_loaded_bytes"), kib(ref, "per_doc_loaded_bytes"),
+         ".1f", ("<=", 1.0)),
+        ("  same, after the edit phase (KiB)", kib(ours, "per_doc_edited_bytes"),
+         kib(ref, "per_doc_edited_bytes"), ".1f", None),
+        ("sync 100 KB document to a new client (ms)", _get(ours, "bigsync", "median"),
+         _get(ref, "bigsync", "median"), ".1f", None),
+        ("load all documents, 2 providers each (s)", _seconds(_get(ours, "load", "ms")),
+         _seconds(_get(ref, "load", "ms")), ".1f", None),
+    ]
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, default=str))
+
+
+def chart(results: dict, path: Path) -> bool:
+    """Latency against load for both servers (records), and update
+    propagation (collab). Returns False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    records = results.get("records") or {}
+    collab = results.get("collab") or {}
+    fig, axes = plt.subplots(1, 2 if collab else 1, figsize=(13 if collab else 8, 5), squeeze=False)
+    ax = axes[0][0]
+    colours = {"ours": "tab:blue", "reference": "tab:orange"}
+    for who, result in records.items():
+        steps = [s for s in result.get("steps", []) if s["p99_ms"] is not None]
+        if not steps:
+            continue
+        x = [s["deliveries_per_s"] for s in steps]
+        ax.plot(x, [s["p50_ms"] for s in steps], "o--", color=colours.get(who), label=f"{who} p50")
+        ax.plot(x, [s["p99_ms"] for s in steps], "o-", color=colours.get(who), label=f"{who} p99")
+    ax.axhline(100, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_yscale("log")
+    ax.set_xlabel("deliveries per second")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("records: latency against load")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    if collab:
+        ax = axes[0][1]
+        names = list(collab)
+        for i, who in enumerate(names):
+            edit = collab[who].get("edit") or {}
+            values = [edit.get("p50") or 0, edit.get("p99") or 0]
+            ax.bar([j + i * 0.4 for j in range(2)], values, width=0.4, color=colours.get(who), label=who)
+        ax.set_xticks([0.2, 1.2], ["p50", "p99"])
+        ax.set_ylabel("update propagation (ms)")
+        ax.set_title("collab: editor to observer")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

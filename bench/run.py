@@ -1,0 +1,238 @@
+"""`make bench`: our services against the Node.js originals, side by side.
+
+Starts a private Redis, the stand-in Rails, and, one at a time, each server
+under test as one process; drives it with the Node load generator (its own
+process) and measures the server from /proc. Prints one table per scenario
+with ours, the reference and the ratio, and writes the raw JSON, a Markdown
+summary and a PNG chart under bench/results/.
+
+    python bench/run.py                       # defaults, under 10 minutes
+    python bench/run.py --quick               # a smaller, faster run
+    python bench/run.py --scenario records --clients 500 --groups 10
+    python bench/run.py --profile             # also py-spy our records server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, Python puts bench/ first on sys.path; import it as a package instead.
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path.pop(0)
+sys.path.insert(0, str(ROOT))
+
+import httpx
+from channels_common.redis_server import start_local_redis
+
+from bench import report
+from bench.collab_bench import CollabConfig, run_collab
+from bench.processes import BENCH, VENV_BIN, Server, free_port
+from bench.records_bench import RecordsConfig, run_records
+
+TARGETS = ("ours", "reference")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scenario", choices=("records", "collab", "all"), default="all")
+    p.add_argument("--targets", default="ours,reference", help="comma-separated: ours, reference")
+    p.add_argument("--quick", action="store_true", help="fewer clients, documents and steps")
+    p.add_argument("--clients", type=int, help="records: websocket clients (default 2000, quick 500)")
+    p.add_argument("--groups", type=int, help="records: groups the clients are spread over (default 20)")
+    p.add_argument("--rates", help="records: comma-separated deliveries/s, one step each")
+    p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 5)")
+    p.add_argument("--docs", type=int, help="collab: documents, two providers each (default 500, quick 100)")
+    p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
+    p.add_argument("--edit-seconds", type=float, help="collab: length of the edit phase (default 10)")
+    p.add_argument("--big-repeats", type=int, help="collab: new clients timed on the 100 KB document")
+    p.add_argument("--out", default=str(BENCH / "results"), help="directory for JSON, Markdown and PNG")
+    p.add_argument("--profile", action="store_true",
+                   help="record a py-spy profile of our records server during its rate steps")
+    return p.parse_args(argv)
+
+
+def configs(args) -> tuple[RecordsConfig, CollabConfig]:
+    rec = RecordsConfig()
+    col = CollabConfig(edit_rate=args.edit_rate)
+    if args.quick:
+        rec.clients, col.docs = 500, 100
+        rec.rates = [2500, 5000, 10000, 20000, 30000]
+        rec.step_seconds = 3.0
+        col.edit_seconds, col.big_repeats = 5.0, 2
+    if args.clients is not None:
+        rec.clients = args.clients
+    if args.groups is not None:
+        rec.groups = args.groups
+    rec.groups = max(1, min(rec.groups, rec.clients))
+    if args.rates:
+        rec.rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    if args.step_seconds is not None:
+        rec.step_seconds = args.step_seconds
+    if args.docs is not None:
+        col.docs = args.docs
+    if args.edit_seconds is not None:
+        col.edit_seconds = args.edit_seconds
+    if args.big_repeats is not None:
+        col.big_repeats = args.big_repeats
+    return rec, col
+
+
+def records_server(who: str, redis_url: str) -> Server:
+    env = {"REDIS_URL": redis_url, "LOG_LEVEL": "WARNING"}
+    if who == "ours":
+        return Server("ours", [str(VENV_BIN / "channels-records")], free_port(), env)
+    return Server("reference", ["node", str(BENCH / "reference" / "records.mjs")], free_port(), env, cwd=BENCH)
+
+
+def collab_server(who: str, redis_url: str, rails_url: str) -> Server:
+    env = {"REDIS_URL": redis_url, "PRIVATE_APP_URL": rails_url, "LOG_LEVEL": "WARNING"}
+    if who == "ours":
+        return Server("ours", [str(VENV_BIN / "channels-collab")], free_port(), env)
+    return Server("reference", ["node", str(BENCH / "reference" / "collab.mjs")], free_port(), env, cwd=BENCH)
+
+
+def ensure_node_modules() -> None:
+    if not (BENCH / "node_modules" / "@hocuspocus" / "server").exists():
+        log("installing bench/ npm packages (npm ci)")
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH, check=True)
+
+
+def start_rails_stub() -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(BENCH / "rails_stub.py"), str(port)])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=0.5).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("the stand-in Rails did not start")
+
+
+class Profiler:
+    """py-spy on a server process for the length of a `with` block."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.process = None
+
+    def start(self, pid: int) -> None:
+        spy = VENV_BIN / "py-spy"
+        if not spy.exists():
+            log("  --profile: py-spy is not installed in .venv (pip install py-spy); skipping")
+            return
+        self.process = subprocess.Popen(
+            [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--output", str(self.path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(2)  # SIGINT makes py-spy write its output
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+async def main_async(args) -> int:
+    rec_cfg, col_cfg = configs(args)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(targets) - set(TARGETS)
+    if unknown or not targets:
+        log(f"unknown targets {sorted(unknown)}; choose from {TARGETS}")
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
+    ensure_node_modules()
+    redis_server = start_local_redis()
+    rails, rails_url = start_rails_stub()
+    results: dict = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "machine": {"cpus": __import__("os").cpu_count()},
+    }
+    started = time.monotonic()
+    try:
+        if args.scenario in ("records", "all"):
+            log(f"records: {rec_cfg.clients} clients in {rec_cfg.groups} groups, "
+                f"steps {rec_cfg.rates} deliveries/s, {rec_cfg.step_seconds:g} s each")
+            results["records"] = {}
+            for who in targets:
+                profiler = Profiler(out / f"profile-records-{stamp}.txt") if args.profile and who == "ours" else None
+                results["records"][who] = await run_records(
+                    records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler
+                )
+        if args.scenario in ("collab", "all"):
+            log(f"collab: {col_cfg.docs} documents, editor at {col_cfg.edit_rate:g} updates/s for "
+                f"{col_cfg.edit_seconds:g} s, observer on each")
+            results["collab"] = {}
+            for who in targets:
+                results["collab"][who] = await run_collab(collab_server(who, redis_server.url, rails_url), col_cfg, log)
+    finally:
+        rails.terminate()
+        rails.wait()
+        redis_server.cleanup()
+    results["elapsed_s"] = time.monotonic() - started
+
+    tables, markdown = [], [f"`{results['command']}` — {results['date']}, {results['machine']['cpus']} CPUs\n"]
+    empty: dict = {}
+    if "records" in results:
+        r = results["records"]
+        rows = report.records_rows(r.get("ours", empty), r.get("reference", empty))
+        title = f"Records: {rec_cfg.clients} clients, {rec_cfg.groups} groups, ~{rec_cfg.payload_bytes} B payloads"
+        tables.append(report.table(title, rows))
+        markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
+    if "collab" in results:
+        c = results["collab"]
+        rows = report.collab_rows(c.get("ours", empty), c.get("reference", empty))
+        title = (f"Collab: {col_cfg.docs} documents x 2 providers, "
+                 f"{col_cfg.edit_rate:g} update/s per editor")
+        tables.append(report.table(title, rows))
+        markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
+    errors = [
+        f"{scenario} {who}: {res['error']}"
+        for scenario in ("records", "collab")
+        for who, res in (results.get(scenario) or {}).items()
+        if res.get("error")
+    ]
+    print()
+    print("\n\n".join(tables))
+    for line in errors:
+        print(f"ERROR {line}")
+    json_path = out / f"bench-{stamp}.json"
+    report.write_json(results, json_path)
+    (out / "latest.md").write_text("\n".join(markdown) + "\n")
+    report.write_json(results, out / "latest.json")
+    png = out / f"bench-{stamp}.png"
+    if report.chart(results, png):
+        (out / "latest.png").write_bytes(png.read_bytes())
+        print(f"\nwrote {json_path}, {png}, {out / 'latest.md'} ({results['elapsed_s']:.0f} s)")
+    else:
+        print(f"\nwrote {json_path}, {out / 'latest.md'} (no chart: matplotlib missing)")
+    return 1 if errors else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return asyncio.run(main_async(parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

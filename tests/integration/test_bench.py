@@ -1,0 +1,69 @@
+"""`make bench` on a tiny configuration, so the harness keeps working: real
+Redis, the reference servers, the Node load generators, the publisher and
+the /proc sampling. Asserts well-formed results, never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import ROOT
+
+TINY = [
+    "--clients", "20", "--groups", "2", "--rates", "400,800", "--step-seconds", "1",
+    "--docs", "5", "--edit-seconds", "2", "--big-repeats", "1",
+]
+
+
+def run_bench(tmp_path, *targets: str) -> tuple[subprocess.CompletedProcess, dict]:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), *TINY, "--targets", ",".join(targets),
+         "--out", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=170,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads((tmp_path / "latest.json").read_text())
+
+
+def check_records(result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    assert result["connect"]["count"] == 20 and result["connect"]["failed"] == 0
+    assert result["memory"]["connected_rss"] > 0
+    steps = result["steps"]
+    assert [s["target_per_s"] for s in steps] == [400, 800]
+    for s in steps:
+        # 400/s over 10 clients a message is 40 messages a second, each to 10 clients.
+        assert s["published"] == s["target_per_s"] // 10
+        assert s["expected"] == s["published"] * 10
+        assert s["received"] == s["expected"] and s["lost"] == 0 and s["misrouted"] == 0
+        assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert s["cpu_us_per_delivery"] > 0 and s["deliveries_per_s"] > 0
+        assert s["open_clients"] == 20
+    assert result["headline"] is not None
+
+
+def check_collab(result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    assert result["load"]["docs"] == 5 and result["load"]["failed"] == 0
+    edit = result["edit"]
+    assert edit["sent"] >= 5 and edit["received"] == edit["sent"] and edit["lost"] == 0
+    assert 0 < edit["p50"] <= edit["p99"] <= edit["max"]
+    assert edit["cpu_us_per_update"] > 0
+    assert result["memory"]["loaded_rss"] > 0
+    big = result["bigsync"]
+    assert big["failed"] == 0 and len(big["times"]) == 1 and big["median"] > 0
+
+
+@pytest.mark.slow
+def test_tiny_bench_against_the_reference_servers_gives_well_formed_results(tmp_path):
+    done, results = run_bench(tmp_path, "reference")
+    check_records(results["records"]["reference"])
+    check_collab(results["collab"]["reference"])
+    # One table per scenario, with both columns and the ratio.
+    assert "Records: 20 clients, 2 groups" in done.stdout and "Collab: 5 documents" in done.stdout
+    assert "ours  reference  ratio" in done.stdout
+    assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| memory per idle connection (KiB) |" in (tmp_path / "latest.md").read_text()

@@ -1,0 +1,70 @@
+"""The benchmark's own arithmetic: payloads, group sizes, the headline and
+the side-by-side tables (the harness end to end is in test_bench.py)."""
+
+from __future__ import annotations
+
+import json
+
+from bench import report
+from bench.procstat import cpu_seconds, rss_bytes
+from bench.records_bench import group_sizes, headline, payload
+
+
+def step(n, rate, p99, lost=0, misrouted=0):
+    return {"step": n, "target_per_s": rate, "deliveries_per_s": rate, "received": rate, "lost": lost,
+            "misrouted": misrouted, "p50_ms": p99 / 2, "p99_ms": p99, "max_ms": p99 * 2,
+            "cpu_us_per_delivery": 10.0 + n}
+
+
+def test_group_sizes_cover_every_client_as_the_load_generator_assigns_them():
+    assert group_sizes(10, 3) == [4, 3, 3]
+    assert sum(group_sizes(2000, 20)) == 2000
+    assert group_sizes(5, 5) == [1] * 5
+
+
+def test_payload_is_about_the_asked_size_and_carries_its_send_time():
+    body = payload(step=3, seq=7, group=1, size=1024)
+    assert 1000 <= len(body) <= 1100
+    data = json.loads(body)
+    assert data["room"] == "group-2"
+    step_no, seq, sent_ms, group = data["records"]["bench"]
+    assert (step_no, seq, group) == (3, 7, 1)
+    assert sent_ms > 1.6e12
+    # The load generator finds the stamp by this exact marker, without parsing.
+    assert '"bench":[' in body
+
+
+def test_headline_is_the_fastest_step_under_100ms_p99_without_loss():
+    steps = [step(0, 1000, 5), step(1, 2000, 50), step(2, 4000, 99), step(3, 8000, 150)]
+    assert headline(steps)["target_per_s"] == 4000
+    steps[2]["lost"] = 1
+    assert headline(steps)["target_per_s"] == 2000
+    steps[1]["misrouted"] = 3
+    assert headline(steps)["target_per_s"] == 1000
+    assert headline([step(0, 1000, 101)]) is None
+    assert headline([]) is None
+
+
+def test_cpu_is_compared_at_the_highest_load_both_servers_met_the_bar():
+    ours = {"steps": [step(0, 1000, 5), step(1, 2000, 5), step(2, 4000, 5)]}
+    ref = {"steps": [step(0, 1000, 5), step(1, 2000, 50), step(2, 4000, 300)]}
+    assert report.common_step(ours, ref) == 1
+    assert report.common_step(ours, {"steps": [step(0, 1000, 300)]}) is None
+
+
+def test_tables_show_both_servers_the_ratio_and_whether_the_bar_is_met():
+    rows = [("rate", 30000.0, 20000.0, ".0f", (">=", 1.25)), ("cpu", 20.0, 25.0, ".1f", ("<=", 0.7)),
+            ("info", None, 3.0, ".1f", None)]
+    text = report.table("Records", rows)
+    lines = text.splitlines()
+    assert lines[0] == "Records"
+    assert "30000" in lines[3] and "20000" in lines[3] and "1.50" in lines[3] and "PASS" in lines[3]
+    assert "0.80" in lines[4] and "FAIL" in lines[4]
+    assert "n/a" not in lines[5] and lines[5].split()[1] == "-"
+    md = report.markdown_table(rows)
+    assert md.splitlines()[2] == "| rate | 30000 | 20000 | 1.50 | >=1.25  PASS |"
+
+
+def test_procstat_reads_this_process():
+    assert cpu_seconds(__import__("os").getpid()) > 0
+    assert rss_bytes(__import__("os").getpid()) > 1024 * 1024
