@@ -1,0 +1,506 @@
+"""Connection state recovery kept in Redis: sessions and a per-room event log.
+
+Socket.IO's recovery needs three things: a private session id (`pid`) handed
+to the client at connect, an offset on every broadcast event, and a way to
+replay what a returning client missed. Keeping them in Redis instead of
+process memory lets a session survive a process restart (SIGTERM or SIGKILL)
+and move to another instance behind a load balancer.
+
+Keys (the prefix defaults to ``recovery:``)
+
+- ``recovery:last`` (string): the newest offset handed out, shared by all
+  rooms and instances. No TTL: it is one small value and must never go back.
+- ``recovery:room:{room}`` (stream): the events of one room, entry id = the
+  event's offset, fields ``e`` (event name) and ``d`` (the JSON argument).
+  Trimmed by age on every append (``XADD MINID ~ now-window``) and expiring a
+  window after its last append, so idle rooms vanish and memory stays about
+  window x traffic (approximate trimming leaves at most one stream node,
+  ~100 entries, of slack per room).
+- ``recovery:dedup:{hash}`` (hash, TTL ``dedup_seconds`` from the last use):
+  who logged which occurrence of one payload (see "Dedup" below).
+- ``recovery:session:{sha256(pid)}`` (hash, TTL = window, extended by
+  ``touch`` and ``restore``): ``sid``, ``rooms`` (JSON list), ``tok`` (a
+  SHA-256 fingerprint of the channel token, never the token), ``off`` (the
+  offset at connect time). The pid itself is not stored, so reading Redis
+  does not reveal pids that could hijack a session.
+
+Offsets are Redis stream ids ``"{ms}-{seq}"`` made by the log script from the
+Redis clock: ``max(now, last)``, with the sequence bumped when the
+millisecond does not move. They increase strictly across all rooms, so each
+room's stream takes them as its own ids and a restore merges rooms by id.
+They compare numerically (ms, then seq) and not as plain strings; callers
+treat them as opaque (``offset_key`` orders them when needed).
+
+Dedup. Rails PUBLISHes each message once and every instance receives it and
+calls ``log_message``; the first call logs it, the others must get the same
+offset. Rails may legitimately publish identical bytes twice, so the
+identity of a message is (payload hash, n-th occurrence). Every instance
+sees pub/sub messages in the same order, so its k-th sighting of a payload
+is the k-th occurrence: the script keeps, per payload, the offsets of the
+recent occurrences (``o:k``, with their log time ``t:k``) and per instance
+the number of occurrences it has consumed (``c:{me}``). An instance that
+starts listening after some occurrences were logged skips those logged
+before its start (``t:k < start``), so a late joiner does not take an old
+occurrence for a new one. ``{me}`` is instance id + start time, so a
+restart, or a pub/sub reconnect reported through ``mark_live``, begins a
+fresh count. A per-instance serial makes the script idempotent when the
+client retries it after a lost reply. Limits: an instance lagging more than
+``dedup_seconds`` behind the first logger logs a second copy; an identical
+payload republished within about a second of an instance's start may be
+matched to the wrong occurrence.
+
+What survives what. Everything lives in Redis: a process restart or a move
+to another instance loses nothing. An entry is removed only when it is
+older than the window, and a session lives only while it was connected
+within the window (its TTL is refreshed while live and on disconnect), so
+every event a live session could have missed is still in its rooms' streams
+when it comes back. A Redis restart without persistence, or Redis evicting
+keys under memory pressure, loses sessions and logs: clients then get a
+fresh connection. While Redis is down ``log_message`` raises and the caller
+emits live without an offset.
+
+Cost. ``log_message`` is one EVALSHA; calls made while a round trip is in
+flight are sent together in one pipeline, in call order. ``restore`` is one
+EVALSHA that reads, for each of the session's rooms only, the entries after
+the client's offset (``XRANGE (offset +``): work in proportion to what the
+client missed, never a scan of all traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import heapq
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+log = logging.getLogger("channels.records.recovery")
+
+ZERO_OFFSET = "0-0"
+_OFFSET_RE = re.compile(r"\A([0-9]{1,16})-([0-9]{1,16})\Z")
+_MAX_ID_PART = 2**53  # Lua compares ids as doubles: keep them exact
+_PID_RE = re.compile(r"\A[A-Za-z0-9_-]{16,128}\Z")
+# A new instance counts occurrences logged before (its start - this) as not
+# seen: covers clock skew and the time between subscribing and the first call.
+_START_GRACE_MS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    offset: str
+    event: str
+    data: bytes
+
+
+@dataclass(slots=True)
+class RestoredSession:
+    sid: str
+    rooms: list[str]
+    missed: list[LoggedEvent]
+
+
+def parse_offset(offset: object) -> tuple[int, int] | None:
+    """(ms, seq) of a well-formed offset, else None. Input may be hostile."""
+    if not isinstance(offset, str):
+        return None
+    m = _OFFSET_RE.match(offset)
+    if not m:
+        return None
+    ms, seq = int(m.group(1)), int(m.group(2))
+    if ms >= _MAX_ID_PART or seq >= _MAX_ID_PART:
+        return None
+    return ms, seq
+
+
+def offset_key(offset: str) -> tuple[int, int]:
+    """Sort key of an offset produced by this module."""
+    parsed = parse_offset(offset)
+    if parsed is None:
+        raise ValueError("not an offset")
+    return parsed
+
+
+def token_fingerprint(token: str | None) -> str:
+    if token is None:
+        return "none"
+    return hashlib.sha256(b"channels-recovery-token\0" + token.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_NOW = """
+local function now_ms(arg)
+  if arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"""
+
+# KEYS: last-offset, room stream, dedup hash
+# ARGV: me, start_ms, serial, event, data, window_ms, dedup_ms, now_ms|'', keep
+_LOG_SCRIPT = _NOW + """
+local now = now_ms(ARGV[8])
+local fc, fs = 'c:' .. ARGV[1], 's:' .. ARGV[1]
+local st = redis.call('HMGET', KEYS[3], 'n', fc, fs)
+local n = tonumber(st[1]) or 0
+local c = tonumber(st[2])
+if c and st[3] == ARGV[3] then
+  -- the client retried a call whose reply was lost
+  local again = redis.call('HGET', KEYS[3], 'o:' .. c)
+  if again then return again end
+end
+if not c then
+  -- first sighting by this instance: occurrences logged before it listened are not its own
+  c = n
+  local start = tonumber(ARGV[2])
+  while c > 0 do
+    local t = tonumber(redis.call('HGET', KEYS[3], 't:' .. c))
+    if not t or t < start then break end
+    c = c - 1
+  end
+end
+c = c + 1
+if c <= n then
+  local off = redis.call('HGET', KEYS[3], 'o:' .. c)
+  if off then
+    redis.call('HSET', KEYS[3], fc, c, fs, ARGV[3])
+    redis.call('PEXPIRE', KEYS[3], ARGV[7])
+    return off
+  end
+  c = n + 1
+end
+local ms, seq = 0, 0
+local last = redis.call('GET', KEYS[1])
+if last then
+  local dash = string.find(last, '-', 1, true)
+  ms = tonumber(string.sub(last, 1, dash - 1))
+  seq = tonumber(string.sub(last, dash + 1))
+end
+if now > ms then ms = now; seq = 0 else seq = seq + 1 end
+local id = string.format('%d-%d', ms, seq)
+local window = tonumber(ARGV[6])
+local minid = now - window
+if minid < 0 then minid = 0 end
+redis.call('XADD', KEYS[2], 'MINID', '~', string.format('%d', minid), id, 'e', ARGV[4], 'd', ARGV[5])
+redis.call('PEXPIRE', KEYS[2], window)
+redis.call('SET', KEYS[1], id)
+redis.call('HSET', KEYS[3], 'n', c, 'o:' .. c, id, 't:' .. c, string.format('%d', now), fc, c, fs, ARGV[3])
+local keep = tonumber(ARGV[9])
+if c > keep then redis.call('HDEL', KEYS[3], 'o:' .. (c - keep), 't:' .. (c - keep)) end
+redis.call('PEXPIRE', KEYS[3], ARGV[7])
+return id
+"""
+
+# KEYS: session, last-offset   ARGV: sid, rooms json, token fingerprint, window_ms
+_CREATE_SCRIPT = """
+local off = redis.call('GET', KEYS[2]) or '0-0'
+redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'rooms', ARGV[2], 'tok', ARGV[3], 'off', off)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return off
+"""
+
+# KEYS: session, last-offset
+# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix
+# Returns a status string, or {sid, rooms json, id, event, data, id, event, data, ...}
+# with each room's entries in id order, rooms one after the other.
+_RESTORE_SCRIPT = """
+local s = redis.call('HMGET', KEYS[1], 'sid', 'rooms', 'tok', 'off')
+if not s[1] then return 'unknown' end
+if s[3] ~= ARGV[1] then return 'token' end
+local function parse(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+local function less(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local off = s[4]
+if ARGV[2] ~= '' then
+  local last = redis.call('GET', KEYS[2]) or '0-0'
+  if less(last, ARGV[2]) then return 'ahead' end
+  -- nothing from before the session existed belongs to it
+  if less(off, ARGV[2]) then off = ARGV[2] end
+end
+local max = tonumber(ARGV[4])
+local out = {s[1], s[2]}
+local total = 0
+for _, room in ipairs(cjson.decode(s[2])) do
+  local entries = redis.call('XRANGE', ARGV[5] .. room, '(' .. off, '+', 'COUNT', max + 1 - total)
+  total = total + #entries
+  if total > max then return 'too_many' end
+  for _, e in ipairs(entries) do
+    local f = e[2]
+    out[#out + 1] = e[1]
+    out[#out + 1] = f[2]
+    out[#out + 1] = f[4]
+  end
+  out[#out + 1] = ''
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return out
+"""
+
+
+class _Script:
+    """EVALSHA with a reload when Redis has lost its script cache (restart,
+    SCRIPT FLUSH). redis-py's pipeline script support would check for the
+    script on every pipeline, an extra round trip per batch."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def load(self, redis) -> None:
+        self.sha = (await redis.script_load(self.source))
+        if isinstance(self.sha, bytes):
+            self.sha = self.sha.decode()
+
+    async def __call__(self, redis, keys: list, args: list):
+        try:
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self.load(redis)
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class RecoveryStore:
+    """Sessions and per-room event logs for Socket.IO connection state recovery.
+
+    `instance_id` must differ between processes running at the same time
+    (e.g. hostname + process id); restarts are told apart by start time.
+    `clock` (milliseconds) replaces the Redis clock in ids and trimming, for
+    tests only: session expiry always follows Redis's own clock.
+    """
+
+    def __init__(
+        self,
+        redis,
+        *,
+        window_seconds: int,
+        instance_id: str,
+        prefix: str = "recovery:",
+        dedup_seconds: float = 10.0,
+        max_replay: int = 10_000,
+        log_timeout_seconds: float | None = 2.0,
+        max_pending: int = 10_000,
+        clock: Callable[[], int] | None = None,
+    ):
+        if window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
+        self._redis = redis
+        self.window_ms = int(window_seconds * 1000)
+        self.instance_id = instance_id
+        self.prefix = prefix
+        self.dedup_ms = max(1, int(dedup_seconds * 1000))
+        self.max_replay = max_replay
+        self.log_timeout = log_timeout_seconds
+        self.max_pending = max_pending
+        self._clock = clock
+        self._last_key = prefix + "last"
+        self._room_prefix = prefix + "room:"
+        self._log = _Script(_LOG_SCRIPT)
+        self._create = _Script(_CREATE_SCRIPT)
+        self._restore = _Script(_RESTORE_SCRIPT)
+        # The local wall clock until mark_live() reads Redis's; the grace
+        # absorbs skew between the two.
+        self._start_ms = self._now_local() - _START_GRACE_MS
+        self._serial = 0
+        self._pending: list[tuple[list, list, asyncio.Future]] = []
+        self._flusher: asyncio.Task | None = None
+        self._current = ZERO_OFFSET
+
+    def _now_local(self) -> int:
+        return int(self._clock()) if self._clock else int(time.time() * 1000)
+
+    def _me(self) -> str:
+        return f"{self.instance_id}:{self._start_ms}"
+
+    def room_key(self, room: str) -> str:
+        return self._room_prefix + room
+
+    def session_key(self, pid: str) -> str:
+        return self.prefix + "session:" + hashlib.sha256(pid.encode()).hexdigest()
+
+    def dedup_key(self, room: str, event: str, data: bytes) -> str:
+        h = hashlib.blake2b(digest_size=16)
+        h.update(room.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+        h.update(event.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+        h.update(data)
+        return self.prefix + "dedup:" + h.hexdigest()
+
+    # -- the log ---------------------------------------------------------
+
+    async def mark_live(self) -> None:
+        """Call when the pub/sub subscription (re)becomes live: messages
+        published while it was down were not seen, so this instance starts a
+        fresh occurrence count from now (Redis clock)."""
+        if self._clock:
+            now = self._now_local()
+        else:
+            seconds, micros = await self._redis.time()
+            now = int(seconds) * 1000 + int(micros) // 1000
+        self._start_ms = now - _START_GRACE_MS
+
+    @property
+    def current_offset(self) -> str:
+        """The newest offset this instance has logged or been given (no I/O)."""
+        return self._current
+
+    async def high_water(self) -> str:
+        """Offset of the newest logged message in any room, or the zero offset."""
+        value = await self._redis.get(self._last_key)
+        if value is None:
+            return ZERO_OFFSET
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def log_message(self, room: str, event: str, data: bytes) -> str:
+        """Log one relayed message (every instance calls this for every
+        message) and return its offset, the same on every instance. Raises a
+        redis error when Redis cannot answer in time: emit without an offset."""
+        if len(self._pending) >= self.max_pending:
+            raise RedisTimeoutError("recovery log backlog is full")
+        self._serial += 1
+        keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data)]
+        args = [
+            self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
+            "" if self._clock is None else self._now_local(), 64,
+        ]
+        future = asyncio.get_running_loop().create_future()
+        # A caller that timed out no longer reads the outcome; mark it read.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # Queued in call order, sent in that order: offsets follow call order.
+        self._pending.append((keys, args, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="recovery-log-flush")
+        try:
+            if self.log_timeout is None:
+                offset = await asyncio.shield(future)
+            else:
+                offset = await asyncio.wait_for(asyncio.shield(future), self.log_timeout)
+        except asyncio.TimeoutError:
+            raise RedisTimeoutError("recovery log timed out") from None
+        if offset_key(offset) > offset_key(self._current):
+            self._current = offset
+        return offset
+
+    async def _flush(self) -> None:
+        # Calls that time out stay queued and are still sent, so that every
+        # instance's occurrence count stays aligned with the others'.
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                results = await self._send(batch)
+            except Exception as exc:  # Redis down: every call of the batch fails
+                results = [exc] * len(batch)
+            for (_, _, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result.decode() if isinstance(result, bytes) else str(result))
+
+    async def _send(self, batch) -> list:
+        if len(batch) == 1:
+            keys, args, _ = batch[0]
+            try:
+                return [await self._log(self._redis, keys, args)]
+            except RedisError as exc:
+                return [exc]
+        results = await self._pipeline(batch)
+        if any(isinstance(r, NoScriptError) for r in results):
+            await self._log.load(self._redis)
+            results = await self._pipeline(batch)
+        return results
+
+    async def _pipeline(self, batch) -> list:
+        pipe = self._redis.pipeline(transaction=False)
+        for keys, args, _ in batch:
+            pipe.evalsha(self._log.sha, len(keys), *keys, *args)
+        return await pipe.execute(raise_on_error=False)
+
+    # -- sessions --------------------------------------------------------
+
+    async def create_session(self, sid: str, token: str | None, rooms: list[str]) -> tuple[str, str]:
+        """A new secret pid for a connected socket, and the offset at connect
+        time (a client that gets no event before dropping recovers from it)."""
+        pid = secrets.token_urlsafe(24)
+        unique_rooms = list(dict.fromkeys(rooms))
+        offset = await self._create(
+            self._redis,
+            [self.session_key(pid), self._last_key],
+            [sid, json.dumps(unique_rooms), token_fingerprint(token), self.window_ms],
+        )
+        offset = offset.decode() if isinstance(offset, bytes) else str(offset)
+        return pid, offset
+
+    async def touch(self, pids: list[str]) -> None:
+        """Restart the window of live (or just disconnected) sessions."""
+        for start in range(0, len(pids), 1000):
+            pipe = self._redis.pipeline(transaction=False)
+            for pid in pids[start:start + 1000]:
+                pipe.pexpire(self.session_key(pid), self.window_ms)
+            await pipe.execute()
+
+    async def forget(self, pid: str) -> None:
+        """The client disconnected on purpose: its session cannot be restored."""
+        if isinstance(pid, str):
+            await self._redis.delete(self.session_key(pid))
+
+    async def restore(self, pid: str, token: str | None, offset: str | None) -> RestoredSession | None:
+        """The session of `pid` with every event of its rooms after `offset`
+        (or after the connect offset when the client has none), or None when
+        a fresh connection is the right answer. The session stays valid."""
+        if not isinstance(pid, str) or not _PID_RE.match(pid):
+            log.info("recovery refused", extra={"reason": "malformed session id"})
+            return None
+        if offset is not None and parse_offset(offset) is None:
+            log.info("recovery refused", extra={"reason": "malformed offset"})
+            return None
+        if token is not None and not isinstance(token, str):
+            return None
+        reply = await self._restore(
+            self._redis,
+            [self.session_key(pid), self._last_key],
+            [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix],
+        )
+        if not isinstance(reply, list):
+            reason = reply.decode() if isinstance(reply, bytes) else str(reply)
+            log.info("recovery refused", extra={"reason": _REASONS.get(reason, reason)})
+            return None
+        sid = reply[0].decode()
+        rooms = json.loads(reply[1])
+        per_room: list[list[tuple[tuple[int, int], LoggedEvent]]] = []
+        current: list[tuple[tuple[int, int], LoggedEvent]] = []
+        i = 2
+        while i < len(reply):
+            item = reply[i]
+            if item == b"" or item == "":
+                per_room.append(current)
+                current = []
+                i += 1
+                continue
+            ident = item.decode()
+            event = reply[i + 1].decode()
+            current.append((offset_key(ident), LoggedEvent(ident, event, bytes(reply[i + 2]))))
+            i += 3
+        missed = [ev for _, ev in heapq.merge(*per_room, key=lambda pair: pair[0])]
+        return RestoredSession(sid=sid, rooms=rooms, missed=missed)
+
+
+_REASONS = {
+    "unknown": "unknown or expired session",
+    "token": "channel token differs from the session's",
+    "ahead": "offset is newer than any logged event",
+    "too_many": "too many missed events to replay",
+}

@@ -1,0 +1,564 @@
+"""The recovery store against a real Redis: offsets, dedup across instances,
+sessions, replay, expiry, trimming and cost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+
+import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from channels_common.redis import create_redis
+from channels_records.recovery import (
+    ZERO_OFFSET,
+    LoggedEvent,
+    RecoveryStore,
+    offset_key,
+    parse_offset,
+    token_fingerprint,
+)
+
+WINDOW = 1800
+
+
+class FakeClock:
+    """Milliseconds for the log script's ids and trimming (session expiry
+    stays on Redis's real clock)."""
+
+    def __init__(self, start: int = 1_700_000_000_000):
+        self.now = start
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += int(seconds * 1000)
+
+
+def record(room: str, n: int) -> bytes:
+    return json.dumps({"room": room, "records": {"n": n}}).encode()
+
+
+def notice(n: int) -> bytes:
+    return json.dumps({"notice": n}).encode()
+
+
+@pytest.fixture
+async def clients(redis_url, redis):
+    """Separate connections per simulated instance, as separate processes have."""
+    made = [aioredis.Redis.from_url(redis_url) for _ in range(3)]
+    yield made
+    for c in made:
+        await c.aclose()
+
+
+def stores(clients, **kw):
+    kw.setdefault("window_seconds", WINDOW)
+    return [RecoveryStore(c, instance_id=f"inst-{i}", **kw) for i, c in enumerate(clients)]
+
+
+# A message sequence as Rails might publish it; (room, event, data)
+def sequence(count: int = 60) -> list[tuple[str, str, bytes]]:
+    rng = random.Random(7)
+    rooms = ["group-1", "group-2", "user-7", "user-8"]
+    msgs = []
+    for n in range(count):
+        if n % 10 == 9:
+            msgs.append(("notice", "notice", notice(n)))
+        else:
+            room = rng.choice(rooms)
+            msgs.append((room, "records", record(room, n)))
+    # the same bytes legitimately published again, right after and later on
+    msgs.insert(5, msgs[4])
+    msgs.insert(30, msgs[4])
+    msgs.insert(40, msgs[9])
+    return msgs
+
+
+async def feed(store: RecoveryStore, msgs, *, yield_every: int = 0) -> list[str]:
+    out = []
+    for i, (room, event, data) in enumerate(msgs):
+        out.append(await store.log_message(room, event, data))
+        if yield_every and i % yield_every == 0:
+            await asyncio.sleep(random.random() / 1000)
+    return out
+
+
+async def stream(redis, room: str) -> list[tuple[str, str, bytes]]:
+    return [
+        (ident.decode(), fields[b"e"].decode(), fields[b"d"])
+        for ident, fields in await redis.xrange(f"recovery:room:{room}")
+    ]
+
+
+def assert_increasing(offsets: list[str]) -> None:
+    keys = [offset_key(o) for o in offsets]
+    assert keys == sorted(keys)
+    assert len(set(keys)) == len(keys)
+
+
+# -- offsets and dedup ------------------------------------------------------
+
+
+async def test_offsets_are_global_increasing_and_identical_on_every_instance(clients, redis):
+    msgs = sequence()
+    a, b, c = stores(clients)
+    offs_a = await feed(a, msgs)
+    offs_b = await feed(b, msgs)
+    offs_c = await feed(c, msgs)
+    assert offs_a == offs_b == offs_c
+    assert_increasing(offs_a)
+    # each message logged exactly once, in its own room's stream, in publish order
+    for room in {m[0] for m in msgs}:
+        expected = [(o, e, d) for o, (r, e, d) in zip(offs_a, msgs) if r == room]
+        assert await stream(redis, room) == expected
+    assert await a.high_water() == offs_a[-1]
+    assert a.current_offset == offs_a[-1]
+
+
+async def test_instances_interleaved_concurrently_agree(clients, redis):
+    msgs = sequence(120)
+    insts = stores(clients)
+    results = await asyncio.gather(*(feed(s, msgs, yield_every=3) for s in insts))
+    assert results[0] == results[1] == results[2]
+    assert_increasing(results[0])
+    total = sum([len(await stream(redis, r)) for r in {m[0] for m in msgs}])
+    assert total == len(msgs)
+
+
+async def test_same_payload_published_twice_is_two_events(clients, redis):
+    a, b = stores(clients)[:2]
+    data = record("group-1", 1)
+    # a sees both occurrences before b sees the first
+    a1 = await a.log_message("group-1", "records", data)
+    a2 = await a.log_message("group-1", "records", data)
+    b1 = await b.log_message("group-1", "records", data)
+    b2 = await b.log_message("group-1", "records", data)
+    assert (a1, a2) == (b1, b2)
+    assert offset_key(a1) < offset_key(a2)
+    assert [e[0] for e in await stream(redis, "group-1")] == [a1, a2]
+
+
+async def test_same_bytes_in_different_rooms_are_different_messages(clients, redis):
+    a, b = stores(clients)[:2]
+    data = b'{"x":1}'
+    offs_a = [await a.log_message("group-1", "records", data), await a.log_message("group-2", "records", data)]
+    offs_b = [await b.log_message("group-1", "records", data), await b.log_message("group-2", "records", data)]
+    assert offs_a == offs_b
+    assert offs_a[0] != offs_a[1]
+
+
+@pytest.mark.parametrize("late_first", [False, True])
+async def test_instance_started_later_does_not_reuse_an_old_occurrence(clients, redis, late_first):
+    clock = FakeClock()
+    old = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="old", clock=clock)
+    data = notice(1)
+    first = await old.log_message("notice", "notice", data)
+    clock.advance(5)
+    late = RecoveryStore(clients[1], window_seconds=WINDOW, instance_id="late", clock=clock)
+    clock.advance(0.01)
+    # Rails publishes the same bytes again; both instances receive it
+    if late_first:
+        from_late = await late.log_message("notice", "notice", data)
+        from_old = await old.log_message("notice", "notice", data)
+    else:
+        from_old = await old.log_message("notice", "notice", data)
+        from_late = await late.log_message("notice", "notice", data)
+    assert from_old == from_late != first
+    assert len(await stream(redis, "notice")) == 2
+
+
+async def test_restarted_instance_with_same_id_starts_a_fresh_count(clients, redis):
+    clock = FakeClock()
+    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", clock=clock)
+    b = RecoveryStore(clients[1], window_seconds=WINDOW, instance_id="b", clock=clock)
+    data = notice(1)
+    o1 = await a.log_message("notice", "notice", data)
+    assert await b.log_message("notice", "notice", data) == o1
+    clock.advance(3)
+    b = RecoveryStore(clients[1], window_seconds=WINDOW, instance_id="b", clock=clock)  # restart
+    clock.advance(0.01)
+    o2 = await b.log_message("notice", "notice", data)  # a republish while a lags
+    assert await a.log_message("notice", "notice", data) == o2 != o1
+
+
+async def test_pub_sub_reconnect_via_mark_live_starts_a_fresh_count(clients, redis):
+    a, b = stores(clients)[:2]
+    data = notice(1)
+    o1 = await a.log_message("notice", "notice", data)
+    await b.log_message("notice", "notice", data)
+    # b's subscription drops; meanwhile the payload is republished and a logs it
+    o2 = await a.log_message("notice", "notice", data)
+    await asyncio.sleep(1.1)  # the start grace
+    await b.mark_live()
+    o3 = await a.log_message("notice", "notice", data)
+    assert await b.log_message("notice", "notice", data) == o3
+    assert len({o1, o2, o3}) == 3
+
+
+async def test_concurrent_calls_are_pipelined_in_call_order(clients, redis):
+    a, b = stores(clients)[:2]
+    msgs = [("group-1", "records", record("group-1", n)) for n in range(300)]
+    executed = 0
+    original = a._redis.pipeline
+
+    def counting_pipeline(*args, **kw):
+        nonlocal executed
+        executed += 1
+        return original(*args, **kw)
+
+    a._redis.pipeline = counting_pipeline
+    offs_a = await asyncio.gather(*(a.log_message(*m) for m in msgs))
+    assert_increasing(offs_a)
+    assert 0 < executed < len(msgs)  # batched: fewer round trips than messages
+    assert [e[2] for e in await stream(redis, "group-1")] == [m[2] for m in msgs]
+    assert await feed(b, msgs) == offs_a
+
+
+async def test_a_retried_script_call_is_idempotent(clients, redis):
+    a = stores(clients)[0]
+    keys = [a._last_key, a.room_key("group-1"), a.dedup_key("group-1", "records", b"{}")]
+    args = [a._me(), a._start_ms, 1, "records", b"{}", a.window_ms, a.dedup_ms, "", 64]
+    first = await a._log(a._redis, keys, args)
+    again = await a._log(a._redis, keys, args)  # the same call, as after a lost reply
+    assert first == again
+    assert await redis.xlen("recovery:room:group-1") == 1
+
+
+async def test_script_cache_flush_is_survived(clients, redis):
+    a = stores(clients)[0]
+    pid, _ = await a.create_session("sid1", "tok", ["notice"])
+    o1 = await a.log_message("notice", "notice", notice(1))
+    await redis.script_flush()
+    o2 = await a.log_message("notice", "notice", notice(2))
+    await redis.script_flush()
+    batch = await asyncio.gather(*(a.log_message("notice", "notice", notice(n)) for n in range(3, 10)))
+    await redis.script_flush()
+    restored = await a.restore(pid, "tok", o1)
+    assert [e.offset for e in restored.missed] == [o2, *batch]
+
+
+# -- sessions and replay ------------------------------------------------------
+
+
+async def test_restore_returns_exactly_the_missed_events_of_the_session_rooms(clients, redis):
+    a, b = stores(clients)[:2]
+    rooms = ["notice", "user-7", "group-1"]
+    pid, connect = await a.create_session("sid-1", "tok-7", rooms)
+    msgs = sequence(80)
+    offs = await feed(a, msgs)
+    await feed(b, msgs)
+    seen = 25  # the client received events up to msgs[seen] (one of its rooms or not)
+    restored = await b.restore(pid, "tok-7", offs[seen])
+    assert restored.sid == "sid-1"
+    assert restored.rooms == rooms
+    expected = [
+        LoggedEvent(o, e, d) for o, (r, e, d) in zip(offs, msgs) if r in rooms and offset_key(o) > offset_key(offs[seen])
+    ]
+    assert restored.missed == expected
+    assert {r for r, *_ in msgs} - set(rooms)  # other rooms had traffic
+
+
+async def test_client_that_received_nothing_recovers_from_connect_offset(clients, redis):
+    # socket.io#5538: no event received before the drop, so no offset to send
+    a = stores(clients)[0]
+    before = await a.log_message("user-7", "records", record("user-7", 0))
+    pid, connect = await a.create_session("sid-1", "tok", ["notice", "user-7"])
+    assert connect == before
+    after = await a.log_message("user-7", "records", record("user-7", 1))
+    restored = await a.restore(pid, "tok", None)
+    assert [e.offset for e in restored.missed] == [after]
+
+
+async def test_session_created_before_any_traffic(clients, redis):
+    a = stores(clients)[0]
+    assert await a.high_water() == ZERO_OFFSET
+    pid, connect = await a.create_session("sid-1", None, ["notice"])
+    assert connect == ZERO_OFFSET
+    o = await a.log_message("notice", "notice", notice(1))
+    restored = await a.restore(pid, None, None)
+    assert [e.offset for e in restored.missed] == [o]
+
+
+async def test_several_restores_in_a_row_each_replay_only_what_is_new(clients, redis):
+    # socket.io#4880, #5419
+    a, b = stores(clients)[:2]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice", "group-1"])
+    last = None
+    for round_ in range(4):
+        msgs = [("group-1", "records", record("group-1", round_ * 10 + n)) for n in range(3)]
+        msgs.append(("group-2", "records", record("group-2", round_)))
+        offs = await feed(a, msgs)
+        await feed(b, msgs)
+        restored = await (a if round_ % 2 else b).restore(pid, "tok", last)
+        assert [e.offset for e in restored.missed] == offs[:3]
+        assert restored.sid == "sid-1"
+        last = restored.missed[-1].offset
+    # and once more with nothing new
+    assert (await a.restore(pid, "tok", last)).missed == []
+
+
+async def test_restore_long_after_connecting(clients, redis):
+    # socket.io-redis-streams-adapter#48 failed past 10 s: nothing here depends on it
+    clock = FakeClock()
+    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", clock=clock)
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    clock.advance(11)
+    first = await a.log_message("notice", "notice", notice(1))
+    clock.advance(600)
+    second = await a.log_message("notice", "notice", notice(2))
+    restored = await a.restore(pid, "tok", first)
+    assert [e.offset for e in restored.missed] == [second]
+
+
+async def test_session_older_than_window_stays_while_touched(clients, redis):
+    # socket.io#5282: the window counts from the last sign of life, not from connect
+    a = stores(clients, window_seconds=1)[0]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    idle, _ = await a.create_session("sid-2", "tok", ["notice"])
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        await a.touch([pid, "no-such-session-0000000"])
+    # 1.5 s after connecting, with a 1 s window
+    o = await a.log_message("notice", "notice", notice(1))
+    restored = await a.restore(pid, "tok", None)
+    assert [e.offset for e in restored.missed] == [o]
+    assert await a.restore(idle, "tok", None) is None
+
+
+async def test_restore_extends_the_window(clients, redis):
+    a = stores(clients, window_seconds=1)[0]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    await asyncio.sleep(0.7)
+    assert await a.restore(pid, "tok", None) is not None
+    await asyncio.sleep(0.7)
+    assert await a.restore(pid, "tok", None) is not None
+
+
+async def test_expired_window_gives_none(clients, redis):
+    a = stores(clients, window_seconds=1)[0]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    await a.log_message("notice", "notice", notice(1))
+    await asyncio.sleep(1.2)
+    assert await a.restore(pid, "tok", None) is None
+
+
+async def test_forgotten_session_cannot_be_restored(clients, redis):
+    a = stores(clients)[0]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    await a.forget(pid)
+    assert await a.restore(pid, "tok", None) is None
+
+
+async def test_session_on_another_instance_and_after_restart(clients, redis):
+    a = stores(clients)[0]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    o = await a.log_message("notice", "notice", notice(1))
+    del a  # process gone; a new one with a new connection
+    fresh = RecoveryStore(clients[2], window_seconds=WINDOW, instance_id="new")
+    restored = await fresh.restore(pid, "tok", None)
+    assert [e.offset for e in restored.missed] == [o]
+
+
+@pytest.mark.parametrize(
+    "pid_of, token, offset, reason",
+    [
+        (lambda pid: "A" * 32, "tok", None, "unknown or expired"),
+        (lambda pid: pid, "other", None, "token differs"),
+        (lambda pid: pid, None, None, "token differs"),
+        (lambda pid: pid, "tok", "not-an-offset", "malformed offset"),
+        (lambda pid: pid, "tok", "12", "malformed offset"),
+        (lambda pid: pid, "tok", "-1-0", "malformed offset"),
+        (lambda pid: pid, "tok", "1-2-3", "malformed offset"),
+        (lambda pid: pid, "tok", "99999999999999999-0", "malformed offset"),
+        (lambda pid: pid, "tok", 5, "malformed offset"),
+        (lambda pid: pid, "tok", {"$gt": ""}, "malformed offset"),
+        (lambda pid: pid, "tok", "9999999999999-0", "newer than any"),
+        (lambda pid: pid + "'; --", "tok", None, "malformed session id"),
+        (lambda pid: None, "tok", None, "malformed session id"),
+        (lambda pid: "x", "tok", None, "malformed session id"),
+    ],
+)
+async def test_refusals_give_none_and_never_log_secrets(clients, redis, caplog, pid_of, token, offset, reason):
+    a = stores(clients)[0]
+    pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+    await a.log_message("notice", "notice", notice(1))
+    caplog.set_level(logging.INFO, logger="channels.records.recovery")
+    assert await a.restore(pid_of(pid), token, offset) is None
+    text = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    assert reason in text
+    assert pid not in text and "tok" not in text.replace("token", "")
+    # the session is still good for its owner
+    assert await a.restore(pid, "tok", None) is not None
+
+
+async def test_offset_from_before_the_session_replays_only_the_session(clients, redis):
+    a = stores(clients)[0]
+    early = await a.log_message("notice", "notice", notice(1))
+    await a.log_message("notice", "notice", notice(2))
+    pid, connect = await a.create_session("sid-1", "tok", ["notice"])
+    later = await a.log_message("notice", "notice", notice(3))
+    restored = await a.restore(pid, "tok", early)
+    assert [e.offset for e in restored.missed] == [later]
+    restored = await a.restore(pid, "tok", ZERO_OFFSET)
+    assert [e.offset for e in restored.missed] == [later]
+
+
+async def test_too_much_missed_gives_a_fresh_connection(clients, redis):
+    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", max_replay=5)
+    pid, _ = await a.create_session("sid-1", "tok", ["notice", "user-1"])
+    for n in range(3):
+        await a.log_message("notice", "notice", notice(n))
+        await a.log_message("user-1", "records", record("user-1", n))
+    assert await a.restore(pid, "tok", None) is None
+    # from a later offset the rest fits
+    restored = await a.restore(pid, "tok", await a.log_message("notice", "notice", notice(9)))
+    assert restored is not None and restored.missed == []
+
+
+async def test_redis_holds_neither_pid_nor_token(clients, redis):
+    a = stores(clients)[0]
+    pid, _ = await a.create_session("sid-1", "secret-token-value", ["notice", "user-1"])
+    blob = b""
+    async for key in redis.scan_iter():
+        blob += key
+        if await redis.type(key) == b"hash":
+            for k, v in (await redis.hgetall(key)).items():
+                blob += k + v
+    assert pid.encode() not in blob
+    assert b"secret-token-value" not in blob
+    assert token_fingerprint("secret-token-value").encode() in blob
+
+
+async def test_pids_are_unguessable_and_distinct(clients, redis):
+    a = stores(clients)[0]
+    pids = {(await a.create_session(f"s{i}", None, ["notice"]))[0] for i in range(50)}
+    assert len(pids) == 50
+    assert all(len(p) >= 32 for p in pids)
+
+
+# -- memory and cost -----------------------------------------------------------
+
+
+async def test_trimming_keeps_streams_and_keys_bounded(clients, redis):
+    clock = FakeClock()
+    a = RecoveryStore(clients[0], window_seconds=1, instance_id="a", clock=clock, dedup_seconds=2)
+    for n in range(2000):
+        clock.advance(0.01)  # 100 messages per simulated second, 20 s in all
+        await a.log_message("group-1", "records", record("group-1", n))
+    pid, _ = await a.create_session("sid-1", "tok", ["group-1"])
+    length = await redis.xlen("recovery:room:group-1")
+    # one window of messages, plus at most one stream node (100 entries) of slack
+    assert 100 <= length <= 100 + 101
+    first = (await redis.xrange("recovery:room:group-1", count=1))[0][0].decode()
+    assert offset_key(first)[0] >= clock.now - 1000 - 1100
+    assert 0 < await redis.pttl("recovery:room:group-1") <= 1000
+    assert 0 < await redis.pttl(a.session_key(pid)) <= 1000
+    dedup = [k async for k in redis.scan_iter(match="recovery:dedup:*")]
+    assert dedup
+    for key in dedup[:50]:
+        assert 0 < await redis.pttl(key) <= 2000
+
+
+async def test_dedup_state_of_a_repeated_payload_stays_small(clients, redis):
+    a, b = stores(clients)[:2]
+    data = notice(0)
+    for _ in range(200):
+        await a.log_message("notice", "notice", data)
+    key = a.dedup_key("notice", "notice", data)
+    assert await redis.hlen(key) <= 2 * 64 + 10
+    assert await redis.xlen("recovery:room:notice") == 200
+
+
+async def test_restore_reads_only_the_session_rooms_after_the_offset(clients, redis):
+    a = stores(clients)[0]
+    rooms = ["notice", "user-1", "group-1"]
+    pid, _ = await a.create_session("sid-1", "tok", rooms)
+    noise = [("group-2", "records", record("group-2", n)) for n in range(3000)]
+    await asyncio.gather(*(a.log_message(*m) for m in noise[:1500]))
+    seen = await a.log_message("group-1", "records", record("group-1", 0))
+    await asyncio.gather(*(a.log_message(*m) for m in noise[1500:]))
+    missed = [await a.log_message("user-1", "records", record("user-1", n)) for n in range(3)]
+    await redis.config_resetstat()
+    restored = await a.restore(pid, "tok", seen)
+    assert [e.offset for e in restored.missed] == missed
+    stats = await redis.info("commandstats")
+    # one round trip; one range read per session room; nothing that walks all traffic
+    assert stats["cmdstat_evalsha"]["calls"] == 1
+    assert stats["cmdstat_xrange"]["calls"] == len(rooms)
+    for cmd in ("xread", "xrevrange", "scan", "keys", "xlen", "xinfo"):
+        assert f"cmdstat_{cmd}" not in stats
+    # and the noise room's stream is large, so a scan would have shown up in entries returned
+    assert await redis.xlen("recovery:room:group-2") == 3000
+
+
+# -- Redis outages --------------------------------------------------------------
+
+
+async def test_log_raises_during_an_outage_and_works_after(private_redis):
+    client = create_redis(private_redis.url, socket_timeout=1.0)
+    a = RecoveryStore(client, window_seconds=WINDOW, instance_id="a", log_timeout_seconds=0.5)
+    try:
+        pid, _ = await a.create_session("sid-1", "tok", ["notice"])
+        o1 = await a.log_message("notice", "notice", notice(1))
+        private_redis.kill()
+        with pytest.raises(RedisError):
+            await a.log_message("notice", "notice", notice(2))
+        private_redis.start()
+
+        async def log_again():
+            while True:
+                try:
+                    return await a.log_message("notice", "notice", notice(3))
+                except RedisError:
+                    await asyncio.sleep(0.2)
+
+        o3 = await asyncio.wait_for(log_again(), 30)
+        # Redis came back empty (no persistence): offsets still increase
+        assert offset_key(o3) > offset_key(o1)
+        assert await a.restore(pid, "tok", None) is None  # the session went with Redis
+    finally:
+        await client.aclose()
+
+
+# -- pure helpers -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [
+        ("0-0", (0, 0)),
+        ("1700000000000-5", (1700000000000, 5)),
+        ("1700000000000", None),
+        ("1700000000000-", None),
+        ("-5", None),
+        (" 1-2", None),
+        ("1-2\n", None),
+        ("1.5-2", None),
+        ("0x1-2", None),
+        ("١-٢", None),  # non-ASCII digits
+        ("99999999999999999-0", None),
+        ("9007199254740992-0", None),
+        (None, None),
+        (12, None),
+        (["1-2"], None),
+    ],
+)
+def test_parse_offset(text, parsed):
+    assert parse_offset(text) == parsed
+
+
+def test_offsets_order_numerically_not_as_text():
+    assert offset_key("999-0") < offset_key("1000-0")
+    assert offset_key("5-9") < offset_key("5-10")
+
+
+def test_token_fingerprint():
+    assert token_fingerprint("a") == token_fingerprint("a")
+    assert token_fingerprint("a") != token_fingerprint("b")
+    assert token_fingerprint(None) != token_fingerprint("none")
+    assert len(token_fingerprint("a")) == 64
