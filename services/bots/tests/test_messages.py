@@ -1,0 +1,89 @@
+"""chatbot/* payloads -> commands, and every way a payload can be refused."""
+
+import json
+
+import pytest
+
+from channels_bots.messages import MAX_PAYLOAD_BYTES, Rejected, parse
+
+SERVER = "https://matrix.example.org"
+TOKEN = "syt_secret_token_value"
+
+
+def test_test_channel_becomes_a_notice_with_the_message_as_body():
+    data = json.dumps({"server": SERVER, "access_token": TOKEN, "channel": "#loomio:example.org", "message": "hi"})
+    command = parse("chatbot/test", data.encode())
+    assert command.kind == "test"
+    assert command.fresh_client
+    assert command.bot.server == SERVER and command.bot.access_token == TOKEN
+    assert command.room == "#loomio:example.org"
+    assert command.content == {"msgtype": "m.notice", "body": "hi"}
+
+
+def test_publish_becomes_html_text_with_a_plain_body():
+    html = "<p>New thread: <a href='https://loomio.example/d/1'>Budget</a></p>"
+    data = {"config": {"server": SERVER + "/", "access_token": TOKEN, "channel": "!abc:example.org"},
+            "payload": {"html": html}}
+    command = parse("chatbot/publish", json.dumps(data).encode())
+    assert command.kind == "publish" and not command.fresh_client
+    assert command.bot.server == SERVER  # trailing slash dropped: one client per homeserver
+    assert command.content == {
+        "msgtype": "m.text",
+        "format": "org.matrix.custom.html",
+        "formatted_body": html,
+        "body": "New thread: Budget (https://loomio.example/d/1)",
+    }
+
+
+def test_room_ids_without_a_server_part_are_accepted():
+    # Room version 12 ids carry no server name.
+    data = {"config": {"server": SERVER, "access_token": TOKEN, "channel": "!OuJpphXFeCaHGtHB0x8h9lDv5"},
+            "payload": {"html": "x"}}
+    assert parse("chatbot/publish", json.dumps(data).encode()).room == "!OuJpphXFeCaHGtHB0x8h9lDv5"
+
+
+def test_each_command_has_its_own_transaction_id_and_hides_the_token():
+    data = json.dumps({"server": SERVER, "access_token": TOKEN, "channel": "#a:b", "message": "m"}).encode()
+    first, second = parse("chatbot/test", data), parse("chatbot/test", data)
+    assert first.txn_id and first.txn_id != second.txn_id
+    assert TOKEN not in repr(first)
+
+
+def _test_payload(**changes):
+    base = {"server": SERVER, "access_token": TOKEN, "channel": "#a:example.org", "message": "m"}
+    base.update(changes)
+    return json.dumps({k: v for k, v in base.items() if v is not ...}).encode()
+
+
+@pytest.mark.parametrize(
+    "channel, data, reason",
+    [
+        ("chatbot/other", _test_payload(), "unknown_channel"),
+        ("chatbot/test", b"{not json", "not_json"),
+        ("chatbot/test", b"\xff\xfe", "not_json"),
+        ("chatbot/test", b"[1, 2]", "incomplete"),
+        ("chatbot/test", b"null", "incomplete"),
+        ("chatbot/test", _test_payload(message=...), "incomplete"),
+        ("chatbot/test", _test_payload(access_token=...), "incomplete"),
+        ("chatbot/test", _test_payload(server=12), "incomplete"),
+        ("chatbot/test", _test_payload(server="ftp://x.org"), "invalid"),
+        ("chatbot/test", _test_payload(server="https://bad host"), "invalid"),
+        ("chatbot/test", _test_payload(channel="general"), "invalid"),
+        ("chatbot/test", _test_payload(channel="@user:example.org"), "invalid"),
+        ("chatbot/test", _test_payload(channel="#noserver"), "invalid"),
+        ("chatbot/test", _test_payload(access_token=""), "invalid"),
+        ("chatbot/test", _test_payload(access_token="a\nb"), "invalid"),
+        ("chatbot/publish", b'{"config": {}}', "incomplete"),
+        ("chatbot/publish", b'{"config": "x", "payload": {"html": "x"}}', "incomplete"),
+        ("chatbot/publish", json.dumps({"config": {"server": SERVER, "access_token": TOKEN,
+                                                   "channel": "#a:b"}}).encode(), "incomplete"),
+        ("chatbot/publish", json.dumps({"config": {"server": SERVER, "access_token": TOKEN, "channel": "#a:b"},
+                                        "payload": {"html": None}}).encode(), "incomplete"),
+        ("chatbot/test", b" " * (MAX_PAYLOAD_BYTES + 1), "too_large"),
+    ],
+)
+def test_bad_messages_are_rejected_with_a_reason_that_never_shows_the_token(channel, data, reason):
+    with pytest.raises(Rejected) as caught:
+        parse(channel, data)
+    assert caught.value.reason == reason
+    assert TOKEN not in str(caught.value)
