@@ -1,0 +1,100 @@
+"""Asking Rails whether a user may open a document: `POST {base}/api/hocuspocus`
+with `{"user_secret": token, "document_name": name}`, through one pooled
+httpx client. 200 allows; anything else, a timeout or an unreachable Rails
+denies. The token never reaches a log line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import httpx
+
+from .protocol import SCOPE_READ_ONLY, SCOPE_READ_WRITE
+
+log = logging.getLogger("channels.collab.rails")
+
+AUTH_PATH = "/api/hocuspocus"
+MAX_TOKEN_LENGTH = 1024
+DENIED_REASON = "permission-denied"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    scope: str = SCOPE_READ_WRITE
+    # Why, for our log line only; the client always gets DENIED_REASON.
+    detail: str = ""
+
+    @property
+    def readonly(self) -> bool:
+        return self.scope == SCOPE_READ_ONLY
+
+
+def _scope_from_body(response: httpx.Response) -> str:
+    """Rails answers 200 with no particular body today; a JSON body saying
+    `{"scope": "readonly"}` (or `"read_only": true`) opens the document
+    read-only."""
+    if not response.content or len(response.content) > 4096:
+        return SCOPE_READ_WRITE
+    try:
+        body = response.json()
+    except ValueError:
+        return SCOPE_READ_WRITE
+    if not isinstance(body, dict):
+        return SCOPE_READ_WRITE
+    if body.get("scope") in ("readonly", "read-only", "read_only"):
+        return SCOPE_READ_ONLY
+    if body.get("readonly") is True or body.get("read_only") is True:
+        return SCOPE_READ_ONLY
+    return SCOPE_READ_WRITE
+
+
+class RailsAuthenticator:
+    def __init__(
+        self,
+        base_url: str | None,
+        *,
+        timeout_seconds: float,
+        max_concurrent: int = 100,
+        client: httpx.AsyncClient | None = None,
+    ):
+        self.url = base_url.rstrip("/") + AUTH_PATH if base_url else None
+        self.client = client or httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_seconds),
+            limits=httpx.Limits(max_connections=max_concurrent, max_keepalive_connections=20),
+            follow_redirects=False,
+        )
+        self.timeout_seconds = timeout_seconds
+        # Requests beyond the pool wait here, bounded by the same deadline.
+        self._slots = asyncio.Semaphore(max_concurrent)
+        if self.url is None:
+            log.warning("no Rails URL configured (PRIVATE_APP_URL, APP_URL, PUBLIC_APP_URL, CANONICAL_HOST): "
+                        "every document will be denied")
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def authenticate(self, token: str, document_name: str) -> Decision:
+        if self.url is None:
+            return Decision(False, detail="no rails url")
+        if not token or len(token) > MAX_TOKEN_LENGTH:
+            return Decision(False, detail="empty or oversized token")
+        try:
+            async with asyncio.timeout(self.timeout_seconds):
+                async with self._slots:
+                    response = await self.client.post(
+                        self.url, json={"user_secret": token, "document_name": document_name}
+                    )
+        except (TimeoutError, httpx.TimeoutException):
+            log.warning("rails auth timed out", extra={"document": document_name})
+            return Decision(False, detail="timeout")
+        except httpx.HTTPError as exc:
+            log.warning(
+                "rails unreachable for auth", extra={"document": document_name, "error": type(exc).__name__}
+            )
+            return Decision(False, detail="unreachable")
+        if response.status_code != 200:
+            return Decision(False, detail=f"rails answered {response.status_code}")
+        return Decision(True, scope=_scope_from_body(response))

@@ -1,0 +1,274 @@
+"""What the collab tests share: a real HTTP server standing in for Rails
+(with the decision rules of contracts.md), the service as a real process,
+the real @hocuspocus/provider driven from Node, and a raw WebSocket client
+for hostile input."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.support import NodeScript, ServiceProcess, free_port
+
+# user id -> secret token. User 0 is always allowed (as Rails does);
+# user 3 exists but may update nothing; user 7 is answered read-only.
+USERS = {"1": "s1", "2": "s2", "3": "s3", "7": "s7"}
+EDITORS = {"1", "2"}
+
+
+def token(user: str) -> str:
+    return f"{user},{USERS.get(user, 'x')}"
+
+
+class RailsStandIn:
+    """POST /api/hocuspocus, decided as Rails does. Special users: 500
+    answers 500, 504 answers after `slow_seconds` (past the auth timeout)."""
+
+    def __init__(self, slow_seconds: float = 3.0):
+        self.requests: list[dict] = []
+        self.slow_seconds = slow_seconds
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with stand_in.lock:
+                    stand_in.requests.append({"path": self.path, **body})
+                status, answer = stand_in.decide(self.path, body)
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the service gave up waiting, as it should
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def decide(self, path: str, body: dict) -> tuple[int, dict]:
+        if path != "/api/hocuspocus":
+            return 404, {}
+        user, _, secret = str(body.get("user_secret", "")).partition(",")
+        name = str(body.get("document_name", ""))
+        if user == "500":
+            return 500, {"error": "boom"}
+        if user == "504":
+            time.sleep(self.slow_seconds)
+            return 200, {}
+        if user == "0":
+            return 200, {}
+        if USERS.get(user) != secret:
+            return 401, {}
+        record_type, _, rest = name.partition("-")
+        record_id, _, field = rest.partition("-")
+        if record_id == "new":
+            return (200, {}) if field.split("-")[0] == user else (401, {})
+        if user == "7":
+            return 200, {"scope": "readonly"}
+        if user in EDITORS and record_id.isdigit():
+            return 200, {}
+        return 401, {}
+
+    def names_asked(self) -> list[str]:
+        with self.lock:
+            return [r.get("document_name") for r in self.requests]
+
+    def start(self) -> "RailsStandIn":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_collab(rails_url: str | None, **env) -> ServiceProcess:
+    base = {
+        "COLLAB_TIMEOUT_MS": "30000",
+        "COLLAB_DEBOUNCE_MS": "300",
+        "COLLAB_MAX_DEBOUNCE_MS": "1000",
+        "COLLAB_AUTH_TIMEOUT_SECONDS": "1",
+        "LOG_LEVEL": "INFO",
+    }
+    if rails_url:
+        base["PRIVATE_APP_URL"] = rails_url
+    base.update(env)
+    return ServiceProcess("channels-collab", free_port(), base).start()
+
+
+class Provider:
+    """One Node process: a shared HocuspocusProviderWebsocket and any number
+    of documents on it, with every event collected for the test to await."""
+
+    def __init__(self, version: str, ws_url: str):
+        self.version = version
+        self.script = NodeScript("hocuspocus-client.mjs", version, ws_url)
+        self.events: list[dict] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.wait(lambda e: e["event"] == "ready", what="node client ready")
+
+    def _read(self):
+        for event in self.script.lines():
+            with self._cond:
+                self.events.append(event)
+                self._cond.notify_all()
+
+    def send(self, **command) -> None:
+        self.script.send(command)
+
+    def wait(self, predicate, timeout: float = 15.0, what: str = "event", since: int = 0) -> dict:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for event in self.events[since:]:
+                    if predicate(event):
+                        return event
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    errors = self.script.process.stderr.read() if self.script.process.poll() is not None else ""
+                    raise AssertionError(f"timed out waiting for {what}; events: {self.events[-15:]} {errors}")
+                self._cond.wait(left)
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self.events)
+
+    def attach(self, doc: str, tok: str, user: str | None = None) -> None:
+        self.send(op="attach", doc=doc, token=tok, user=user)
+
+    def authenticated(self, doc: str, timeout: float = 15.0) -> dict:
+        return self.wait(lambda e: e["event"] == "authenticated" and e["doc"] == doc, timeout, f"auth {doc}")
+
+    def synced(self, doc: str, timeout: float = 15.0) -> dict:
+        return self.wait(lambda e: e["event"] == "synced" and e["doc"] == doc, timeout, f"synced {doc}")
+
+    def denied(self, doc: str, timeout: float = 15.0) -> dict:
+        return self.wait(lambda e: e["event"] == "denied" and e["doc"] == doc, timeout, f"denied {doc}")
+
+    def read(self, doc: str) -> dict:
+        start = self.mark()
+        self.send(op="read", doc=doc)
+        return self.wait(lambda e: e["event"] == "content" and e["doc"] == doc, since=start, what="content")
+
+    def wait_content(self, doc: str, check, timeout: float = 15.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            content = self.read(doc)
+            if check(content):
+                return content
+            if time.monotonic() > deadline:
+                raise AssertionError(f"content of {doc} never matched: {content}")
+            time.sleep(0.05)
+
+    def wait_users(self, doc: str, users: list[str], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            start = self.mark()
+            self.send(op="awareness", doc=doc)
+            got = self.wait(lambda e: e["event"] == "awareness" and e["doc"] == doc, since=start)
+            if got["users"] == sorted(users):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"awareness of {doc} is {got['users']}, expected {sorted(users)}")
+            time.sleep(0.05)
+
+    def frames_for(self, doc: str) -> list[int]:
+        with self._cond:
+            return [e["type"] for e in self.events if e["event"] == "frame" and e.get("doc") == doc]
+
+    def close(self) -> None:
+        try:
+            self.send(op="exit")
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        self.script.close()
+
+
+class RawClient:
+    """A bare WebSocket speaking the Hocuspocus framing by hand, in a
+    background thread: for hostile or precise input."""
+
+    def __init__(self, ws_url: str, max_size: int | None = None):
+        from websockets.sync.client import connect
+
+        self.ws = connect(ws_url, max_size=max_size, open_timeout=10, close_timeout=5)
+        self.frames: "queue.Queue[bytes]" = queue.Queue()
+        self.close_code: int | None = None
+        self.closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            for frame in self.ws:
+                self.frames.put(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            rcvd = self.ws.close_rcvd
+            self.close_code = rcvd.code if rcvd is not None else 1006
+            self.closed.set()
+
+    def send(self, frame: bytes) -> None:
+        self.ws.send(frame)
+
+    def recv(self, timeout: float = 10.0) -> bytes:
+        return self.frames.get(timeout=timeout)
+
+    def recv_until(self, predicate, timeout: float = 10.0):
+        from channels_collab import protocol as p
+
+        deadline = time.monotonic() + timeout
+        seen = []
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"frame never came; saw {seen[-10:]}")
+            try:
+                msg = p.decode(self.frames.get(timeout=left))
+            except queue.Empty:
+                raise AssertionError(f"frame never came; saw {seen[-10:]}") from None
+            seen.append(msg)
+            if predicate(msg):
+                return msg
+
+    def drain(self, wait: float = 0.3) -> list:
+        from channels_collab import protocol as p
+
+        out = []
+        time.sleep(wait)
+        while True:
+            try:
+                out.append(p.decode(self.frames.get_nowait()))
+            except queue.Empty:
+                return out
+
+    def wait_closed(self, timeout: float = 15.0) -> int:
+        assert self.closed.wait(timeout), "socket was not closed by the server"
+        return self.close_code
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        except Exception:
+            pass
