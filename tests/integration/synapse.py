@@ -275,3 +275,17 @@ class Synapse:
             if not chunk or "end" not in body:
                 return events
             params["from"] = body["end"]
+
+
+def start_homeserver() -> Synapse:
+    """Install if needed and start one homeserver; a machine that cannot
+    install or run Synapse makes the caller fail, never skip."""
+    from tests.support import free_port
+
+    server = Synapse(ensure_installed(), free_port())
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server
