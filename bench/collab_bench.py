@@ -20,6 +20,8 @@ class CollabConfig:
     edit_seconds: float = 10.0
     big_bytes: int = 100_000
     big_repeats: int = 3
+    # Quiet time before memory is read, so startup and connection bursts settle.
+    settle_seconds: float = 2.0
 
 
 async def run_collab(server: Server, cfg: CollabConfig, log) -> dict:
@@ -27,16 +29,16 @@ async def run_collab(server: Server, cfg: CollabConfig, log) -> dict:
     result: dict = {"server": server.name, "config": cfg.__dict__.copy()}
     try:
         server.start()
-        await asyncio.sleep(1.0)
-        baseline = settled_rss(server.pid)
+        await asyncio.sleep(cfg.settle_seconds / 2)
+        baseline = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         driver = NodeDriver("collab.mjs")
         url = f"ws://127.0.0.1:{server.port}"
         loaded = await asyncio.to_thread(driver.call, {"cmd": "load", "url": url, "docs": cfg.docs}, "loaded", 300.0)
         result["load"] = loaded
         log(f"  {server.name}: {loaded['docs']} documents loaded in {loaded['ms'] / 1000:.1f} s"
             + (f", {loaded['failed']} failed" if loaded["failed"] else ""))
-        await asyncio.sleep(2.0)
-        loaded_rss = settled_rss(server.pid)
+        await asyncio.sleep(cfg.settle_seconds)
+        loaded_rss = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         cpu_before = cpu_seconds(server.pid)
         started = time.monotonic()
         edited = await asyncio.to_thread(
@@ -47,8 +49,8 @@ async def run_collab(server: Server, cfg: CollabConfig, log) -> dict:
         )
         cpu = cpu_seconds(server.pid) - cpu_before
         wall = time.monotonic() - started
-        await asyncio.sleep(1.0)
-        edited_rss = settled_rss(server.pid)
+        await asyncio.sleep(cfg.settle_seconds / 2)
+        edited_rss = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         docs = max(1, loaded["docs"])
         result["edit"] = {
             **edited,

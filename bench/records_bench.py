@@ -39,6 +39,8 @@ class RecordsConfig:
     stop_p99_ms: float = 1000.0
     stop_loss: float = 0.02
     token_prefix: str = "bench-token-"
+    # Quiet time before memory is read, so startup and connection bursts settle.
+    settle_seconds: float = 2.0
 
 
 def group_sizes(clients: int, groups: int) -> list[int]:
@@ -135,8 +137,8 @@ async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, p
         await redis.flushdb()
         await write_tokens(redis, cfg)
         server.start()
-        await asyncio.sleep(1.0)
-        baseline = settled_rss(server.pid)
+        await asyncio.sleep(cfg.settle_seconds / 2)
+        baseline = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         driver = NodeDriver("records.mjs")
         connect = await asyncio.to_thread(
             driver.call,
@@ -155,8 +157,8 @@ async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, p
             + (f", {connect['failed']} failed {connect['reasons']}" if connect["failed"] else ""))
         if not await warm_up(redis, driver, cfg, connect["count"]):
             raise RuntimeError("not every client received a warm-up message within 60 s")
-        await asyncio.sleep(2.0)
-        connected_rss = settled_rss(server.pid)
+        await asyncio.sleep(cfg.settle_seconds)
+        connected_rss = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         result["memory"] = {
             "baseline_rss": baseline,
             "connected_rss": connected_rss,
@@ -168,9 +170,12 @@ async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, p
             profiler.start(server.pid)
         for step, rate in enumerate(cfg.rates):
             cpu_before = cpu_seconds(server.pid)
+            client_cpu_before, wall_before = cpu_seconds(driver.pid), time.monotonic()
             published, expected, start = await publish_step(redis, cfg, step, rate / clients_per_message)
             await drain(driver, step, expected, cfg.drain_seconds)
             cpu = cpu_seconds(server.pid) - cpu_before
+            # Near 100 % the clients, not the server, limit what this step measures.
+            client_busy = (cpu_seconds(driver.pid) - client_cpu_before) / (time.monotonic() - wall_before)
             stats = await asyncio.to_thread(driver.call, {"cmd": "stats", "step": step}, "stats")
             received = stats["received"]
             elapsed = ((stats["last"] or start * 1000) / 1000 - start) if received else cfg.step_seconds
@@ -189,14 +194,15 @@ async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, p
                 "max_ms": stats["max"],
                 "cpu_s": cpu,
                 "cpu_us_per_delivery": cpu / received * 1e6 if received else None,
-                "rss": settled_rss(server.pid, samples=1),
+                "rss": settled_rss(server.pid, samples=1, interval=0),
                 "open_clients": stats["open"],
+                "loadgen_cpu_share": client_busy,
             }
             result["steps"].append(row)
             log(
                 f"  {server.name} step {step}: {row['deliveries_per_s']:8.0f}/s  loss {row['loss']:.2%}  "
                 f"p50 {fmt_ms(row['p50_ms'])}  p99 {fmt_ms(row['p99_ms'])}  max {fmt_ms(row['max_ms'])}  "
-                f"cpu {fmt_us(row['cpu_us_per_delivery'])}/delivery"
+                f"cpu {fmt_us(row['cpu_us_per_delivery'])}/delivery  (load generator {client_busy:.0%} busy)"
             )
             if not server.alive():
                 result["error"] = "server exited during the run"

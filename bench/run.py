@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
     p.add_argument("--edit-seconds", type=float, help="collab: length of the edit phase (default 10)")
     p.add_argument("--big-repeats", type=int, help="collab: new clients timed on the 100 KB document")
+    p.add_argument("--settle-seconds", type=float, help="quiet time before memory readings (default 2)")
     p.add_argument("--out", default=str(BENCH / "results"), help="directory for JSON, Markdown and PNG")
     p.add_argument("--profile", action="store_true",
                    help="record a py-spy profile of our records server during its rate steps")
@@ -86,6 +87,8 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
         col.edit_seconds = args.edit_seconds
     if args.big_repeats is not None:
         col.big_repeats = args.big_repeats
+    if args.settle_seconds is not None:
+        rec.settle_seconds = col.settle_seconds = args.settle_seconds
     return rec, col
 
 

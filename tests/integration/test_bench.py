@@ -14,7 +14,7 @@ from tests.support import ROOT
 
 TINY = [
     "--clients", "20", "--groups", "2", "--rates", "400,800", "--step-seconds", "1",
-    "--docs", "5", "--edit-seconds", "2", "--big-repeats", "1",
+    "--docs", "5", "--edit-seconds", "2", "--big-repeats", "1", "--settle-seconds", "0.2",
 ]
 
 
@@ -42,6 +42,7 @@ def check_records(result: dict) -> None:
         assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
         assert s["cpu_us_per_delivery"] > 0 and s["deliveries_per_s"] > 0
         assert s["open_clients"] == 20
+        assert 0 < s["loadgen_cpu_share"]
     assert result["headline"] is not None
 
 
@@ -58,10 +59,11 @@ def check_collab(result: dict) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_bench_against_the_reference_servers_gives_well_formed_results(tmp_path):
-    done, results = run_bench(tmp_path, "reference")
-    check_records(results["records"]["reference"])
-    check_collab(results["collab"]["reference"])
+def test_tiny_bench_of_ours_and_the_reference_gives_well_formed_results(tmp_path):
+    done, results = run_bench(tmp_path, "ours", "reference")
+    for who in ("ours", "reference"):
+        check_records(results["records"][who])
+        check_collab(results["collab"][who])
     # One table per scenario, with both columns and the ratio.
     assert "Records: 20 clients, 2 groups" in done.stdout and "Collab: 5 documents" in done.stdout
     assert "ours  reference  ratio" in done.stdout
