@@ -10,8 +10,6 @@ import random
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from channels_common.redis import create_redis
 from channels_records.recovery import (
     ZERO_OFFSET,
@@ -21,6 +19,7 @@ from channels_records.recovery import (
     parse_offset,
     token_fingerprint,
 )
+from redis.exceptions import RedisError
 
 WINDOW = 1800
 
@@ -248,7 +247,7 @@ async def test_script_cache_flush_is_survived(clients, redis):
 async def test_restore_returns_exactly_the_missed_events_of_the_session_rooms(clients, redis):
     a, b = stores(clients)[:2]
     rooms = ["notice", "user-7", "group-1"]
-    pid, connect = await a.create_session("sid-1", "tok-7", rooms)
+    pid, _connect = await a.create_session("sid-1", "tok-7", rooms)
     msgs = sequence(80)
     offs = await feed(a, msgs)
     await feed(b, msgs)
@@ -400,7 +399,7 @@ async def test_offset_from_before_the_session_replays_only_the_session(clients, 
     a = stores(clients)[0]
     early = await a.log_message("notice", "notice", notice(1))
     await a.log_message("notice", "notice", notice(2))
-    pid, connect = await a.create_session("sid-1", "tok", ["notice"])
+    pid, _connect = await a.create_session("sid-1", "tok", ["notice"])
     later = await a.log_message("notice", "notice", notice(3))
     restored = await a.restore(pid, "tok", early)
     assert [e.offset for e in restored.missed] == [later]
@@ -465,7 +464,7 @@ async def test_trimming_keeps_streams_and_keys_bounded(clients, redis):
 
 
 async def test_dedup_state_of_a_repeated_payload_stays_small(clients, redis):
-    a, b = stores(clients)[:2]
+    a, _b = stores(clients)[:2]
     data = notice(0)
     for _ in range(200):
         await a.log_message("notice", "notice", data)
@@ -562,3 +561,16 @@ def test_token_fingerprint():
     assert token_fingerprint("a") != token_fingerprint("b")
     assert token_fingerprint(None) != token_fingerprint("none")
     assert len(token_fingerprint("a")) == 64
+
+
+async def test_room_names_outside_ascii_and_empty_room_lists(clients, redis):
+    a, b = stores(clients)[:2]
+    pid, _ = await a.create_session("sid-1", "tok", ["group-é", "notice", "group-é"])
+    o = await a.log_message("group-é", "records", b'{"room":"group-\\u00e9"}')
+    assert await b.log_message("group-é", "records", b'{"room":"group-\\u00e9"}') == o
+    restored = await b.restore(pid, "tok", None)
+    assert restored.rooms == ["group-é", "notice"]
+    assert [e.offset for e in restored.missed] == [o]
+    empty, _ = await a.create_session("sid-2", None, [])
+    restored = await a.restore(empty, None, None)
+    assert restored.rooms == [] and restored.missed == []

@@ -91,6 +91,9 @@ _PID_RE = re.compile(r"\A[A-Za-z0-9_-]{16,128}\Z")
 # A new instance counts occurrences logged before (its start - this) as not
 # seen: covers clock skew and the time between subscribing and the first call.
 _START_GRACE_MS = 1000
+# Log calls sent in one pipeline at most: bounds the reply buffer and lets
+# results reach callers in steady steps during a burst.
+_MAX_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,7 +318,9 @@ class RecoveryStore:
         self._serial = 0
         self._pending: list[tuple[list, list, asyncio.Future]] = []
         self._flusher: asyncio.Task | None = None
+        self._busy = False  # a log call or batch is in flight
         self._current = ZERO_OFFSET
+        self._current_key = (0, 0)
 
     def _now_local(self) -> int:
         return int(self._clock()) if self._clock else int(time.time() * 1000)
@@ -375,40 +380,64 @@ class RecoveryStore:
             self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
             "" if self._clock is None else self._now_local(), 64,
         ]
+        if not self._busy and not self._pending:
+            # Nothing in flight: one EVALSHA, no queueing machinery.
+            self._busy = True
+            try:
+                async with asyncio.timeout(self.log_timeout):
+                    reply = await self._log(self._redis, keys, args)
+            except TimeoutError:
+                raise RedisTimeoutError("recovery log timed out") from None
+            finally:
+                self._busy = False
+                if self._pending:
+                    self._start_flusher()
+            return self._noted(reply)
         future = asyncio.get_running_loop().create_future()
         # A caller that timed out no longer reads the outcome; mark it read.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # Queued in call order, sent in that order: offsets follow call order.
+        # Queued in call order, sent in that order after the call in flight:
+        # offsets follow call order.
         self._pending.append((keys, args, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="recovery-log-flush")
+        if not self._busy:
+            self._start_flusher()
         try:
-            if self.log_timeout is None:
-                offset = await asyncio.shield(future)
-            else:
-                offset = await asyncio.wait_for(asyncio.shield(future), self.log_timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(self.log_timeout):
+                reply = await asyncio.shield(future)
+        except TimeoutError:
             raise RedisTimeoutError("recovery log timed out") from None
-        if offset_key(offset) > offset_key(self._current):
-            self._current = offset
+        return self._noted(reply)
+
+    def _noted(self, reply) -> str:
+        offset = reply.decode() if isinstance(reply, bytes) else str(reply)
+        key = offset_key(offset)
+        if key > self._current_key:
+            self._current, self._current_key = offset, key
         return offset
+
+    def _start_flusher(self) -> None:
+        self._busy = True
+        self._flusher = asyncio.create_task(self._flush(), name="recovery-log-flush")
 
     async def _flush(self) -> None:
         # Calls that time out stay queued and are still sent, so that every
         # instance's occurrence count stays aligned with the others'.
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                results = await self._send(batch)
-            except Exception as exc:  # Redis down: every call of the batch fails
-                results = [exc] * len(batch)
-            for (_, _, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result.decode() if isinstance(result, bytes) else str(result))
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+                try:
+                    results = await self._send(batch)
+                except Exception as exc:  # noqa: BLE001 - Redis down or worse: every waiter must hear of it
+                    results = [exc] * len(batch)
+                for (_, _, future), result in zip(batch, results):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result)
+        finally:
+            self._busy = False
 
     async def _send(self, batch) -> list:
         if len(batch) == 1:
