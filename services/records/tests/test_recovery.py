@@ -396,6 +396,8 @@ async def test_refusals_give_none_and_never_log_secrets(clients, redis, caplog, 
 
 
 async def test_offset_from_before_the_session_replays_only_the_session(clients, redis):
+    # socket.io-client keeps its last offset across a fresh (not recovered)
+    # connection and sends it with the new pid if it drops before any event
     a = stores(clients)[0]
     early = await a.log_message("notice", "notice", notice(1))
     await a.log_message("notice", "notice", notice(2))

@@ -54,10 +54,15 @@ to another instance loses nothing. An entry is removed only when it is
 older than the window, and a session lives only while it was connected
 within the window (its TTL is refreshed while live and on disconnect), so
 every event a live session could have missed is still in its rooms' streams
-when it comes back. A Redis restart without persistence, or Redis evicting
-keys under memory pressure, loses sessions and logs: clients then get a
-fresh connection. While Redis is down ``log_message`` raises and the caller
-emits live without an offset.
+when it comes back; restore therefore needs no check for trimmed events.
+An offset older than the session's connect offset (socket.io-client keeps
+its last offset across a fresh connection) counts from the connect offset:
+events from before the session are not the session's. A Redis restart
+without persistence loses sessions and logs: clients then get a fresh
+connection. Redis must not evict these keys under memory pressure (use
+``maxmemory-policy noeviction``): an evicted stream would be missed silently.
+While Redis is down ``log_message`` raises and the caller emits live without
+an offset.
 
 Cost. ``log_message`` is one EVALSHA; calls made while a round trip is in
 flight are sent together in one pipeline, in call order. ``restore`` is one
