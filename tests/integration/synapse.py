@@ -60,7 +60,7 @@ def ensure_installed(timeout: float = 900.0) -> Path:
             [str(_venv_python()), "-m", "pip", "install", "-q", SYNAPSE_REQUIREMENT],
         ]
         for step in steps:
-            done = subprocess.run(step, capture_output=True, text=True, timeout=timeout)
+            done = subprocess.run(step, capture_output=True, text=True, timeout=timeout, check=False)
             if done.returncode != 0:
                 raise SynapseUnavailable(
                     f"could not install Synapse ({' '.join(step[-2:])}): exit {done.returncode}\n"
@@ -162,11 +162,12 @@ class Synapse:
         (self.directory / "log.yaml").write_text(_LOG_CONFIG.format(path=self.log_path))
         keys = subprocess.run(
             [str(self.python), "-m", "synapse.app.homeserver", "-c", str(config_path), "--generate-keys"],
-            capture_output=True, text=True, timeout=120, cwd=self.directory,
+            capture_output=True, text=True, timeout=120, cwd=self.directory, check=False,
         )
         if keys.returncode != 0:
             raise SynapseUnavailable(f"synapse --generate-keys failed:\n{keys.stderr[-3000:]}")
-        self._stdout = open(self.directory / "stdout.log", "wb")
+        # Held open for the life of the process, closed in stop().
+        self._stdout = open(self.directory / "stdout.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
             [str(self.python), "-m", "synapse.app.homeserver", "-c", str(config_path)],
             cwd=self.directory, stdout=self._stdout, stderr=subprocess.STDOUT,

@@ -10,8 +10,8 @@ import time
 import uuid
 
 import pytest
-
 from channels_common.publish import publish_chatbot, publish_chatbot_test
+
 from tests.integration.synapse import SERVER_NAME, MatrixUser, Synapse
 from tests.support import ServiceProcess, free_port
 
@@ -72,6 +72,10 @@ def bots(redis_url):
     yield start
     for service in started:
         service.stop()
+
+
+def at_least(count: int, items: list) -> list | None:
+    return items if len(items) >= count else None
 
 
 async def eventually(check, timeout: float = 30.0, what: str = "condition"):
@@ -162,9 +166,7 @@ async def test_a_hard_rate_limit_delays_but_loses_nothing(world, bots, redis):
     for body in bodies:
         await publish_chatbot(redis, world.hs.url, world.limited.access_token, world.aliases[1], body)
     got = await eventually(
-        lambda: (lambda b: b if len(b) >= 10 else None)(
-            [x for x in world.bodies(world.rooms[1], world.limited) if x.startswith(run)]
-        ),
+        lambda: at_least(10, [x for x in world.bodies(world.rooms[1], world.limited) if x.startswith(run)]),
         timeout=90,
         what="every rate-limited message",
     )

@@ -71,7 +71,7 @@ class FakeHomeserver:
 
     # -- serving -----------------------------------------------------------------
 
-    def start(self) -> "FakeHomeserver":
+    def start(self) -> FakeHomeserver:
         fake = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from channels_bots.dispatcher import Dispatcher, RetryPolicy
 from channels_bots.errors import Permanent, RateLimited, Transient
 from channels_bots.matrix import AliasCache, ClientCache, Matrix, make_client
@@ -18,7 +17,7 @@ ROOM = "!room1:localhost"
 
 
 def A(status, body=None):
-    return dict(status=status, body=body)
+    return {"status": status, "body": body}
 
 ALIAS = "#general:localhost"
 
@@ -91,7 +90,7 @@ async def test_room_ids_are_used_as_given(hs):
         ("send", A(500, {"errcode": "M_UNKNOWN", "error": "boom"}), Transient, "server_error"),
         ("resolve", A(503, b"busy"), Transient, "server_error"),
         ("send", A(200, b"<html>captive portal</html>"), Transient, "bad_response"),
-        ("send", dict(status=0, drop=True), Transient, "network"),
+        ("send", {"status": 0, "drop": True}, Transient, "network"),
         ("send", A(429, {"errcode": "M_LIMIT_EXCEEDED", "error": "slow", "retry_after_ms": 1234}),
          RateLimited, "rate_limited"),
         ("send", A(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Unknown token"}), Permanent, "unknown_token"),
@@ -227,10 +226,9 @@ async def test_a_client_in_use_is_closed_only_when_given_back():
     made: list[FakeClient] = []
     cache = ClientCache(max_size=1, idle_seconds=60, factory=lambda b: made.append(FakeClient(b)) or made[-1])
     a, b = Bot("https://hs", "a"), Bot("https://hs", "b")
-    async with cache.lease(a) as client_a:
-        async with cache.lease(b):
-            assert len(cache) == 1 and cache.open_clients == 2
-            assert not client_a.closed
+    async with cache.lease(a) as client_a, cache.lease(b):
+        assert len(cache) == 1 and cache.open_clients == 2
+        assert not client_a.closed
     assert client_a.closed and cache.open_clients == 1
     await cache.close()
 

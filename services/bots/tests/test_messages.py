@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from channels_bots.messages import MAX_PAYLOAD_BYTES, Rejected, parse
 
 SERVER = "https://matrix.example.org"

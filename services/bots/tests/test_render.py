@@ -1,7 +1,6 @@
 """HTML -> the plain-text `body` of a Matrix message."""
 
 import pytest
-
 from channels_bots.render import html_to_text
 
 

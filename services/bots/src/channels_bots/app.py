@@ -12,12 +12,11 @@ import asyncio
 import contextlib
 import logging
 
-from starlette.applications import Starlette
-
 from channels_common.observability import health_routes, setup_logging, setup_sentry
 from channels_common.redis import Message, Subscription
 from channels_common.server import serve
 from channels_common.settings import BotsSettings
+from starlette.applications import Starlette
 
 from .dispatcher import Dispatcher, RetryPolicy
 from .matrix import AliasCache, ClientCache, Matrix, make_client

@@ -12,6 +12,7 @@ messages, and the total number of messages held is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections import deque
@@ -106,10 +107,9 @@ class Dispatcher:
         for task in list(self._workers.values()):
             task.cancel()
         for task in list(self._workers.values()):
-            try:
+            # _drain handles its own errors; cancellation is all that is left.
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         if abandoned:
             log.warning("shutdown: messages not delivered", extra={"count": abandoned})
             if self.metrics:

@@ -7,7 +7,6 @@ nio's own retry loops are switched off.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import OrderedDict
@@ -222,7 +221,7 @@ class Matrix:
             raise
         except (aiohttp.InvalidURL, ValueError) as exc:
             raise Permanent("bad_server", type(exc).__name__) from None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             raise Transient("network", type(exc).__name__) from None
         if isinstance(response, RoomSendResponse):
             return response.event_id
