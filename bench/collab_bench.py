@@ -5,11 +5,12 @@ a new client takes to sync a 100 KB document."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass
 
 from bench.processes import NodeDriver, Server
-from bench.procstat import cpu_seconds, settled_rss
+from bench.procstat import OtherLoad, cpu_seconds, settled_rss
 
 
 @dataclass
@@ -24,7 +25,7 @@ class CollabConfig:
     settle_seconds: float = 2.0
 
 
-async def run_collab(server: Server, cfg: CollabConfig, log) -> dict:
+async def run_collab(server: Server, cfg: CollabConfig, log, helper_pids: tuple[int, ...] = ()) -> dict:
     driver = None
     result: dict = {"server": server.name, "config": cfg.__dict__.copy()}
     try:
@@ -41,6 +42,7 @@ async def run_collab(server: Server, cfg: CollabConfig, log) -> dict:
         loaded_rss = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         cpu_before = cpu_seconds(server.pid)
         started = time.monotonic()
+        others = OtherLoad([server.pid, driver.pid, os.getpid(), *helper_pids])
         edited = await asyncio.to_thread(
             driver.call,
             {"cmd": "edit", "rate": cfg.edit_rate, "seconds": cfg.edit_seconds, "drainMs": 3000},
@@ -59,6 +61,7 @@ async def run_collab(server: Server, cfg: CollabConfig, log) -> dict:
             "cpu_s": cpu,
             "wall_s": wall,
             "cpu_us_per_update": cpu / edited["sent"] * 1e6 if edited["sent"] else None,
+            "other_processes_cores": others.cores(),
         }
         result["memory"] = {
             "baseline_rss": baseline,

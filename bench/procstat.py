@@ -34,3 +34,38 @@ def settled_rss(pid: int, samples: int = 5, interval: float = 0.2) -> int:
         time.sleep(interval)
     values.sort()
     return values[len(values) // 2]
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all processes of the machine have used since boot."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class OtherLoad:
+    """How much CPU processes outside the benchmark took during a window, in
+    cores: the other engineers' and CI jobs on a shared machine skew figures,
+    and the report says so instead of hiding it."""
+
+    def __init__(self, bench_pids: list[int]):
+        self.pids = [pid for pid in bench_pids if pid]
+        self.start()
+
+    def _ours(self) -> float:
+        total = 0.0
+        for pid in self.pids:
+            try:
+                total += cpu_seconds(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return total
+
+    def start(self) -> None:
+        self._t, self._machine, self._bench = time.monotonic(), machine_busy_seconds(), self._ours()
+
+    def cores(self) -> float:
+        wall = max(1e-6, time.monotonic() - self._t)
+        other = (machine_busy_seconds() - self._machine) - (self._ours() - self._bench)
+        return max(0.0, other / wall)

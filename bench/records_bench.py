@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -19,7 +20,7 @@ from channels_common.publish import RECORDS_CHANNEL
 from channels_common.redis import create_redis
 
 from bench.processes import NodeDriver, Server
-from bench.procstat import cpu_seconds, settled_rss
+from bench.procstat import OtherLoad, cpu_seconds, settled_rss
 
 P99_LIMIT_MS = 100.0
 
@@ -129,7 +130,9 @@ async def drain(driver: NodeDriver, step: int, expected: int, seconds: float) ->
         await asyncio.sleep(0.25)
 
 
-async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, profiler=None) -> dict:
+async def run_records(
+    server: Server, cfg: RecordsConfig, redis_url: str, log, profiler=None, helper_pids: tuple[int, ...] = ()
+) -> dict:
     redis = create_redis(redis_url, max_connections=4)
     driver = None
     result: dict = {"server": server.name, "config": cfg.__dict__.copy(), "steps": []}
@@ -171,11 +174,13 @@ async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, p
         for step, rate in enumerate(cfg.rates):
             cpu_before = cpu_seconds(server.pid)
             client_cpu_before, wall_before = cpu_seconds(driver.pid), time.monotonic()
+            others = OtherLoad([server.pid, driver.pid, os.getpid(), *helper_pids])
             published, expected, start = await publish_step(redis, cfg, step, rate / clients_per_message)
             await drain(driver, step, expected, cfg.drain_seconds)
             cpu = cpu_seconds(server.pid) - cpu_before
             # Near 100 % the clients, not the server, limit what this step measures.
             client_busy = (cpu_seconds(driver.pid) - client_cpu_before) / (time.monotonic() - wall_before)
+            other_cores = others.cores()
             stats = await asyncio.to_thread(driver.call, {"cmd": "stats", "step": step}, "stats")
             received = stats["received"]
             elapsed = ((stats["last"] or start * 1000) / 1000 - start) if received else cfg.step_seconds
@@ -197,12 +202,14 @@ async def run_records(server: Server, cfg: RecordsConfig, redis_url: str, log, p
                 "rss": settled_rss(server.pid, samples=1, interval=0),
                 "open_clients": stats["open"],
                 "loadgen_cpu_share": client_busy,
+                "other_processes_cores": other_cores,
             }
             result["steps"].append(row)
             log(
                 f"  {server.name} step {step}: {row['deliveries_per_s']:8.0f}/s  loss {row['loss']:.2%}  "
                 f"p50 {fmt_ms(row['p50_ms'])}  p99 {fmt_ms(row['p99_ms'])}  max {fmt_ms(row['max_ms'])}  "
-                f"cpu {fmt_us(row['cpu_us_per_delivery'])}/delivery  (load generator {client_busy:.0%} busy)"
+                f"cpu {fmt_us(row['cpu_us_per_delivery'])}/delivery  (load generator {client_busy:.0%} busy, "
+                f"others {other_cores:.1f} cores)"
             )
             if not server.alive():
                 result["error"] = "server exited during the run"

@@ -107,7 +107,13 @@ def records_rows(ours: dict, ref: dict) -> list:
         ("highest delivery rate reached, any latency", max_rate(ours), max_rate(ref), ".0f", None),
         ("connect all clients (s)", _seconds(_get(ours, "connect", "ms")), _seconds(_get(ref, "connect", "ms")),
          ".1f", None),
+        ("other processes on the machine, mean (cores)", mean_others(ours), mean_others(ref), ".2f", None),
     ]
+
+
+def mean_others(result: dict):
+    values = [s["other_processes_cores"] for s in result.get("steps", []) if "other_processes_cores" in s]
+    return sum(values) / len(values) if values else None
 
 
 def _seconds(ms):
@@ -134,6 +140,8 @@ def collab_rows(ours: dict, ref: dict) -> list:
          _get(ref, "bigsync", "median"), ".1f", None),
         ("load all documents, 2 providers each (s)", _seconds(_get(ours, "load", "ms")),
          _seconds(_get(ref, "load", "ms")), ".1f", None),
+        ("other processes on the machine (cores)", _get(ours, "edit", "other_processes_cores"),
+         _get(ref, "edit", "other_processes_cores"), ".2f", None),
     ]
 
 

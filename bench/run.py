@@ -181,14 +181,18 @@ async def main_async(args) -> int:
             for who in targets:
                 profiler = Profiler(out / f"profile-records-{stamp}.txt") if args.profile and who == "ours" else None
                 results["records"][who] = await run_records(
-                    records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler
+                    records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler,
+                    helper_pids=(redis_server.process.pid, rails.pid),
                 )
         if args.scenario in ("collab", "all"):
             log(f"collab: {col_cfg.docs} documents, editor at {col_cfg.edit_rate:g} updates/s for "
                 f"{col_cfg.edit_seconds:g} s, observer on each")
             results["collab"] = {}
             for who in targets:
-                results["collab"][who] = await run_collab(collab_server(who, redis_server.url, rails_url), col_cfg, log)
+                results["collab"][who] = await run_collab(
+                    collab_server(who, redis_server.url, rails_url), col_cfg, log,
+                    helper_pids=(redis_server.process.pid, rails.pid),
+                )
     finally:
         rails.terminate()
         rails.wait()
