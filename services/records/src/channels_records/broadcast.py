@@ -1,0 +1,143 @@
+"""The hot path: one encoded packet, written to every socket of a room.
+
+A broadcast is encoded once into its final Socket.IO text and wrapped in one
+Engine.IO packet object shared by every recipient (its encoded form is cached
+on first use). Per-recipient work is `deliver` and nothing else, so that a
+faster transport path can replace it in one place.
+
+Memory per client is bounded: every socket's send queue counts the bytes it
+holds, and a socket that would go past the limit (a client that stopped
+reading) is evicted instead of queued to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from engineio import packet as eio_packet
+
+log = logging.getLogger("channels.records.broadcast")
+
+NAMESPACE = "/"
+
+
+def packet_size(pkt) -> int:
+    data = getattr(pkt, "data", None)
+    if isinstance(data, (str, bytes, bytearray)):
+        return len(data) + 1
+    return 16
+
+
+class ByteCountingQueue(asyncio.Queue):
+    """An Engine.IO send queue that knows how many bytes it holds."""
+
+    def _init(self, maxsize):
+        super()._init(maxsize)
+        self.bytes = 0
+
+    def _put(self, item):
+        self.bytes += packet_size(item)
+        super()._put(item)
+
+    def _get(self):
+        item = super()._get()
+        self.bytes -= packet_size(item)
+        return item
+
+    def discard_all(self) -> None:
+        """Free everything queued (an evicted client will never read it)."""
+        while True:
+            try:
+                self.get_nowait()
+                self.task_done()
+            except asyncio.QueueEmpty:
+                return
+
+
+class Held:
+    """Packets for a socket that is still in its CONNECT handshake: they
+    must follow the CONNECT reply (and any replay), so they wait here."""
+
+    __slots__ = ("packets", "bytes")
+
+    def __init__(self) -> None:
+        self.packets: list[tuple[object, str | None]] = []
+        self.bytes = 0
+
+
+class Broadcaster:
+    def __init__(
+        self,
+        engine,
+        manager,
+        *,
+        limit_bytes: int,
+        on_overflow: Callable[[str], None],
+        on_delivered: Callable[[int], None] = lambda n: None,
+    ):
+        self.sockets = engine.sockets  # eio_sid -> engine.io socket
+        self.manager = manager
+        self.limit = limit_bytes
+        self.on_overflow = on_overflow
+        self.on_delivered = on_delivered
+        self.held: dict[str, Held] = {}
+
+    def to_room(self, room: str, text: str, offset: str | None = None) -> int:
+        members = self.manager.rooms.get(NAMESPACE, {}).get(room)
+        if not members:
+            return 0
+        pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
+        size = len(text) + 1
+        delivered = 0
+        # A copy: an eviction or disconnect may change the room meanwhile.
+        for eio_sid in list(members.values()):
+            delivered += self.deliver(eio_sid, pkt, size, offset)
+        self.on_delivered(delivered)
+        return delivered
+
+    def deliver(self, eio_sid: str, pkt, size: int, offset: str | None = None) -> bool:
+        """Queue one shared packet for one socket; never awaits."""
+        held = self.held.get(eio_sid)
+        if held is not None:
+            if held.bytes + size > self.limit:
+                self.on_overflow(eio_sid)
+                return False
+            held.packets.append((pkt, offset))
+            held.bytes += size
+            return True
+        return self._enqueue(eio_sid, pkt, size)
+
+    def _enqueue(self, eio_sid: str, pkt, size: int) -> bool:
+        sock = self.sockets.get(eio_sid)
+        if sock is None or sock.closed or sock.closing:
+            return False
+        queue = sock.queue
+        if queue.bytes + size > self.limit:
+            self.on_overflow(eio_sid)
+            return False
+        queue.put_nowait(pkt)
+        return True
+
+    def send_now(self, eio_sid: str, text: str) -> bool:
+        """One packet for one socket ahead of anything held for it (the
+        CONNECT reply, then replayed events)."""
+        return self._enqueue(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, text), len(text) + 1)
+
+    def hold(self, eio_sid: str) -> None:
+        self.held[eio_sid] = Held()
+
+    def release(self, eio_sid: str, skip_offsets: frozenset[str] | set[str] = frozenset()) -> None:
+        """Flush what arrived during the handshake, minus events the replay
+        already carried (same offset), keeping their order."""
+        held = self.held.pop(eio_sid, None)
+        if held is None:
+            return
+        for pkt, offset in held.packets:
+            if offset is not None and offset in skip_offsets:
+                continue
+            self.deliver(eio_sid, pkt, packet_size(pkt), offset)
+
+    def drop_held(self, eio_sid: str) -> None:
+        self.held.pop(eio_sid, None)

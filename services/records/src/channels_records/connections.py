@@ -1,0 +1,242 @@
+"""One socket's life: the CONNECT handshake (rooms joined before the reply,
+or a recovered session replayed), rooms that wait for Redis, disconnects,
+and keeping recovery sessions alive."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import parse_qs
+
+from redis.exceptions import RedisError
+
+from channels_common.auth import ChannelUser, lookup_channel_user
+from channels_common.redis import with_backoff
+
+from .broadcast import NAMESPACE, Broadcaster
+from .protocol import RecoveryRequest, encode_connect, encode_event, parse_recovery
+from .rooms import rooms_for
+
+log = logging.getLogger("channels.records.connections")
+
+REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
+CLIENT_DISCONNECT = "client disconnect"
+
+
+def token_from_query(query_string: str) -> str | None:
+    values = parse_qs(query_string, max_num_fields=50).get("channel_token")
+    return values[0] if values else None
+
+
+class Connections:
+    def __init__(
+        self,
+        sio,
+        broadcaster: Broadcaster,
+        redis,
+        metrics,
+        store=None,
+        *,
+        lookup_timeout: float = 3.0,
+        touch_interval: float = 60.0,
+    ):
+        self.sio = sio
+        self.manager = sio.manager
+        self.sockets = sio.eio.sockets
+        self.broadcaster = broadcaster
+        self.redis = redis
+        self.metrics = metrics
+        self.store = store
+        self.lookup_timeout = lookup_timeout
+        self.touch_interval = touch_interval
+        # sid -> recovery pid (None when the session could not be stored).
+        # Membership means "connected and counted".
+        self.live: dict[str, str | None] = {}
+        self.deferred: dict[str, asyncio.Task] = {}
+        self.stopping = False
+
+    # -- handshake -------------------------------------------------------
+
+    async def connect(self, eio_sid: str, auth: object) -> None:
+        environ = self.sio.environ.get(eio_sid)
+        if environ is None:
+            return
+        token = token_from_query(environ.get("QUERY_STRING", ""))
+        # From here on, broadcasts for this socket wait until the CONNECT
+        # reply (and any replay) has been queued.
+        self.broadcaster.hold(eio_sid)
+        try:
+            request = parse_recovery(auth)
+            if request is not None and self.store is not None:
+                if await self._recover(eio_sid, token, request):
+                    return
+            await self._connect_fresh(eio_sid, token)
+        finally:
+            self.broadcaster.drop_held(eio_sid)
+
+    def _gone(self, eio_sid: str) -> bool:
+        sock = self.sockets.get(eio_sid)
+        return sock is None or sock.closed or sock.closing
+
+    async def _lookup(self, token: str | None) -> tuple[ChannelUser | None, bool]:
+        """(user, deferred): deferred when Redis could not answer now."""
+        try:
+            user = await asyncio.wait_for(lookup_channel_user(self.redis, token), self.lookup_timeout)
+            return user, False
+        except REDIS_FAILURES as exc:
+            log.warning("token lookup deferred until redis answers", extra={"error": type(exc).__name__})
+            return None, True
+
+    async def _connect_fresh(self, eio_sid: str, token: str | None) -> None:
+        sid = await self.manager.pre_connect(eio_sid, NAMESPACE)
+        if sid is None:
+            return
+        user, deferred = await self._lookup(token)
+        rooms = rooms_for(user)
+        for room in rooms:
+            self.manager.basic_enter_room(sid, NAMESPACE, room)
+        pid = None
+        if self.store is not None and not deferred:
+            try:
+                pid, _ = await asyncio.wait_for(
+                    self.store.create_session(sid, token, rooms), self.lookup_timeout
+                )
+            except REDIS_FAILURES as exc:
+                log.warning("recovery session not stored", extra={"error": type(exc).__name__})
+        if self._gone(eio_sid):
+            self.manager.basic_disconnect(sid, NAMESPACE)
+            return
+        self.broadcaster.send_now(eio_sid, encode_connect(sid, pid))
+        await self.manager.connect(sid, NAMESPACE)
+        self._mark_live(sid, pid)
+        self.broadcaster.release(eio_sid)
+        log.debug("connected", extra={"sid": sid, "rooms": len(rooms), "deferred": deferred})
+        if deferred:
+            self.metrics.lookup_retries.inc()
+            self.deferred[sid] = asyncio.create_task(self._join_later(sid, token))
+
+    async def _recover(self, eio_sid: str, token: str | None, request: RecoveryRequest) -> bool:
+        try:
+            restored = await asyncio.wait_for(
+                self.store.restore(request.pid, token, request.offset), self.lookup_timeout * 2
+            )
+        except REDIS_FAILURES as exc:
+            log.warning("recovery unavailable", extra={"error": type(exc).__name__})
+            self.metrics.recoveries.labels("error").inc()
+            return False
+        if restored is None:
+            self.metrics.recoveries.labels("refused").inc()
+            return False
+        sid = restored.sid
+        await self._take_over(sid)
+        if self._gone(eio_sid):
+            return True  # nothing registered yet, nothing to undo
+        # Registered as the old sid at once (no pre-connect state): a socket
+        # dropping from here on is cleaned up by python-socketio as usual.
+        self.manager.basic_enter_room(sid, NAMESPACE, None, eio_sid=eio_sid)
+        self.manager.basic_enter_room(sid, NAMESPACE, sid, eio_sid=eio_sid)
+        for room in restored.rooms:
+            self.manager.basic_enter_room(sid, NAMESPACE, room)
+        self.broadcaster.send_now(eio_sid, encode_connect(sid, request.pid))
+        replayed = set()
+        for event in restored.missed:
+            text = encode_event(event.event, event.data.decode("utf-8"), event.offset)
+            if not self.broadcaster.send_now(eio_sid, text):
+                break
+            replayed.add(event.offset)
+        self._mark_live(sid, request.pid)
+        self.broadcaster.release(eio_sid, replayed)
+        self.metrics.recoveries.labels("recovered").inc()
+        log.info("session recovered", extra={"sid": sid, "replayed": len(replayed)})
+        return True
+
+    async def _take_over(self, sid: str) -> None:
+        """The dropped connection of a recovering session may still be
+        registered here (its loss not noticed yet): close it first."""
+        old_eio = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+        if old_eio is None:
+            return
+        sock = self.sockets.get(old_eio)
+        if sock is not None:
+            websocket = getattr(sock, "websocket", None)
+            await sock.close(wait=False, abort=True)
+            if websocket is not None:
+                websocket.abort()
+        if self.manager.eio_sid_from_sid(sid, NAMESPACE) is not None:
+            self.manager.basic_disconnect(sid, NAMESPACE)
+        self._forget_local(sid)
+
+    def _mark_live(self, sid: str, pid: str | None) -> None:
+        if sid not in self.live:
+            self.metrics.connected.inc()
+        self.live[sid] = pid
+
+    async def _join_later(self, sid: str, token: str | None) -> None:
+        try:
+            user = await with_backoff(lambda: lookup_channel_user(self.redis, token), what="token lookup")
+        except asyncio.CancelledError:
+            return
+        if sid not in self.live:
+            return
+        rooms = rooms_for(user)
+        for room in rooms:
+            self.manager.basic_enter_room(sid, NAMESPACE, room)
+        self.deferred.pop(sid, None)
+        log.info("rooms joined after redis returned", extra={"sid": sid, "rooms": len(rooms)})
+
+    # -- disconnects and sessions ------------------------------------------
+
+    def _forget_local(self, sid: str) -> str | None:
+        task = self.deferred.pop(sid, None)
+        if task is not None:
+            task.cancel()
+        if sid in self.live:
+            self.metrics.connected.dec()
+            return self.live.pop(sid)
+        return None
+
+    async def disconnected(self, sid: str, reason: str) -> None:
+        pid = self._forget_local(sid)
+        if pid is None or self.store is None or self.stopping:
+            return
+        try:
+            if reason == CLIENT_DISCONNECT:
+                # The client said goodbye itself: nothing to recover.
+                await self.store.forget(pid)
+            else:
+                # The window counts from the moment the client dropped.
+                await self.store.touch([pid])
+        except REDIS_FAILURES as exc:
+            log.warning("recovery session not updated on disconnect", extra={"error": type(exc).__name__})
+
+    async def touch_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.touch_interval)
+            await self.touch_all()
+
+    async def touch_all(self) -> None:
+        if self.store is None:
+            return
+        pids = [pid for pid in self.live.values() if pid]
+        for start in range(0, len(pids), 1000):
+            try:
+                await self.store.touch(pids[start:start + 1000])
+            except REDIS_FAILURES as exc:
+                log.warning("recovery sessions not refreshed", extra={"error": type(exc).__name__})
+                return
+
+    async def close_all(self) -> None:
+        """SIGTERM: refresh every session, then close each engine.io socket
+        with a CLOSE packet (websockets are closed by the server right
+        after), so that clients reconnect, to another instance if need be."""
+        self.stopping = True
+        await self.touch_all()
+        socks = list(self.sockets.values())
+        for sock in socks:
+            try:
+                await sock.close(wait=False, abort=False)
+            except Exception:
+                log.exception("closing a socket failed")
+        # Let pending long-polls carry the CLOSE packet out.
+        await asyncio.sleep(0.2)
+        log.info("sockets closed for shutdown", extra={"count": len(socks)})

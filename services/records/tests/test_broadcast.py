@@ -1,0 +1,101 @@
+"""The broadcast hot path with the real byte-counting queue and stand-in
+sockets and rooms (the real server is exercised in tests/integration)."""
+
+from __future__ import annotations
+
+from bidict import bidict
+
+from channels_records.broadcast import Broadcaster, ByteCountingQueue
+
+
+class FakeSocket:
+    def __init__(self):
+        self.queue = ByteCountingQueue()
+        self.closed = False
+        self.closing = False
+
+
+class FakeEngine:
+    def __init__(self, n):
+        self.sockets = {f"e{i}": FakeSocket() for i in range(n)}
+
+
+class FakeManager:
+    def __init__(self, rooms):
+        self.rooms = {"/": {room: bidict({f"s-{e}": e for e in members}) for room, members in rooms.items()}}
+
+
+def make(rooms, n=3, limit=1000):
+    engine = FakeEngine(n)
+    evicted = []
+    b = Broadcaster(engine, FakeManager(rooms), limit_bytes=limit, on_overflow=evicted.append)
+    return engine, b, evicted
+
+
+def drain(sock):
+    out = []
+    while not sock.queue.empty():
+        out.append(sock.queue.get_nowait().encode())
+    return out
+
+
+def test_one_shared_packet_for_every_member_and_nobody_else():
+    engine, b, _ = make({"group-1": ["e0", "e1"]})
+    assert b.to_room("group-1", '2["records",{}]') == 2
+    p0 = engine.sockets["e0"].queue._queue[0]
+    assert p0 is engine.sockets["e1"].queue._queue[0]  # encoded once, shared
+    assert drain(engine.sockets["e0"]) == ['42["records",{}]']
+    assert drain(engine.sockets["e2"]) == []
+    assert b.to_room("nobody", "2[]") == 0
+
+
+def test_queue_counts_bytes_and_overflow_evicts_instead_of_queueing():
+    engine, b, evicted = make({"g": ["e0", "e1"]}, limit=100)
+    text = "2" + "x" * 39  # 41 bytes with the engine.io type
+    b.to_room("g", text)
+    b.to_room("g", text)
+    assert engine.sockets["e0"].queue.bytes == 82
+    drain(engine.sockets["e1"])  # e1 reads, e0 does not
+    assert engine.sockets["e1"].queue.bytes == 0
+    b.to_room("g", text)
+    assert evicted == ["e0"]
+    assert engine.sockets["e0"].queue.qsize() == 2
+    assert engine.sockets["e1"].queue.qsize() == 1
+
+
+def test_closed_sockets_are_skipped():
+    engine, b, _ = make({"g": ["e0", "e1"]})
+    engine.sockets["e0"].closing = True
+    del engine.sockets["e1"]
+    assert b.to_room("g", "2[]") == 0
+
+
+def test_held_packets_follow_the_connect_reply_minus_replayed_offsets():
+    engine, b, _ = make({"g": ["e0"]})
+    b.hold("e0")
+    b.to_room("g", '2["records",1,"1-0"]', "1-0")
+    b.to_room("g", '2["records",2,"2-0"]', "2-0")
+    b.to_room("g", '2["records",3]', None)
+    assert engine.sockets["e0"].queue.empty()
+    b.send_now("e0", '0{"sid":"s","pid":"p"}')
+    b.send_now("e0", '2["records",1,"1-0"]')  # the replay carried offset 1-0
+    b.release("e0", {"1-0"})
+    assert drain(engine.sockets["e0"]) == [
+        '40{"sid":"s","pid":"p"}',
+        '42["records",1,"1-0"]',
+        '42["records",2,"2-0"]',
+        '42["records",3]',
+    ]
+    b.to_room("g", '2["records",4]')
+    assert drain(engine.sockets["e0"]) == ['42["records",4]']
+
+
+def test_discard_all_frees_the_queue():
+    q = ByteCountingQueue()
+    from engineio.packet import MESSAGE, Packet
+
+    for _ in range(5):
+        q.put_nowait(Packet(MESSAGE, "abc"))
+    assert q.bytes == 20
+    q.discard_all()
+    assert q.bytes == 0 and q.empty()
