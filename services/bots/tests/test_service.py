@@ -99,3 +99,16 @@ def test_survives_a_redis_outage_and_delivers_afterwards(private_redis, homeserv
     publish(private_redis.url, homeserver.url, "<p>after</p>")
     wait_for(lambda: homeserver.bodies(ROOM) == ["before", "after"], 10, what="message after the outage")
     assert bots.process.poll() is None
+
+
+def test_idle_clients_are_closed_by_the_sweeper(redis_url, homeserver, bots_process):
+    homeserver.add_bot(TOKEN, ROOM)
+    bots = bots_process(redis_url, BOTS_CLIENT_IDLE_SECONDS="1")
+    publish(redis_url, homeserver.url, "<p>hello</p>")
+    wait_for(lambda: homeserver.bodies(ROOM) == ["hello"], 10, what="the message")
+    wait_for(
+        lambda: bots.metrics().get('bots_clients_evicted_total{cause="idle"}') == 1,
+        10, what="the idle client to be swept",
+    )
+    metrics = bots.metrics()
+    assert metrics["bots_cached_clients"] == 0 and metrics["bots_open_clients"] == 0
