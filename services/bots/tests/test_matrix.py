@@ -259,3 +259,11 @@ async def test_fresh_clients_are_closed_after_use_and_never_cached():
         pass
     assert first is not second and first.closed and second.closed
     assert len(cache) == 0 and cache.open_clients == 0
+
+
+async def test_a_cache_of_size_zero_still_closes_every_client():
+    made: list[FakeClient] = []
+    cache = ClientCache(max_size=0, idle_seconds=60, factory=lambda b: made.append(FakeClient(b)) or made[-1])
+    async with cache.lease(Bot("https://hs", "a")) as client:
+        assert not client.closed
+    assert client.closed and len(cache) == 0 and cache.open_clients == 0

@@ -110,12 +110,14 @@ class ClientCache:
             return
         entry = self._entries.get(bot.key)
         if entry is None:
-            entry = _Entry(self.factory(bot), self.clock())
+            entry = _Entry(self.factory(bot), self.clock(), leases=1)
             self._entries[bot.key] = entry
+            # Leased before shrinking: even a cache of size 0 closes the new
+            # client only once this send is done with it.
             await self._shrink()
         else:
             self._entries.move_to_end(bot.key)
-        entry.leases += 1
+            entry.leases += 1
         try:
             yield entry.client
         finally:
