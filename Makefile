@@ -14,7 +14,7 @@ $(BIN)/.installed: requirements-dev.txt libs/common/pyproject.toml services/*/py
 	$(BIN)/pip install -q -r requirements-dev.txt $(PACKAGES)
 	touch $@
 
-node: tests/node/node_modules/.installed bench/node_modules/.installed
+node: tests/node/node_modules/.installed bench/node_modules/.installed playground/dist/.built
 
 tests/node/node_modules/.installed: tests/node/package.json tests/node/package-lock.json
 	cd tests/node && npm ci --no-audit --no-fund --loglevel=error
@@ -23,6 +23,13 @@ tests/node/node_modules/.installed: tests/node/package.json tests/node/package-l
 # make bench's reference servers and load generators (its own npm package).
 bench/node_modules/.installed: bench/package.json bench/package-lock.json
 	cd bench && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+# The development playground page (served by records at / in development):
+# its npm libraries bundled by esbuild into playground/dist, plus the
+# playwright-core driver of its browser test (uses Debian's chromium).
+playground/dist/.built: playground/package.json playground/package-lock.json playground/build.mjs playground/index.html playground/src/*
+	cd playground && npm ci --no-audit --no-fund --loglevel=error && node build.mjs
 	touch $@
 
 run: install

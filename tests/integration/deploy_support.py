@@ -47,10 +47,9 @@ def production_port(service: str) -> int:
 
 def setting_names() -> set[str]:
     """Every environment variable any settings class reads."""
+    from channels_common import settings
     from pydantic import AliasChoices
     from pydantic_settings import BaseSettings
-
-    from channels_common import settings
 
     names: set[str] = set()
     for obj in vars(settings).values():
@@ -70,7 +69,7 @@ class Dockerfile:
     instructions: list[tuple[str, str]] = field(default_factory=list)
 
     @classmethod
-    def load(cls, path: Path) -> "Dockerfile":
+    def load(cls, path: Path) -> Dockerfile:
         text = path.read_text()
         # Join continuation lines, drop comments and parser directives.
         logical, buf = [], ""

@@ -19,6 +19,7 @@ import logging
 import sys
 
 from prometheus_client import CollectorRegistry, Counter
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -80,7 +81,7 @@ def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
                 if not state["token_written"]:
                     log.info("demo channel token written", extra={"user_id": DEMO_USER_ID})
                 state["token_written"] = True
-            except Exception as exc:  # Redis away: say so, try again later
+            except (RedisError, OSError) as exc:  # Redis away: say so, try again later
                 state["token_written"] = False
                 log.warning("cannot write the demo channel token", extra={"error": str(exc)})
             await asyncio.sleep(refresh_seconds if state["token_written"] else 1.0)
