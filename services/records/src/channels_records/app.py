@@ -22,6 +22,7 @@ from .broadcast import Broadcaster
 from .connections import Connections
 from .engine import RecordsSocketServer
 from .metrics import Metrics
+from .playground import playground_routes
 from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
 
 try:
@@ -84,7 +85,9 @@ class RecordsService:
         self.app = socketio.ASGIApp(
             self.sio,
             other_asgi_app=Starlette(
-                routes=health_routes(self.metrics.registry, self._ready), lifespan=self._lifespan
+                # playground_routes() is empty unless in development (RAILS_ENV != production).
+                routes=[*health_routes(self.metrics.registry, self._ready), *playground_routes()],
+                lifespan=self._lifespan,
             ),
             socketio_path="socket.io",
         )
