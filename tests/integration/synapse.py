@@ -53,7 +53,11 @@ def ensure_installed(timeout: float = 900.0) -> Path:
     with open(CACHE_DIR / "synapse-install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if marker.exists() and _venv_python().exists():
-            return _venv_python()
+            # A cached venv outlives the interpreter it was made from; check it still works.
+            check = subprocess.run([str(_venv_python()), "-c", "import synapse"],
+                                   capture_output=True, timeout=120, check=False)
+            if check.returncode == 0:
+                return _venv_python()
         shutil.rmtree(VENV, ignore_errors=True)
         steps = [
             [sys.executable, "-m", "venv", str(VENV)],
