@@ -41,8 +41,16 @@ def main() -> int:
         env["REDIS_URL"] = redis.url
         print(f"redis: private server at {redis.url}", flush=True)
     env.setdefault("PUBLIC_APP_URL", "http://localhost:5000")
+    services = list(SERVICES)
+    # Without a Rails of your own (PRIVATE_APP_URL), a development stand-in
+    # writes the playground's demo token and allows collab documents.
+    if env.get("RAILS_ENV") != "production" and not env.get("PRIVATE_APP_URL"):
+        port = env.get("DEV_RAILS_PORT", "3030")
+        env["PRIVATE_APP_URL"] = f"http://127.0.0.1:{port}"
+        services.insert(0, ("channels-dev-rails", {"PORT": port, "HOST": "127.0.0.1"}))
+        print("playground: http://localhost:5000/ (Rails played by channels-dev-rails)", flush=True)
     procs = []
-    for script, extra in SERVICES:
+    for script, extra in services:
         path = BIN / script
         if not path.exists():
             continue
