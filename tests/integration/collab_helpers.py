@@ -225,7 +225,7 @@ class RawClient:
         except ConnectionClosed:
             pass
         finally:
-            rcvd = self.ws.close_rcvd
+            rcvd = self.ws.protocol.close_rcvd
             self.close_code = rcvd.code if rcvd is not None else 1006
             self.closed.set()
 

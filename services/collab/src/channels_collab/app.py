@@ -47,6 +47,7 @@ class WebSocketTransport:
         self.buffered = 0
         self.wakeup = asyncio.Event()
         self.close_with: tuple[int, str] | None = None
+        self.done = False
         self.writer = asyncio.get_running_loop().create_task(self._write())
 
     def send(self, frame: bytes) -> None:
@@ -80,11 +81,16 @@ class WebSocketTransport:
                 if self.close_with is not None:
                     await ws.close(*self.close_with)
                     return
+                if self.done:
+                    return
         except Exception:  # the client went away mid-write
             self.queue.clear()
             self.close_with = self.close_with or (1006, "gone")
 
     async def finish(self, timeout: float = 2.0) -> None:
+        """Flush what is queued (and the close frame, if any), then stop."""
+        self.done = True
+        self.wakeup.set()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(asyncio.shield(self.writer), timeout)
         self.writer.cancel()
@@ -187,15 +193,18 @@ class CollabService:
         conn = Connection(transport, self.registry, self.authenticator, self.limits, self.metrics)
         self.sockets.add(conn)
         try:
-            while not conn.closed:
+            # Read until the client is gone, even after we closed: the close
+            # handshake cannot complete while unread frames back up.
+            while True:
                 message = await websocket.receive()
                 if message["type"] == "websocket.disconnect":
                     break
                 data = message.get("bytes")
                 if data is None:
-                    log.warning("text frame on the collab socket; closing it")
-                    conn.close(UNSUPPORTED_DATA, "Binary frames only")
-                    break
+                    if not conn.closed:
+                        log.warning("text frame on the collab socket; closing it")
+                        conn.close(UNSUPPORTED_DATA, "Binary frames only")
+                    continue
                 conn.receive(data)
         except Exception:
             log.exception("socket loop failed")
