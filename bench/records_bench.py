@@ -31,7 +31,9 @@ class RecordsConfig:
     groups: int = 20
     # Target deliveries per second, one step each.
     rates: list[int] = field(
-        default_factory=lambda: [2500, 5000, 10000, 15000, 20000, 25000, 30000, 40000, 50000, 60000]
+        default_factory=lambda: [
+            2500, 5000, 7500, 10000, 12500, 15000, 17500, 20000, 22500, 25000, 30000, 35000, 40000, 50000, 60000
+        ]
     )
     step_seconds: float = 5.0
     payload_bytes: int = 1024
