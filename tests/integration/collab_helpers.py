@@ -5,6 +5,7 @@ for hostile input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -75,7 +76,7 @@ class RailsStandIn:
             return 200, {}
         if USERS.get(user) != secret:
             return 401, {}
-        record_type, _, rest = name.partition("-")
+        _record_type, _, rest = name.partition("-")
         record_id, _, field = rest.partition("-")
         if record_id == "new":
             return (200, {}) if field.split("-")[0] == user else (401, {})
@@ -89,7 +90,7 @@ class RailsStandIn:
         with self.lock:
             return [r.get("document_name") for r in self.requests]
 
-    def start(self) -> "RailsStandIn":
+    def start(self) -> RailsStandIn:
         self.thread.start()
         return self
 
@@ -210,7 +211,7 @@ class RawClient:
         from websockets.sync.client import connect
 
         self.ws = connect(ws_url, max_size=max_size, open_timeout=10, close_timeout=5)
-        self.frames: "queue.Queue[bytes]" = queue.Queue()
+        self.frames: queue.Queue[bytes] = queue.Queue()
         self.close_code: int | None = None
         self.closed = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -268,7 +269,5 @@ class RawClient:
         return self.close_code
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError, RuntimeError):
             self.ws.close()
-        except Exception:
-            pass

@@ -2,15 +2,15 @@
 real document registry (real pycrdt documents)."""
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
-from pycrdt import Doc, Text
-
 from channels_collab import protocol as p
 from channels_collab.connection import Connection, Limits
 from channels_collab.documents import DocumentRegistry
 from channels_collab.rails import Decision
 from channels_collab.store import DraftStore
+from pycrdt import Doc, Text
 
 NAME = "comment-1-body"
 
@@ -73,7 +73,7 @@ def world():
         conn = Connection(transport, registry, auth, Limits(timeout_seconds=30, **limits), clock=clock)
         return conn, transport
 
-    return registry, auth, clock, timers, connect
+    return SimpleNamespace(registry=registry, auth=auth, clock=clock, timers=timers, connect=connect)
 
 
 class _Handle:
@@ -93,15 +93,14 @@ async def settle():
 
 
 async def test_queued_frames_run_after_authenticated_in_order(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
-    auth.gate.clear()
+    conn, t = world.connect()
+    world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("hi")))
     await settle()
     assert t.frames == [] and conn.queued_messages == 2
-    auth.gate.set()
+    world.auth.gate.set()
     await settle()
     kinds = [(type(m).__name__, getattr(m, "step", None)) for m in t.messages()]
     assert kinds == [
@@ -111,17 +110,16 @@ async def test_queued_frames_run_after_authenticated_in_order(world):
         ("SyncStatus", None),
     ]
     assert conn.queued_messages == 0 and conn.queued_bytes == 0
-    assert str(registry.docs[NAME].ydoc.get("body", type=Text)) == "hi"
+    assert str(world.registry.docs[NAME].ydoc.get("body", type=Text)) == "hi"
 
 
 async def test_denied_document_gets_nothing_and_is_not_loaded(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "no"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     await settle()
     assert t.messages() == [p.AuthReply(NAME, p.AuthType.PERMISSION_DENIED, "permission-denied")]
-    assert NAME not in registry.docs and conn.pending == {}
+    assert NAME not in world.registry.docs and conn.pending == {}
     # A later token may retry.
     conn.receive(p.encode_token(NAME, "ok"))
     await settle()
@@ -129,19 +127,17 @@ async def test_denied_document_gets_nothing_and_is_not_loaded(world):
 
 
 async def test_invalid_name_is_refused_without_asking(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token("secret-1", "ok"))
     await settle()
-    assert auth.asked == []
+    assert world.auth.asked == []
     assert t.messages() == [p.AuthReply("secret-1", p.AuthType.PERMISSION_DENIED, "permission-denied")]
 
 
 async def test_update_is_encoded_once_for_all_peers(world):
-    registry, auth, clock, timers, connect = world
-    a, ta = connect()
-    b, tb = connect()
-    c, tc = connect()
+    a, ta = world.connect()
+    b, tb = world.connect()
+    c, tc = world.connect()
     for conn in (a, b, c):
         conn.receive(p.encode_token(NAME, "ok"))
     await settle()
@@ -154,8 +150,7 @@ async def test_update_is_encoded_once_for_all_peers(world):
 
 
 async def test_read_only_updates_are_refused_and_not_applied(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ro"))
     await settle()
     assert t.messages()[0] == p.AuthReply(NAME, p.AuthType.AUTHENTICATED, "readonly")
@@ -164,13 +159,12 @@ async def test_read_only_updates_are_refused_and_not_applied(world):
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP2, p.EMPTY_UPDATE))
     statuses = [m.applied for m in t.messages() if isinstance(m, p.SyncStatus)]
     assert statuses == [False, False, True]
-    assert registry.docs[NAME].state() == p.EMPTY_UPDATE
+    assert world.registry.docs[NAME].state() == p.EMPTY_UPDATE
 
 
 async def test_pre_auth_message_bound(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
-    auth.gate.clear()
+    conn, t = world.connect()
+    world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     frame = p.encode_awareness(NAME, b"\x00")
     for _ in range(1000):
@@ -182,9 +176,8 @@ async def test_pre_auth_message_bound(world):
 
 
 async def test_pre_auth_byte_bound(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect(max_queue_bytes=1000)
-    auth.gate.clear()
+    conn, t = world.connect(max_queue_bytes=1000)
+    world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     conn.receive(p.encode_awareness(NAME, b"\x00" * 900))
     assert t.closed_with is None
@@ -193,8 +186,7 @@ async def test_pre_auth_byte_bound(world):
 
 
 async def test_pending_document_bound(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     for i in range(100):
         conn.receive(p.encode_sync(f"comment-{i}", p.SyncStep.STEP1, b"\x00"))
     assert t.closed_with is None
@@ -203,59 +195,55 @@ async def test_pending_document_bound(world):
 
 
 async def test_pre_auth_deadline_is_absolute(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     for _ in range(7):  # 28 s of steady traffic, timeout 30 s
-        clock.now += 4
+        world.clock.now += 4
         conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
         conn.check()
     assert t.closed_with is None
-    clock.now += 3
+    world.clock.now += 3
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     conn.check()  # traffic a moment ago does not help: the deadline counts from open
     assert t.closed_with == 4408
 
 
 async def test_idle_timeout_and_v4_ping(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok", "4.8.0"))
     await settle()
     t.frames.clear()
-    clock.now += 16
+    world.clock.now += 16
     conn.check()
     conn.check()
     assert t.frames == [p.PING_FRAME]  # once per quiet stretch
     conn.receive(p.PONG_FRAME)
-    clock.now += 20
+    world.clock.now += 20
     conn.check()
     assert t.closed_with is None
-    clock.now += 11
+    world.clock.now += 11
     conn.check()
     assert t.closed_with == 4408
-    assert NAME not in registry.docs  # the socket left its document
+    assert NAME not in world.registry.docs  # the socket left its document
 
 
 async def test_no_ping_for_v3_providers(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
     await settle()
     t.frames.clear()
-    clock.now += 20
+    world.clock.now += 20
     conn.check()
     assert t.frames == []
 
 
 async def test_oversized_and_malformed_frames_close_the_socket(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect(max_frame_bytes=100)
+    conn, t = world.connect(max_frame_bytes=100)
     conn.receive(b"\x00" * 101)
     assert t.closed_with == 1009
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(b"\x03do")
     assert t.closed_with == 1002
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
     await settle()
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, b"\xff\xfe garbage"))
@@ -263,36 +251,34 @@ async def test_oversized_and_malformed_frames_close_the_socket(world):
 
 
 async def test_close_before_auth_cancels_it(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
-    auth.gate.clear()
+    conn, t = world.connect()
+    world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     conn.receive(p.header(NAME, p.MessageType.CLOSE))
-    auth.gate.set()
+    world.auth.gate.set()
     await settle()
-    assert t.frames == [] and conn.pending == {} and NAME not in registry.docs
+    assert t.frames == [] and conn.pending == {} and NAME not in world.registry.docs
 
 
 async def test_draft_is_stored_on_debounce_and_when_the_last_peer_leaves(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, _ = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
     await settle()
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("draft")))
-    assert [delay for delay, _ in timers] == [5]
-    clock.now += 5
-    timers[0][1]()
-    assert NAME in registry.store
+    assert [delay for delay, _ in world.timers] == [5]
+    world.clock.now += 5
+    world.timers[0][1]()
+    assert NAME in world.registry.store
 
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("more")))
     conn.receive(p.header(NAME, p.MessageType.CLOSE))
-    assert NAME not in registry.docs
-    again, t2 = connect()
+    assert NAME not in world.registry.docs
+    again, t2 = world.connect()
     again.receive(p.encode_token(NAME, "ok"))
     await settle()
     again.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
-    step2 = [m for m in t2.messages() if isinstance(m, p.Sync)][0]
+    step2 = next(m for m in t2.messages() if isinstance(m, p.Sync))
     replica = Doc()
     replica.apply_update(step2.payload)
     assert "draft" in str(replica.get("body", type=Text))
@@ -300,9 +286,8 @@ async def test_draft_is_stored_on_debounce_and_when_the_last_peer_leaves(world):
 
 
 async def test_awareness_removed_when_a_peer_leaves(world):
-    registry, auth, clock, timers, connect = world
-    a, ta = connect()
-    b, tb = connect()
+    a, _ = world.connect()
+    b, tb = world.connect()
     a.receive(p.encode_token(NAME, "ok"))
     b.receive(p.encode_token(NAME, "ok"))
     await settle()
@@ -315,11 +300,10 @@ async def test_awareness_removed_when_a_peer_leaves(world):
 
 
 async def test_awareness_clients_per_peer_are_bounded(world):
-    registry, auth, clock, timers, connect = world
-    conn, t = connect()
+    conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
     await settle()
     many = p.var_uint(20) + b"".join(p.var_uint(i + 1) + b"\x01" + p.var_string("{}") for i in range(20))
     conn.receive(p.encode_awareness(NAME, many))
-    assert registry.docs[NAME].awareness.states == {}
+    assert world.registry.docs[NAME].awareness.states == {}
     assert t.closed_with is None

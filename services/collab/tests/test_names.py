@@ -1,5 +1,4 @@
 import pytest
-
 from channels_collab.names import valid_document_name
 
 

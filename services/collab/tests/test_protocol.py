@@ -1,7 +1,6 @@
 """Byte vectors for every message type of the Hocuspocus wire protocol."""
 
 import pytest
-
 from channels_collab import protocol as p
 
 

@@ -13,13 +13,12 @@ import threading
 import time
 from collections import deque
 
-from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket
-
 from channels_common.observability import health_routes, setup_logging, setup_sentry
 from channels_common.server import serve
 from channels_common.settings import CollabSettings
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
 
 from .connection import RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
 from .documents import DocumentRegistry
@@ -83,7 +82,7 @@ class WebSocketTransport:
                     return
                 if self.done:
                     return
-        except Exception:  # the client went away mid-write
+        except Exception:  # noqa: BLE001 - the client went away mid-write, whatever the server raised
             self.queue.clear()
             self.close_with = self.close_with or (1006, "gone")
 

@@ -68,9 +68,9 @@ class _Pending:
 class Session:
     """An authenticated document on this socket: the registry's peer."""
 
-    __slots__ = ("connection", "address", "name", "readonly", "doc")
+    __slots__ = ("address", "connection", "doc", "name", "readonly")
 
-    def __init__(self, connection: "Connection", address: str, name: str, readonly: bool):
+    def __init__(self, connection: Connection, address: str, name: str, readonly: bool):
         self.connection = connection
         self.address = address
         self.name = name

@@ -57,7 +57,7 @@ def _crdt_call(fn: Callable, *args):
 
 
 class LiveDocument:
-    __slots__ = ("name", "ydoc", "awareness", "peers", "debounce", "timer", "_outbox", "_subs")
+    __slots__ = ("_outbox", "_subs", "awareness", "debounce", "name", "peers", "timer", "ydoc")
 
     def __init__(self, name: str, debounce: Debounce):
         self.name = name

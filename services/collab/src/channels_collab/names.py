@@ -21,7 +21,7 @@ RECORD_TYPES = (
 )
 MAX_LENGTH = 200
 
-_PATTERN = re.compile(r"(?:%s)(?:-[A-Za-z0-9_]+){1,3}" % "|".join(RECORD_TYPES))
+_PATTERN = re.compile(rf"(?:{'|'.join(RECORD_TYPES)})(?:-[A-Za-z0-9_]+){{1,3}}")
 
 
 def valid_document_name(name: object) -> bool:

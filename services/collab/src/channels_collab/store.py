@@ -19,7 +19,7 @@ from .protocol import EMPTY_UPDATE
 class Debounce:
     """Pure timing: feed it change times, ask it when the store is due."""
 
-    __slots__ = ("delay", "max_delay", "first_change", "last_change")
+    __slots__ = ("delay", "first_change", "last_change", "max_delay")
 
     def __init__(self, delay: float, max_delay: float):
         self.delay = delay
