@@ -12,11 +12,11 @@ import shutil
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from channels_common.settings import PlaygroundSettings
 from channels_records.playground import default_dist_dir, parse_publish_request, playground_routes
 from starlette.applications import Starlette
-from starlette.testclient import TestClient
 
 from tests.support import ROOT, ServiceProcess, free_port
 
@@ -63,11 +63,12 @@ def fake_dist(tmp_path):
     return tmp_path
 
 
-def _client(routes, host: str) -> TestClient:
-    return TestClient(Starlette(routes=routes), client=(host, 50000))
+def _client(routes, host: str) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(Starlette(routes=routes), client=(host, 50000))
+    return httpx.AsyncClient(transport=transport, base_url="http://playground.test")
 
 
-def test_routes_serve_the_page_and_publish_from_loopback_only(fake_dist, redis_url, redis_sync_client):
+async def test_routes_serve_the_page_and_publish_from_loopback_only(fake_dist, redis_url, redis_sync_client):
     settings = PlaygroundSettings.model_validate({
         "RAILS_ENV": "development", "PLAYGROUND_DIST": str(fake_dist), "REDIS_URL": redis_url,
         "PLAYGROUND_COLLAB_URL": "ws://127.0.0.1:9999"})
@@ -77,43 +78,44 @@ def test_routes_serve_the_page_and_publish_from_loopback_only(fake_dist, redis_u
     pubsub.get_message(timeout=1)
     pubsub.get_message(timeout=1)
 
-    with _client(routes, "127.0.0.1") as client:
-        assert client.get("/").text.startswith("<!doctype html>")
-        assert client.get("/playground/playground.js").headers["content-type"].startswith("text/javascript")
-        assert client.get("/playground/secret.txt").status_code == 404
-        assert client.get("/playground/..%2Fsecret.txt").status_code == 404
-        config = client.get("/playground/config.json").json()
+    async with _client(routes, "127.0.0.1") as client:
+        assert (await client.get("/")).text.startswith("<!doctype html>")
+        script = await client.get("/playground/playground.js")
+        assert script.headers["content-type"].startswith("text/javascript")
+        assert (await client.get("/playground/secret.txt")).status_code == 404
+        assert (await client.get("/playground/..%2Fsecret.txt")).status_code == 404
+        config = (await client.get("/playground/config.json")).json()
         assert config["collabUrl"] == "ws://127.0.0.1:9999"
         assert config["collabToken"] == f"{config['user']['id']},{config['channelToken']}"
         assert "group-1" in config["rooms"]
 
-        answer = client.post("/playground/publish", json={"kind": "records", "room": "group-1",
-                                                          "payload": {"discussions": [{"id": 5}]}})
+        answer = await client.post("/playground/publish", json={
+            "kind": "records", "room": "group-1", "payload": {"discussions": [{"id": 5}]}})
         assert answer.status_code == 200 and answer.json()["subscribers"] == 1
         message = pubsub.get_message(timeout=5)
         assert message["channel"] == b"/records"
         assert json.loads(message["data"]) == {"room": "group-1", "records": {"discussions": [{"id": 5}]}}
 
-        answer = client.post("/playground/publish", json={"kind": "notice", "payload": {"message": "hi"}})
+        answer = await client.post("/playground/publish", json={"kind": "notice", "payload": {"message": "hi"}})
         assert answer.status_code == 200
         message = pubsub.get_message(timeout=5)
         assert (message["channel"], json.loads(message["data"])) == (b"/system_notice", {"message": "hi"})
 
-        bad = client.post("/playground/publish", content=b'{"kind": "records", "room": "*"}')
+        bad = await client.post("/playground/publish", content=b'{"kind": "records", "room": "*"}')
         assert bad.status_code == 400 and "payload" in bad.json()["error"]
 
-    with _client(routes, "192.0.2.10") as remote:
-        answer = remote.post("/playground/publish", json={"kind": "notice", "payload": {}})
+    async with _client(routes, "192.0.2.10") as remote:
+        answer = await remote.post("/playground/publish", json={"kind": "notice", "payload": {}})
         assert answer.status_code == 403
-        assert remote.get("/").status_code == 200
+        assert (await remote.get("/")).status_code == 200
     assert pubsub.get_message(timeout=0.5) is None, "nothing published for the refused requests"
     pubsub.close()
 
 
-def test_missing_bundle_says_how_to_build_it(tmp_path):
+async def test_missing_bundle_says_how_to_build_it(tmp_path):
     settings = PlaygroundSettings.model_validate({"RAILS_ENV": "development", "PLAYGROUND_DIST": str(tmp_path)})
-    with _client(playground_routes(settings), "127.0.0.1") as client:
-        page = client.get("/")
+    async with _client(playground_routes(settings), "127.0.0.1") as client:
+        page = await client.get("/")
     assert page.status_code == 503 and "make install" in page.text
 
 
