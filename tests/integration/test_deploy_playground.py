@@ -104,6 +104,12 @@ async def test_routes_serve_the_page_and_publish_from_loopback_only(fake_dist, r
         bad = await client.post("/playground/publish", content=b'{"kind": "records", "room": "*"}')
         assert bad.status_code == 400 and "payload" in bad.json()["error"]
 
+        # A reverse proxy on this machine relays remote requests from loopback.
+        for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+            proxied = await client.post("/playground/publish", headers={header: "198.51.100.7"},
+                                        json={"kind": "notice", "payload": {}})
+            assert proxied.status_code == 403, header
+
     async with _client(routes, "192.0.2.10") as remote:
         answer = await remote.post("/playground/publish", json={"kind": "notice", "payload": {}})
         assert answer.status_code == 403
@@ -114,9 +120,14 @@ async def test_routes_serve_the_page_and_publish_from_loopback_only(fake_dist, r
 
 async def test_missing_bundle_says_how_to_build_it(tmp_path):
     settings = PlaygroundSettings.model_validate({"RAILS_ENV": "development", "PLAYGROUND_DIST": str(tmp_path)})
-    async with _client(playground_routes(settings), "127.0.0.1") as client:
+    routes = playground_routes(settings)
+    async with _client(routes, "127.0.0.1") as client:
         page = await client.get("/")
+        publish = await client.post("/playground/publish", json={"kind": "notice", "payload": {}})
     assert page.status_code == 503 and "make install" in page.text
+    # Without a built bundle (an installed package, not a checkout) nothing can publish.
+    assert publish.status_code in (404, 405)
+    assert [r.path for r in routes] == ["/"]
 
 
 # --- the page in a browser ---------------------------------------------------------

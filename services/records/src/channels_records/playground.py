@@ -4,8 +4,10 @@ as Rails would, and a shared editor synced through collab).
 
 Development only: `playground_routes()` returns no routes at all when
 RAILS_ENV=production, and the images never ship the bundle. The publish
-endpoint lets anyone who can reach it write to any room, so it also answers
-only requests from the loopback interface.
+endpoint lets anyone who can reach it write to any room, so it exists only
+beside a built bundle (a source checkout after `make install`) and answers
+only direct requests from the loopback interface: not other hosts, and not
+anything relayed by a reverse proxy on the same machine.
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ def parse_publish_request(body: bytes) -> tuple[str, str | None, dict] | str:
     return "kind must be 'records' or 'notice'"
 
 
-def _from_loopback(request: Request) -> bool:
-    if request.client is None:
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def _local_request(request: Request) -> bool:
+    if request.client is None or any(h in request.headers for h in _PROXY_HEADERS):
         return False
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(request.client.host).is_loopback
@@ -85,8 +90,12 @@ def playground_routes(settings: PlaygroundSettings | None = None) -> list[BaseRo
     dist = Path(settings.dist_dir) if settings.dist_dir else default_dist_dir()
     if not (dist / "index.html").exists():
         log.warning("playground bundle not built; run `make install`", extra={"dist": str(dist)})
-    else:
-        log.info("development playground at /", extra={"dist": str(dist)})
+
+        async def not_built(request: Request) -> Response:
+            return HTMLResponse(_MISSING_BUNDLE, status_code=503)
+
+        return [Route("/", not_built)]
+    log.info("development playground at /", extra={"dist": str(dist)})
     redis_holder: dict = {}
 
     def redis():
@@ -98,7 +107,7 @@ def playground_routes(settings: PlaygroundSettings | None = None) -> list[BaseRo
 
     async def page(request: Request) -> Response:
         index = dist / "index.html"
-        if not index.exists():
+        if not index.exists():  # removed while running (a rebuild)
             return HTMLResponse(_MISSING_BUNDLE, status_code=503)
         return FileResponse(index, media_type="text/html", headers={"cache-control": "no-store"})
 
@@ -119,9 +128,10 @@ def playground_routes(settings: PlaygroundSettings | None = None) -> list[BaseRo
         })
 
     async def publish(request: Request) -> Response:
-        if not _from_loopback(request):
-            log.warning("playground publish refused: not from loopback")
-            return JSONResponse({"error": "the playground publishes only for local requests"}, status_code=403)
+        if not _local_request(request):
+            log.warning("playground publish refused: not a direct request from loopback")
+            return JSONResponse({"error": "the playground publishes only for direct local requests"},
+                                status_code=403)
         parsed = parse_publish_request(await request.body())
         if isinstance(parsed, str):
             log.warning("bad playground publish request", extra={"reason": parsed})
