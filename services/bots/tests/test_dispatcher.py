@@ -236,3 +236,31 @@ async def test_close_abandons_what_does_not_finish_in_time(caplog):
     assert value(metrics, "bots_messages_failed_total", reason="shutdown") == 4
     assert value(metrics, "bots_pending_messages") == 0
     assert "shutdown: messages not delivered" in caplog.text
+
+
+async def test_a_slow_homeserver_cannot_take_every_slot():
+    class TwoServers(FakeTransport):
+        async def deliver(self, client, cmd):
+            if cmd.bot.server == "https://slow.example":
+                self.attempts.append((cmd.content["body"], cmd.txn_id))
+                await asyncio.Event().wait()  # never answers
+            self.delivered.append((cmd.room, cmd.content["body"]))
+            return "$event"
+
+    transport = TwoServers()
+    dispatcher = Dispatcher(transport, max_concurrent=4, max_per_server=2)
+    slow = Bot("https://slow.example", "t")
+    for i in range(10):
+        dispatcher.submit(Command("publish", slow, f"#r{i}:slow", {"body": f"slow-{i}"}))
+    for i in range(10):
+        dispatcher.submit(command(f"#r{i}:x", f"fast-{i}"))
+
+    async def fast_done():
+        while len(transport.delivered) < 10:
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(fast_done(), 5)
+    assert len(transport.attempts) == 2  # the slow homeserver holds two slots, no more
+    assert dispatcher._server_slots.keys() == {"https://slow.example"}
+    await dispatcher.close(timeout=0.01)
+    assert dispatcher._server_slots == {}

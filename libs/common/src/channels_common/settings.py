@@ -94,6 +94,8 @@ class BotsSettings(CommonSettings):
     client_idle_seconds: float = Field(900.0, validation_alias="BOTS_CLIENT_IDLE_SECONDS")
     alias_ttl_seconds: float = Field(300.0, validation_alias="BOTS_ALIAS_TTL_SECONDS")
     max_concurrent_sends: int = Field(20, validation_alias="BOTS_MAX_CONCURRENT_SENDS")
+    # Requests to any one homeserver at once, so a slow one cannot take every slot.
+    max_concurrent_sends_per_server: int = Field(10, validation_alias="BOTS_MAX_CONCURRENT_SENDS_PER_SERVER")
     max_attempts: int = Field(6, validation_alias="BOTS_MAX_ATTEMPTS")
     # Backoff between attempts after network errors and 5xx: base * 2^n, capped, jittered.
     retry_base_seconds: float = Field(0.5, validation_alias="BOTS_RETRY_BASE_SECONDS")

@@ -45,6 +45,7 @@ class BotsService:
                 max_delay=settings.retry_max_seconds,
             ),
             max_concurrent=settings.max_concurrent_sends,
+            max_per_server=settings.max_concurrent_sends_per_server,
             max_pending=settings.max_pending_messages,
             metrics=self.metrics,
         )

@@ -4,8 +4,9 @@ and the retry policy.
 Messages for one (homeserver, room) go out in the order received, each one
 finished (delivered or given up) before the next starts. Different rooms and
 bots proceed concurrently, but never more than `max_concurrent` requests to
-homeservers at once, so a slow homeserver cannot tie up the process. Waiting
-out a backoff does not hold a slot. Queues exist only while they hold
+homeservers at once, and never more than `max_per_server` to one homeserver,
+so a slow homeserver can neither tie up the process nor starve the others.
+Waiting out a backoff does not hold a slot. Queues exist only while they hold
 messages, and the total number of messages held is bounded.
 """
 
@@ -58,6 +59,7 @@ class Dispatcher:
         *,
         policy: RetryPolicy = RetryPolicy(),
         max_concurrent: int = 20,
+        max_per_server: int = 10,
         max_pending: int = 10000,
         metrics: BotsMetrics | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -68,6 +70,10 @@ class Dispatcher:
         self.metrics = metrics
         self._sleep = sleep
         self._slots = asyncio.Semaphore(max_concurrent)
+        self.max_per_server = max_per_server
+        # Per homeserver: its semaphore and how many workers use it, so the
+        # entry goes away with the last one.
+        self._server_slots: dict[str, list] = {}
         self._queues: dict[tuple[str, str], deque[Command]] = {}
         self._workers: dict[tuple[str, str], asyncio.Task] = {}
         self._pending = 0
@@ -150,7 +156,7 @@ class Dispatcher:
         async with self.transport.lease(command) as client:
             while True:
                 try:
-                    async with self._slots:
+                    async with self._server_slot(command.bot.server), self._slots:
                         await self.transport.deliver(client, command)
                 except Permanent as error:
                     self._failed(command, error.reason, error.detail)
@@ -179,6 +185,20 @@ class Dispatcher:
                 if self.metrics:
                     self.metrics.sent.labels(command.kind).inc()
                 return
+
+    @contextlib.asynccontextmanager
+    async def _server_slot(self, server: str):
+        entry = self._server_slots.get(server)
+        if entry is None:
+            entry = self._server_slots[server] = [asyncio.Semaphore(self.max_per_server), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._server_slots[server]
 
     def _failed(self, command: Command, reason: str, detail: str) -> None:
         # One line per message that is not delivered; the token is not in it.
