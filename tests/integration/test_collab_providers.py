@@ -270,3 +270,16 @@ def test_rails_down_denies_without_leaking(rails):
         assert service.metrics()['collab_auth_total{result="denied"}'] == 1
     finally:
         service.stop()
+
+
+def test_v4_session_awareness_multiplexes_one_document_twice(providers):
+    name = doc_name()
+    tab = providers("v4")
+    tab.send(op="attach", doc=name, token=token("1"), session=True, key="left")
+    tab.send(op="attach", doc=name, token=token("1"), session=True, key="right")
+    tab.synced("left")
+    tab.synced("right")
+    tab.send(op="text", doc="left", insert="one socket, ")
+    tab.wait_content("right", lambda c: c["text"] == "one socket, ")
+    tab.send(op="text", doc="right", insert="two editors")
+    tab.wait_content("left", lambda c: c["text"] == "one socket, two editors")

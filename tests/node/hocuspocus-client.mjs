@@ -5,7 +5,8 @@
 //   node hocuspocus-client.mjs v3|v4 ws://127.0.0.1:PORT
 //
 // Commands ({"op": ...}):
-//   attach   {doc, token, user?}        open a document (user -> awareness state)
+//   attach   {doc, token, user?, session?, key?}  open a document (user -> awareness
+//            state; session -> v4 session awareness; key -> name it for later commands)
 //   text     {doc, insert, at?}         insert into the Y.Text "body"
 //   para     {doc, insert}              append <paragraph>insert</paragraph> to the Y.XmlFragment "default"
 //   read     {doc}                      -> {event: "content", text, xml, unsynced}
@@ -67,20 +68,23 @@ const socket = new HocuspocusProviderWebsocket({
 
 const providers = new Map();
 
-function attach({ doc, token, user }) {
+function attach({ doc, token, user, session, key }) {
+  const label = key ?? doc;
   const provider = new HocuspocusProvider({
     websocketProvider: socket,
     name: doc,
     token,
-    onAuthenticated: ({ scope }) => emit({ event: "authenticated", doc, scope }),
-    onAuthenticationFailed: ({ reason }) => emit({ event: "denied", doc, reason }),
-    onSynced: ({ state }) => emit({ event: "synced", doc, state }),
+    // v4: several providers of one document on one socket (name\0sessionId).
+    sessionAwareness: !!session,
+    onAuthenticated: ({ scope }) => emit({ event: "authenticated", doc: label, scope }),
+    onAuthenticationFailed: ({ reason }) => emit({ event: "denied", doc: label, reason }),
+    onSynced: ({ state }) => emit({ event: "synced", doc: label, state }),
     onAwarenessChange: ({ states }) =>
-      emit({ event: "awareness-change", doc, users: states.map((s) => s.user ?? null).filter(Boolean).sort() }),
+      emit({ event: "awareness-change", doc: label, users: states.map((s) => s.user ?? null).filter(Boolean).sort() }),
   });
   if (user) provider.setAwarenessField("user", user);
   provider.attach();
-  providers.set(doc, provider);
+  providers.set(label, provider);
 }
 
 function read(doc) {

@@ -269,6 +269,7 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         ws_max_size=settings.max_frame_bytes,
+        ws="websockets-sansio",
     )
 
 
