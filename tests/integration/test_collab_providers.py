@@ -11,7 +11,7 @@ import signal
 import pytest
 
 from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
-from tests.support import wait_for
+from tests.support import ServiceProcess, wait_for
 
 VERSIONS = ["v3", "v4"]
 _ids = itertools.count(random.randint(1000, 9000) * 1000)
@@ -231,24 +231,38 @@ def test_edits_are_stored_while_editing_continues(providers, collab):
     assert collab.metrics()["collab_loaded_documents"] >= 1
 
 
-def test_sigterm_stores_and_asks_providers_to_reconnect(rails):
+@pytest.mark.parametrize("version", VERSIONS)
+def test_restart_loses_nothing(rails, version):
+    """SIGTERM: stored, sockets closed with 4205; the providers reconnect to
+    the next process and their state flows back into it."""
     service = start_collab(rails.url)
+    name = doc_name()
+    tab = Provider(version, f"ws://127.0.0.1:{service.port}")
+    successor = None
     try:
-        name = doc_name()
-        tab = Provider("v4", f"ws://127.0.0.1:{service.port}")
-        try:
-            tab.attach(name, token("1"))
-            tab.synced(name)
-            tab.send(op="text", doc=name, insert="keep me")
-            tab.wait_content(name, lambda c: c["unsynced"] == 0)
-            service.signal(signal.SIGTERM)
-            tab.wait(lambda e: e["event"] == "close" and e["code"] == 4205, what="close 4205")
-        finally:
-            tab.close()
+        tab.attach(name, token("1"))
+        tab.synced(name)
+        tab.send(op="text", doc=name, insert="keep me")
+        tab.wait_content(name, lambda c: c["unsynced"] == 0)
+        mark = tab.mark()
+        service.signal(signal.SIGTERM)
+        tab.wait(lambda e: e["event"] == "close" and e["code"] == 4205, what="close 4205", since=mark)
         wait_for(lambda: service.process.poll() is not None, 15, what="process exit")
         assert "documents stored" in service.logs()
+
+        successor = ServiceProcess("channels-collab", service.port, service.env).start()
+        tab.wait(lambda e: e["event"] == "synced" and e["doc"] == name, since=mark, what="resynced")
+        fresh = Provider(version, f"ws://127.0.0.1:{service.port}")
+        try:
+            fresh.attach(name, token("2"))
+            fresh.wait_content(name, lambda c: c["text"] == "keep me")
+        finally:
+            fresh.close()
     finally:
+        tab.close()
         service.kill()
+        if successor:
+            successor.stop()
 
 
 def test_rails_down_denies_without_leaking(rails):

@@ -137,6 +137,7 @@ class CollabService:
     async def _sweep(self) -> None:
         interval = min(1.0, self.limits.timeout_seconds / 4)
         last_awareness = last_drafts = time.monotonic()
+        reported_evictions = 0
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -150,9 +151,11 @@ class CollabService:
                 self.registry.expire_awareness()
             if now - last_drafts >= DRAFT_SWEEP_SECONDS:
                 last_drafts = now
-                removed = self.store.sweep()
-                if removed:
-                    self.metrics.drafts_evicted.inc(removed)
+                self.store.sweep()
+                # Every bound (count on store, idle age here or on read) counts.
+                if self.store.evicted > reported_evictions:
+                    self.metrics.drafts_evicted.inc(self.store.evicted - reported_evictions)
+                    reported_evictions = self.store.evicted
 
     async def drain(self) -> None:
         """SIGTERM: store every loaded document, then ask every provider to

@@ -149,7 +149,6 @@ class DocumentRegistry:
         return len(self.docs)
 
     def _save(self, doc: LiveDocument) -> None:
-        evicted = self.store.evicted
         self.store.put(doc.name, doc.state())
         doc.debounce.stored()
         if doc.timer is not None:
@@ -157,8 +156,6 @@ class DocumentRegistry:
             doc.timer = None
         if self.metrics:
             self.metrics.drafts_saved.inc()
-            if self.store.evicted > evicted:
-                self.metrics.drafts_evicted.inc(self.store.evicted - evicted)
 
     def _changed(self, doc: LiveDocument) -> None:
         deadline = doc.debounce.changed(self.clock())
