@@ -135,6 +135,9 @@ class TcpProxy:
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.writers: set = set()
+        # While refusing, new connections are closed at once: a network that
+        # is down for the clients behind this proxy.
+        self.refusing = False
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -167,6 +170,9 @@ class TcpProxy:
             writer.close()
 
     async def _handle(self, reader, writer) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
         try:
             up_reader, up_writer = await self.asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -183,11 +189,19 @@ class TcpProxy:
             self.cut()
 
     def cut(self) -> None:
-        def abort_all():
+        async def abort_all():
             for w in list(self.writers):
                 w.transport.abort()
 
-        self.loop.call_soon_threadsafe(abort_all)
+        self.asyncio.run_coroutine_threadsafe(abort_all(), self.loop).result(5)
+
+    def outage(self) -> None:
+        """Cut every connection and refuse new ones until `restore()`."""
+        self.refusing = True
+        self.cut()
+
+    def restore(self) -> None:
+        self.refusing = False
 
     def close(self) -> None:
         self.cut()

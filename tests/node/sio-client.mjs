@@ -3,7 +3,7 @@
 //   node sio-client.mjs '<json config>'
 // config: {url, origin?, reconnectionDelay?, quietEvents?, clients: [{name, token?, transports?}], generate?}
 // Prints one JSON line per happening:
-//   {c, type: "connect", id, recovered, transport}   {c, type: "event", event, args}
+//   {c, type: "connect", id, recovered, transport, pid}   {c, type: "event", event, args}
 //   {c, type: "open", transport} (engine.io)   {c, type: "disconnect", reason}   {c, type: "connect_error", message}   {c, type: "upgrade", transport}
 // stdin, one JSON command a line:
 //   {cmd: "add", client: {...}}       open one more client
@@ -40,7 +40,8 @@ function open(spec) {
   counts.set(name, 0);
   socket.on("connect", () => {
     const transport = socket.io.engine.transport.name;
-    out({ c: name, type: "connect", id: socket.id, recovered: socket.recovered, transport });
+    // _pid is private to socket.io-client; printed so tests can check it never reaches the logs.
+    out({ c: name, type: "connect", id: socket.id, recovered: Boolean(socket.recovered), transport, pid: socket._pid ?? null });
   });
   socket.io.on("open", () => {
     const engine = socket.io.engine;

@@ -99,3 +99,18 @@ def test_discard_all_frees_the_queue():
     assert q.bytes == 20
     q.discard_all()
     assert q.bytes == 0 and q.empty()
+
+
+def test_floor_skips_live_copies_of_replayed_events_until_caught_up():
+    engine = FakeEngine(1)
+    b = Broadcaster(
+        engine, FakeManager({"g": ["e0"]}), limit_bytes=1000, on_overflow=lambda e: None,
+        order_key=lambda o: tuple(int(x) for x in o.split("-")),
+    )
+    b.set_floor("e0", "5-0")
+    b.to_room("g", '2["records",4,"4-0"]', "4-0")
+    b.to_room("g", '2["records",5,"5-0"]', "5-0")
+    b.to_room("g", '2["records",6,"6-0"]', "6-0")
+    b.to_room("g", '2["records",7,"7-0"]', "7-0")
+    assert drain(engine.sockets["e0"]) == ['42["records",6,"6-0"]', '42["records",7,"7-0"]']
+    assert b.floors == {}

@@ -25,10 +25,7 @@ from .metrics import Metrics
 from .playground import playground_routes
 from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
 
-try:
-    from .recovery import RecoveryStore
-except ImportError:  # connection state recovery not built yet
-    RecoveryStore = None
+from .recovery import RecoveryStore, offset_key
 
 log = logging.getLogger("channels.records")
 
@@ -74,6 +71,7 @@ class RecordsService:
             limit_bytes=settings.max_client_buffer_bytes,
             on_overflow=self._evict,
             on_delivered=self.metrics.deliveries.inc,
+            order_key=offset_key,
         )
         self.sio.on("disconnect", self._disconnect)
         self.redis = None
@@ -100,10 +98,10 @@ class RecordsService:
     async def _lifespan(self, app):
         s = self.settings
         self.redis = create_redis(s.redis_url, max_connections=s.redis_pool_size)
-        if RecoveryStore is not None:
-            self.store = RecoveryStore(
-                self.redis, window_seconds=s.recovery_window_seconds, instance_id=secrets.token_hex(6)
-            )
+        self.store = RecoveryStore(
+            self.redis, window_seconds=s.recovery_window_seconds, instance_id=secrets.token_hex(6)
+        )
+        relay = Relay(self.broadcaster, self.metrics, self.store)
         self.connections = Connections(
             self.sio,
             self.broadcaster,
@@ -111,8 +109,9 @@ class RecordsService:
             self.metrics,
             self.store,
             touch_interval=max(1.0, min(60.0, s.recovery_window_seconds / 4)),
+            order_key=offset_key,
+            relayed_offset=lambda: relay.last_offset,
         )
-        relay = Relay(self.broadcaster, self.metrics, self.store)
         self.subscription = Subscription(
             url=s.redis_url,
             handler=relay.handle,
@@ -120,11 +119,10 @@ class RecordsService:
             on_reconnect=self.metrics.redis_reconnects.inc,
             # Pub/sub messages published while it was down were never seen:
             # the store's occurrence count for cross-instance dedup restarts.
-            on_live=self.store.mark_live if self.store is not None else None,
+            on_live=self.store.mark_live,
         )
         self.subscription.start()
-        if self.store is not None:
-            self._tasks.append(asyncio.create_task(self.connections.touch_forever()))
+        self._tasks.append(asyncio.create_task(self.connections.touch_forever()))
         try:
             yield
         finally:
@@ -136,9 +134,9 @@ class RecordsService:
     async def _connect(self, eio_sid: str, auth) -> None:
         await self.connections.connect(eio_sid, auth)
 
-    async def _disconnect(self, sid: str, reason: str) -> None:
+    def _disconnect(self, sid: str, reason: str) -> None:
         if self.connections is not None:
-            await self.connections.disconnected(sid, reason)
+            self.connections.disconnected(sid, reason)
 
     def _evict(self, eio_sid: str) -> None:
         """A socket would exceed its send buffer: cut it off (once)."""

@@ -76,6 +76,7 @@ class Broadcaster:
         limit_bytes: int,
         on_overflow: Callable[[str], None],
         on_delivered: Callable[[int], None] = lambda n: None,
+        order_key: Callable[[str], object] | None = None,
     ):
         self.sockets = engine.sockets  # eio_sid -> engine.io socket
         self.manager = manager
@@ -83,6 +84,11 @@ class Broadcaster:
         self.on_overflow = on_overflow
         self.on_delivered = on_delivered
         self.held: dict[str, Held] = {}
+        # eio_sid -> order key of the newest event a recovery replayed to it,
+        # set only when this instance had not relayed that far yet: its live
+        # copies of those events must not reach the socket a second time.
+        self.floors: dict[str, object] = {}
+        self.order_key = order_key
 
     def to_room(self, room: str, text: str, offset: str | None = None) -> int:
         members = self.manager.rooms.get(NAMESPACE, {}).get(room)
@@ -90,15 +96,22 @@ class Broadcaster:
             return 0
         pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
         size = len(text) + 1
+        key = self.order_key(offset) if self.floors and offset is not None else None
         delivered = 0
         # A copy: an eviction or disconnect may change the room meanwhile.
         for eio_sid in list(members.values()):
-            delivered += self.deliver(eio_sid, pkt, size, offset)
+            delivered += self.deliver(eio_sid, pkt, size, offset, key)
         self.on_delivered(delivered)
         return delivered
 
-    def deliver(self, eio_sid: str, pkt, size: int, offset: str | None = None) -> bool:
+    def deliver(self, eio_sid: str, pkt, size: int, offset: str | None = None, key=None) -> bool:
         """Queue one shared packet for one socket; never awaits."""
+        if key is not None:
+            floor = self.floors.get(eio_sid)
+            if floor is not None:
+                if key <= floor:
+                    return False  # already replayed
+                del self.floors[eio_sid]  # caught up: events come in offset order
         held = self.held.get(eio_sid)
         if held is not None:
             if held.bytes + size > self.limit:
@@ -137,7 +150,15 @@ class Broadcaster:
         for pkt, offset in held.packets:
             if offset is not None and offset in skip_offsets:
                 continue
-            self.deliver(eio_sid, pkt, packet_size(pkt), offset)
+            key = self.order_key(offset) if offset is not None and eio_sid in self.floors else None
+            self.deliver(eio_sid, pkt, packet_size(pkt), offset, key)
+
+    def set_floor(self, eio_sid: str, offset: str) -> None:
+        self.floors[eio_sid] = self.order_key(offset)
 
     def drop_held(self, eio_sid: str) -> None:
         self.held.pop(eio_sid, None)
+
+    def forget(self, eio_sid: str) -> None:
+        self.held.pop(eio_sid, None)
+        self.floors.pop(eio_sid, None)

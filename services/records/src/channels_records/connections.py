@@ -39,6 +39,8 @@ class Connections:
         *,
         lookup_timeout: float = 3.0,
         touch_interval: float = 60.0,
+        order_key=None,
+        relayed_offset=lambda: None,
     ):
         self.sio = sio
         self.manager = sio.manager
@@ -49,6 +51,9 @@ class Connections:
         self.store = store
         self.lookup_timeout = lookup_timeout
         self.touch_interval = touch_interval
+        self.order_key = order_key
+        self.relayed_offset = relayed_offset
+        self._background: set[asyncio.Task] = set()
         # sid -> recovery pid (None when the session could not be stored).
         # Membership means "connected and counted".
         self.live: dict[str, str | None] = {}
@@ -144,6 +149,13 @@ class Connections:
             if not self.broadcaster.send_now(eio_sid, text):
                 break
             replayed.add(event.offset)
+        if restored.missed and self.order_key is not None:
+            newest = restored.missed[-1].offset
+            # Another instance logged these before this one relayed them:
+            # this instance's own live copies are still to come.
+            relayed = self.relayed_offset()
+            if relayed is None or self.order_key(newest) > self.order_key(relayed):
+                self.broadcaster.set_floor(eio_sid, newest)
         self._mark_live(sid, request.pid)
         self.broadcaster.release(eio_sid, replayed)
         self.metrics.recoveries.labels("recovered").inc()
@@ -195,10 +207,21 @@ class Connections:
             return self.live.pop(sid)
         return None
 
-    async def disconnected(self, sid: str, reason: str) -> None:
+    def disconnected(self, sid: str, reason: str) -> None:
+        """Synchronous on purpose: python-socketio removes the sid from its
+        rooms right after this returns, and a recovering connection may be
+        about to register the same sid; no await may come in between."""
+        eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+        if eio_sid is not None:
+            self.broadcaster.forget(eio_sid)
         pid = self._forget_local(sid)
         if pid is None or self.store is None or self.stopping:
             return
+        task = asyncio.get_running_loop().create_task(self._session_after_disconnect(pid, reason))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _session_after_disconnect(self, pid: str, reason: str) -> None:
         try:
             if reason == CLIENT_DISCONNECT:
                 # The client said goodbye itself: nothing to recover.

@@ -84,6 +84,10 @@ class Relay:
         self.metrics = metrics
         self.store = store
         self.log_timeout = log_timeout
+        # Offset of the newest event this instance has broadcast. Set in the
+        # same step as the broadcast, so a recovery running meanwhile can
+        # tell which logged events this instance has yet to send live.
+        self.last_offset: str | None = None
 
     async def handle(self, message) -> None:
         result = parse_message(message.channel, message.data)
@@ -106,4 +110,6 @@ class Relay:
                 # offset, the event just cannot be replayed.
                 log.warning("message not logged for recovery", extra={"error": type(exc).__name__})
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
+        if offset is not None:
+            self.last_offset = offset
         self.metrics.relayed.labels(result.event).inc()
