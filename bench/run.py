@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import httpx
 from channels_common.redis_server import start_local_redis
 
-from bench import report
+from bench import profile_summary, report
 from bench.collab_bench import CollabConfig, run_collab
 from bench.processes import BENCH, VENV_BIN, Server, free_port
 from bench.records_bench import RecordsConfig, run_records
@@ -184,6 +184,11 @@ async def main_async(args) -> int:
                     records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler,
                     helper_pids=(redis_server.process.pid, rails.pid),
                 )
+                if profiler is not None and profiler.path.exists():
+                    summary = profile_summary.render(profile_summary.summarise(
+                        profile_summary.parse(profiler.path.read_text().splitlines()), top=15))
+                    profiler.path.with_suffix(".summary.txt").write_text(summary + "\n")
+                    log(f"  py-spy profile of ours: {profiler.path}\n{summary}")
         if args.scenario in ("collab", "all"):
             log(f"collab: {col_cfg.docs} documents, editor at {col_cfg.edit_rate:g} updates/s for "
                 f"{col_cfg.edit_seconds:g} s, observer on each")

@@ -68,3 +68,21 @@ def test_tables_show_both_servers_the_ratio_and_whether_the_bar_is_met():
 def test_procstat_reads_this_process():
     assert cpu_seconds(__import__("os").getpid()) > 0
     assert rss_bytes(__import__("os").getpid()) > 1024 * 1024
+
+
+def test_profile_summary_splits_self_and_inclusive_time_by_function_and_package():
+    from bench.profile_summary import parse, render, summarise
+
+    raw = [
+        "<module> (app:1);run (asyncio/runners.py:118);send (websockets/protocol.py:10) 6",
+        "<module> (app:1);run (asyncio/runners.py:118);relay (channels_records/relay.py:5) 3",
+        "<module> (app:1);run (asyncio/runners.py:120) 1",
+        "not a stack line",
+    ]
+    summary = summarise(parse(raw))
+    assert summary["samples"] == 10
+    assert dict(summary["packages"]) == {"websockets": 0.6, "channels_records": 0.3, "asyncio": 0.1}
+    assert summary["self"][0] == ("send (websockets/protocol.py)", 0.6)
+    # Two lines of the same function count once per stack, not once per line.
+    assert dict(summary["inclusive"])["run (asyncio/runners.py)"] == 1.0
+    assert "60.0%  send (websockets/protocol.py)" in render(summary)
