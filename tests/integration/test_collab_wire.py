@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import os
 import random
+import time
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from channels_collab import protocol as p
 from pycrdt import Doc, Text
 from websockets.exceptions import ConnectionClosed
 
-from tests.integration.collab_helpers import RailsStandIn, RawClient, start_collab, token
+from tests.integration.collab_helpers import Provider, RailsStandIn, RawClient, start_collab, token
 from tests.support import wait_for
 
 _ids = itertools.count(random.randint(10, 90) * 100_000)
@@ -316,3 +317,22 @@ def test_v4_socket_is_pinged_and_kept_while_it_answers(short, connect):
             client.send(p.PONG_FRAME)
     assert pings >= 2
     assert not client.closed.is_set()
+
+
+def test_real_providers_and_the_idle_timeout(short):
+    """With a 1.5 s timeout and no edits: a v4 provider answers the server's
+    Pings and keeps its socket; a v3 provider (never pinged, its awareness
+    renews only every 15 s) is closed with 4408 and reconnects."""
+    url = f"ws://127.0.0.1:{short.port}"
+    v3, v4 = Provider("v3", url), Provider("v4", url)
+    try:
+        for tab in (v3, v4):
+            tab.attach(doc_name(), token("1"))
+        closed = v3.wait(lambda e: e["event"] == "close" and e["code"] == 4408, timeout=10, what="v3 closed 4408")
+        v3.wait(lambda e: e["event"] == "synced", since=v3.events.index(closed), what="v3 resynced")
+        time.sleep(1.5)  # v4 has now gone without edits for well over twice the timeout
+        assert not [e for e in v4.events if e["event"] == "close"]
+        assert 9 in [e["type"] for e in v4.events if e["event"] == "frame" and e["doc"] is None]
+    finally:
+        v3.close()
+        v4.close()
