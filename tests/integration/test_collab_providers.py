@@ -297,3 +297,31 @@ def test_v4_session_awareness_multiplexes_one_document_twice(providers):
     tab.wait_content("right", lambda c: c["text"] == "one socket, ")
     tab.send(op="text", doc="right", insert="two editors")
     tab.wait_content("left", lambda c: c["text"] == "one socket, two editors")
+
+
+def test_invalid_names_from_a_real_provider_never_reach_rails(providers, rails):
+    tab = providers("v4")
+    for name in ("secret-1", "comment-1/../../admin", "comment-1-2-3-4"):
+        tab.attach(name, token("1"))
+        tab.denied(name)
+    assert not {"secret-1", "comment-1/../../admin", "comment-1-2-3-4"} & set(rails.names_asked())
+
+
+def test_health_readiness_and_metrics(providers, collab):
+    import httpx
+
+    assert httpx.get(collab.url + "/healthz").json() == {"status": "ok"}
+    assert httpx.get(collab.url + "/readyz").status_code == 200
+    before = collab.metrics()
+    name = doc_name()
+    tab = providers("v3")
+    tab.attach(name, token("1"))
+    tab.synced(name)
+    tab.send(op="text", doc=name, insert="counted")
+    tab.wait_content(name, lambda c: c["unsynced"] == 0)
+    after = collab.metrics()
+    assert after["collab_open_sockets"] >= 1
+    assert after["collab_loaded_documents"] >= 1
+    assert after['collab_auth_total{result="allowed"}'] > before.get('collab_auth_total{result="allowed"}', 0)
+    assert after['collab_frames_total{type="sync"}'] >= before.get('collab_frames_total{type="sync"}', 0) + 2
+    assert after['collab_frames_total{type="auth"}'] > before.get('collab_frames_total{type="auth"}', 0)
