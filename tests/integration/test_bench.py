@@ -40,9 +40,10 @@ def check_records(result: dict) -> None:
         assert s["expected"] == s["published"] * 10
         assert s["received"] == s["expected"] and s["lost"] == 0 and s["misrouted"] == 0
         assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
-        assert s["cpu_us_per_delivery"] > 0 and s["deliveries_per_s"] > 0
+        # /proc counts CPU in 10 ms ticks: a tiny step may cost the server none.
+        assert s["cpu_us_per_delivery"] >= 0 and s["cpu_s"] >= 0 and s["deliveries_per_s"] > 0
         assert s["open_clients"] == 20
-        assert 0 < s["loadgen_cpu_share"]
+        assert 0 <= s["loadgen_cpu_share"] and s["other_processes_cores"] >= 0
     assert result["headline"] is not None
 
 
@@ -52,7 +53,7 @@ def check_collab(result: dict) -> None:
     edit = result["edit"]
     assert edit["sent"] >= 5 and edit["received"] == edit["sent"] and edit["lost"] == 0
     assert 0 < edit["p50"] <= edit["p99"] <= edit["max"]
-    assert edit["cpu_us_per_update"] > 0
+    assert edit["cpu_us_per_update"] >= 0
     assert result["memory"]["loaded_rss"] > 0
     big = result["bigsync"]
     assert big["failed"] == 0 and len(big["times"]) == 1 and big["median"] > 0
