@@ -16,7 +16,21 @@ import { HocuspocusProvider } from "@hocuspocus/provider";
 import WebSocket from "ws";
 import * as Y from "yjs";
 
-const now = () => performance.timeOrigin + performance.now();
+// Wall-clock milliseconds with sub-millisecond resolution, comparable with
+// the publisher's time.time(): performance.now() is monotonic and may drift
+// from the wall clock (NTP slewing), so its offset is re-anchored at the
+// instant Date.now() ticks over to a new millisecond.
+let offset = calibrate();
+function calibrate() {
+  const start = Date.now();
+  let ms;
+  while ((ms = Date.now()) === start);
+  return ms - performance.now();
+}
+setInterval(() => {
+  offset = calibrate();
+}, 2000).unref();
+const now = () => performance.now() + offset;
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
