@@ -8,8 +8,8 @@ import threading
 import time
 
 import redis as redis_sync
-
 from channels_common.publish import NOTICE_CHANNEL, RECORDS_CHANNEL
+
 from tests.support import NodeScript, ServiceProcess, free_port
 
 APP_ORIGIN = "https://app.loomio.test"

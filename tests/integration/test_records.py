@@ -3,6 +3,7 @@ socket.io-client 4.8 (Node) and python-socketio's AsyncClient."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -175,3 +176,36 @@ def test_health_ready_metrics(service):
     m = service.metrics()
     assert "records_connected_sockets" in m
     assert any(k.startswith("records_deliveries") for k in m)
+
+
+def test_hostile_packets_leave_the_service_and_other_clients_alone(service, rails, clients_factory):
+    from tests.integration.records_support import RawWebSocket
+
+    rails.token("tok-h", 9, [90])
+    c = clients_factory([{"name": "ok", "token": "tok-h", "transports": ["websocket"]}])
+    c.wait_connected(["ok"])
+    garbage = [
+        "", "x", "9", "4", "40{not json", "42[", '42["records"', "40/admin,", '40{"pid": 5, "offset": []}',
+        '40{"pid": "' + "p" * 5000 + '"}', "45-[]", '42["records", {"room": "group-90"}]',
+        "4" + "[" * 5000 + "]" * 5000, "4" + "x" * 100_000,
+    ]
+    for g in garbage:
+        raw = RawWebSocket(service.port, "/socket.io/?EIO=4&transport=websocket&channel_token=tok-h")
+        raw.send_text("40")
+        raw.send_text(g)
+        raw.close()
+    # Polling with garbage bodies and bogus sessions.
+    base = service.url + "/socket.io/?EIO=4&transport=polling"
+    assert httpx.post(base + "&sid=nope", content=b"40").status_code == 400
+    assert httpx.get(base + "&sid=nope").status_code == 400
+    sid = json.loads(httpx.get(base).text[1:])["sid"]
+    httpx.post(base + f"&sid={sid}", content=b"\x1e\x1e4\x1e")
+    rails.records("group-90", {"still": "fine"})
+    assert [a[0] for a in c.wait_events("ok", 1, "records")] == [{"room": "group-90", "records": {"still": "fine"}}]
+    assert c.of("ok", "disconnect") == []
+    assert httpx.get(service.url + "/healthz").status_code == 200
+    assert service.process.poll() is None
+    logs = service.logs()
+    assert "malformed packet from client, connection closed" in logs
+    assert "malformed request from client, rejected" in logs
+    assert "Exception in ASGI application" not in logs

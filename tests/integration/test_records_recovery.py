@@ -87,7 +87,7 @@ def test_recovery_after_drops_replays_exactly_what_was_missed(setup_factory, tra
             seq += 3
             c.wait_events("a", seq, "records")
         s.proxy.outage()
-        c.wait(lambda _: len(c.of("a", "disconnect")) >= round_, 20, f"drop {round_}")
+        c.wait(lambda _, n=round_: len(c.of("a", "disconnect")) >= n, 20, f"drop {round_}")
         s.publish("group-1010", seq, seq + 4)  # missed while away
         seq += 4
         time.sleep(0.3)

@@ -4,7 +4,6 @@ sockets and rooms (the real server is exercised in tests/integration)."""
 from __future__ import annotations
 
 from bidict import bidict
-
 from channels_records.broadcast import Broadcaster, ByteCountingQueue
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from channels_common.auth import ChannelUser
 from channels_records.protocol import RecoveryRequest, encode_connect, encode_event, parse_recovery
 from channels_records.relay import Broadcast, Dropped, parse_message

@@ -11,21 +11,19 @@ import re
 import secrets
 
 import socketio
-from starlette.applications import Starlette
-
 from channels_common.observability import health_routes, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import serve
 from channels_common.settings import RecordsSettings
+from starlette.applications import Starlette
 
 from .broadcast import Broadcaster
 from .connections import Connections
 from .engine import RecordsSocketServer
 from .metrics import Metrics
 from .playground import playground_routes
-from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
-
 from .recovery import RecoveryStore, offset_key
+from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
 
 log = logging.getLogger("channels.records")
 
@@ -49,6 +47,15 @@ class RedactQueryTokens(logging.Filter):
         return True
 
 
+def _library_logger(name: str) -> logging.Logger:
+    """python-socketio/engineio log packet contents (the recovery pid among
+    them) at INFO: only their warnings and errors are kept, whatever
+    LOG_LEVEL says, and they go through the service's JSON logging."""
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.WARNING)
+    return logger
+
+
 class RecordsService:
     def __init__(self, settings: RecordsSettings):
         self.settings = settings
@@ -61,8 +68,8 @@ class RecordsService:
             cors_allowed_origins=[origin] if origin else None,
             cors_credentials=True,
             max_http_buffer_size=MAX_CLIENT_PACKET_BYTES,
-            logger=False,
-            engineio_logger=False,
+            logger=_library_logger("channels.records.socketio"),
+            engineio_logger=_library_logger("channels.records.engineio"),
             connect_handler=self._connect,
         )
         self.broadcaster = Broadcaster(

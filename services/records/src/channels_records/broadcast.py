@@ -60,7 +60,7 @@ class Held:
     """Packets for a socket that is still in its CONNECT handshake: they
     must follow the CONNECT reply (and any replay), so they wait here."""
 
-    __slots__ = ("packets", "bytes")
+    __slots__ = ("bytes", "packets")
 
     def __init__(self) -> None:
         self.packets: list[tuple[object, str | None]] = []

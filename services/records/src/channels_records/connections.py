@@ -8,10 +8,9 @@ import asyncio
 import logging
 from urllib.parse import parse_qs
 
-from redis.exceptions import RedisError
-
 from channels_common.auth import ChannelUser, lookup_channel_user
 from channels_common.redis import with_backoff
+from redis.exceptions import RedisError
 
 from .broadcast import NAMESPACE, Broadcaster
 from .protocol import RecoveryRequest, encode_connect, encode_event, parse_recovery
@@ -72,10 +71,20 @@ class Connections:
         self.broadcaster.hold(eio_sid)
         try:
             request = parse_recovery(auth)
-            if request is not None and self.store is not None:
-                if await self._recover(eio_sid, token, request):
-                    return
+            if request is not None and self.store is not None and await self._recover(eio_sid, token, request):
+                return
             await self._connect_fresh(eio_sid, token)
+        except Exception:
+            # Whatever went wrong, leave nothing half-registered and let the
+            # client try again on a new connection.
+            log.exception("connect failed")
+            sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+            if sid is not None:
+                self._forget_local(sid)
+                self.manager.basic_disconnect(sid, NAMESPACE)
+            sock = self.sockets.get(eio_sid)
+            if sock is not None:
+                await sock.close(wait=False, abort=False)
         finally:
             self.broadcaster.drop_held(eio_sid)
 

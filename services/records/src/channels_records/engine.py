@@ -12,13 +12,20 @@ more than they offer:
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import engineio
 import socketio
+from engineio import packet as eio_packet
 from engineio.async_drivers.asgi import WebSocket
 from socketio import packet as sio_packet
 
 from .broadcast import ByteCountingQueue
+
+log = logging.getLogger("channels.records.engine")
+
+# What python-socketio raises on a packet it cannot parse or dispatch.
+MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
 
 
 class TrackedWebSocket(WebSocket):
@@ -34,6 +41,23 @@ class TrackedWebSocket(WebSocket):
         self.writer = asyncio.current_task()
         await super().send(message)
 
+    async def wait(self):
+        data = await super().wait()
+        # engine.io decodes websocket messages outside of any error handling,
+        # so a bad one would surface as an application crash: vet it here
+        # (clients send only tiny pings and handshakes, so this costs nothing).
+        try:
+            if not data:
+                raise ValueError("empty message")
+            eio_packet.Packet(encoded_packet=data)
+        except MALFORMED as exc:
+            log.warning(
+                "malformed engine.io packet from client, connection closed",
+                extra={"error": type(exc).__name__, "size": len(data) if data else 0},
+            )
+            raise OSError("malformed engine.io packet") from None
+        return data
+
     def abort(self) -> None:
         """Stop a write the client is not reading; the engine's writer then
         closes the websocket."""
@@ -41,11 +65,30 @@ class TrackedWebSocket(WebSocket):
             self.writer.cancel()
 
 
+class QuietClientErrors(logging.Filter):
+    """engine.io logs a full traceback at ERROR for every request body it
+    cannot parse; that is a hostile or broken client, not a fault here."""
+
+    CLIENT_FAULTS = ("post request handler error", "message async handler error")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg in self.CLIENT_FAULTS and record.exc_info:
+            exc = record.exc_info[1]
+            record.msg = "malformed request from client, rejected"
+            record.args = ()
+            record.error = type(exc).__name__
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class RecordsEngine(engineio.AsyncServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # A private copy: the driver table is shared module state.
         self._async = {**self._async, "websocket": TrackedWebSocket}
+        self.logger.addFilter(QuietClientErrors())
 
     def create_queue(self, *args, **kwargs):
         return ByteCountingQueue(*args, **kwargs)
@@ -60,6 +103,21 @@ class RecordsSocketServer(socketio.AsyncServer):
 
     def _engineio_server_class(self):
         return RecordsEngine
+
+    async def _handle_eio_message(self, eio_sid, data):
+        try:
+            await super()._handle_eio_message(eio_sid, data)
+        except MALFORMED as exc:
+            # As socket.io does on a parse error: drop the packet and the
+            # connection (the client reconnects if it is a real one).
+            log.warning(
+                "malformed packet from client, connection closed",
+                extra={"error": type(exc).__name__, "size": len(data) if data is not None else 0},
+            )
+            self._binary_packet.pop(eio_sid, None)
+            sock = self.eio.sockets.get(eio_sid)
+            if sock is not None:
+                await sock.close(wait=False, abort=False)
 
     async def _handle_connect(self, eio_sid, namespace, data):
         namespace = namespace or "/"

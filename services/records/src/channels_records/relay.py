@@ -105,7 +105,7 @@ class Relay:
                     self.store.log_message(result.room, result.event, result.payload.encode("utf-8")),
                     self.log_timeout,
                 )
-            except (RedisError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, RedisError, OSError) as exc:
                 # Live delivery never waits on the log: sent without an
                 # offset, the event just cannot be replayed.
                 log.warning("message not logged for recovery", extra={"error": type(exc).__name__})
