@@ -217,11 +217,13 @@ def test_connection_storm_of_2000_clients(redis_url):
         for i in range(n):
             pipe.set(f"/current_users/storm-{i}", f'{{"id": {20000 + i}, "group_ids": [{7000 + i % groups}]}}')
         pipe.execute()
+        started = time.monotonic()
         clients = SioClients(
             svc.url, [], generate={"count": n, "name": "s", "token": "storm-", "transports": ["websocket"]},
             timeout=60000,
         )
         clients.wait_connected([f"s{i}" for i in range(n)], timeout=120)
+        print(f"{n} clients connected and in their rooms after {time.monotonic() - started:.1f}s")
         for g in range(groups):
             rails.records(f"group-{7000 + g}", {"group": g})
         clients.wait(lambda ls: sum(1 for l in ls if l.get("type") == "event") >= n, 60, "group deliveries")

@@ -65,6 +65,8 @@ class Connections:
         environ = self.sio.environ.get(eio_sid)
         if environ is None:
             return
+        if eio_sid in self.broadcaster.held:
+            return  # a second CONNECT while the first is being handled
         token = token_from_query(environ.get("QUERY_STRING", ""))
         # From here on, broadcasts for this socket wait until the CONNECT
         # reply (and any replay) has been queued.
