@@ -169,7 +169,7 @@ async def main_async(args) -> int:
     rails, rails_url = start_rails_stub()
     results: dict = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python bench/run.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "command": " ".join(["python bench/run.py", *(shlex.quote(a) for a in sys.argv[1:])]),
         "machine": {"cpus": __import__("os").cpu_count()},
     }
     started = time.monotonic()
