@@ -57,6 +57,10 @@ def summarise(stacks, top: int = 20) -> dict:
     def share(counter):
         return [(name, count / total) for name, count in counter.most_common(top)]
 
+    # Frames on (nearly) every stack, the event loop's run() and its callers, say nothing.
+    roots = {name for name, count in inclusive.items() if count >= 0.97 * total}
+    for name in roots:
+        del inclusive[name]
     return {
         "samples": total,
         "packages": share(by_package),

@@ -140,7 +140,9 @@ class Profiler:
             log("  --profile: py-spy is not installed in .venv (pip install py-spy); skipping")
             return
         self.process = subprocess.Popen(
-            [str(spy), "record", "--pid", str(pid), "--rate", "200", "--format", "raw", "--output", str(self.path)],
+            # --nonblocking: sampling must not pause the server it measures.
+            [str(spy), "record", "--pid", str(pid), "--rate", "100", "--nonblocking", "--format", "raw",
+             "--output", str(self.path)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
