@@ -73,8 +73,9 @@ def setup_factory(redis_url):
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
 def test_recovery_after_drops_replays_exactly_what_was_missed(setup_factory, transport):
     """Own connection dropped, three times in a row (socket.io#4880, #5419),
-    the first time before the client received any event (socket.io#5538)."""
-    s = setup_factory()
+    the first time before the client received any event (socket.io#5538).
+    At DEBUG log level, so that no secret hides behind a quieter level."""
+    s = setup_factory(LOG_LEVEL="DEBUG")
     s.rails.token(f"tok-rec-{transport}", 101, [1010])
     c = s.open([{"name": "a", "token": f"tok-rec-{transport}", "transports": [transport]}])
     c.wait_connected(["a"])

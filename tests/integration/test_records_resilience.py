@@ -14,6 +14,11 @@ from tests.integration.records_support import Rails, RawWebSocket, SioClients, T
 from tests.support import ServiceProcess, wait_for
 
 
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
 def payloads(clients, name, event="records"):
     return [args[0] for args in clients.events(name, event)]
 
@@ -217,6 +222,7 @@ def test_connection_storm_of_2000_clients(redis_url):
         for i in range(n):
             pipe.set(f"/current_users/storm-{i}", f'{{"id": {20000 + i}, "group_ids": [{7000 + i % groups}]}}')
         pipe.execute()
+        rss_before = _rss_kib(svc.process.pid)
         started = time.monotonic()
         clients = SioClients(
             svc.url, [], generate={"count": n, "name": "s", "token": "storm-", "transports": ["websocket"]},
@@ -224,6 +230,7 @@ def test_connection_storm_of_2000_clients(redis_url):
         )
         clients.wait_connected([f"s{i}" for i in range(n)], timeout=120)
         print(f"{n} clients connected and in their rooms after {time.monotonic() - started:.1f}s")
+        print(f"service memory per connection: {(_rss_kib(svc.process.pid) - rss_before) / n:.1f} KiB")
         for g in range(groups):
             rails.records(f"group-{7000 + g}", {"group": g})
         clients.wait(lambda ls: sum(1 for l in ls if l.get("type") == "event") >= n, 60, "group deliveries")

@@ -184,6 +184,11 @@ def main() -> None:
     setup_logging("records", settings.log_level)
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactQueryTokens())
+    # At DEBUG the websockets library logs every frame through uvicorn's
+    # logger, recovery pids and payloads included: never below INFO.
+    quiet = max(logging.getLogger().level, logging.INFO)
+    for name in ("uvicorn.error", "websockets"):
+        logging.getLogger(name).setLevel(quiet)
     setup_sentry(settings.sentry_dsn, "records")
     service = RecordsService(settings)
     serve(
