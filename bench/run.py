@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--big-repeats", type=int, help="collab: new clients timed on the 100 KB document")
     p.add_argument("--settle-seconds", type=float, help="quiet time before memory readings (default 2)")
     p.add_argument("--out", default=str(BENCH / "results"), help="directory for JSON, Markdown and PNG")
+    p.add_argument("--update-readme", action="store_true",
+                   help="replace the results tables in README.md (between the bench-results markers)")
     p.add_argument("--profile", action="store_true",
                    help="record a py-spy profile of our records server during its rate steps")
     return p.parse_args(argv)
@@ -171,7 +173,9 @@ async def main_async(args) -> int:
     rails, rails_url = start_rails_stub()
     results: dict = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": " ".join(["python bench/run.py", *(shlex.quote(a) for a in sys.argv[1:])]),
+        "command": " ".join(
+            ["python bench/run.py", *(shlex.quote(a) for a in sys.argv[1:] if a != "--update-readme")]
+        ),
         "machine": {"cpus": __import__("os").cpu_count()},
     }
     started = time.monotonic()
@@ -241,7 +245,28 @@ async def main_async(args) -> int:
         print(f"\nwrote {json_path}, {png}, {out / 'latest.md'} ({results['elapsed_s']:.0f} s)")
     else:
         print(f"\nwrote {json_path}, {out / 'latest.md'} (no chart: matplotlib missing)")
+    if args.update_readme:
+        update_readme("\n".join(markdown[1:]).strip(), results)
     return 1 if errors else 0
+
+
+README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
+
+
+def update_readme(tables: str, results: dict) -> None:
+    """Swap in the new tables and their date line; the rest of README.md is others'."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        log("README.md has no bench-results markers; not updated")
+        return
+    command = "make bench" + (f' BENCH_ARGS="{results["command"][len("python bench/run.py "):]}"'
+                              if results["command"] != "python bench/run.py" else "")
+    when = results["date"].replace("T", " ")[:16] + " UTC"
+    body = f"`{command}`, {when}:\n\n{tables}\n"
+    readme.write_text(text[: start + len(README_START)] + "\n" + body + text[end:])
+    log("updated the results in README.md")
 
 
 def main(argv: list[str] | None = None) -> int:
