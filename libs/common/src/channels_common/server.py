@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 
 import uvicorn
@@ -60,4 +61,11 @@ def serve(
     server = _Server(config)
     server.on_stop = on_stop
     log.info("listening", extra={"host": host, "port": port})
+    # uvicorn re-raises the signal that stopped it once shutdown is complete;
+    # with the default handlers the process would then die by that signal
+    # (exit status 143) although it shut down cleanly. A no-op handler makes a
+    # graceful stop exit with status 0, as orchestrators expect.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     server.run()
+    log.info("stopped")
