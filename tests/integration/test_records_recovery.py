@@ -273,3 +273,51 @@ def test_two_instances_behind_a_switching_proxy_exactly_once(setup_factory, redi
         later = connects(c, name)[1:]
         assert later and all(x["recovered"] for x in later), (name, later)
     assert switches >= 3
+
+
+@pytest.mark.slow
+def test_reconnect_storm_after_a_deploy_recovers_everyone(redis_url):
+    """600 clients come back at once to the next process after SIGTERM; each
+    restore reads only its own rooms, and every client recovers."""
+    import redis as redis_sync
+
+    svc = start_records(redis_url)
+    rails = Rails(redis_url)
+    r = redis_sync.Redis.from_url(redis_url)
+    n, groups = 600, 20
+    clients = None
+    svc2 = None
+    try:
+        pipe = r.pipeline()
+        for i in range(n):
+            pipe.set(f"/current_users/deploy-{i}", f'{{"id": {30000 + i}, "group_ids": [{8000 + i % groups}]}}')
+        pipe.execute()
+        clients = SioClients(
+            svc.url, [], generate={"count": n, "name": "d", "token": "deploy-", "transports": ["websocket"]},
+            timeout=60000, quietEvents=False,
+        )
+        names = [f"d{i}" for i in range(n)]
+        clients.wait_connected(names, timeout=120)
+        for g in range(groups):
+            rails.records(f"group-{8000 + g}", {"seq": 0})
+        clients.wait(lambda ls: sum(1 for x in ls if x.get("type") == "event") >= n, 60, "first round")
+        svc.signal(signal.SIGTERM)
+        svc.process.wait(20)
+        svc2 = ServiceProcess("channels-records", svc.port, svc.env).start(ready=True)
+        clients.wait_connected(names, count=2, timeout=120)
+        for g in range(groups):
+            rails.records(f"group-{8000 + g}", {"seq": 1})
+        clients.wait(lambda ls: sum(1 for x in ls if x.get("type") == "event") >= 2 * n, 60, "second round")
+        time.sleep(0.5)
+        not_recovered = [name for name in names if not connects(clients, name)[1]["recovered"]]
+        assert not_recovered == []
+        for name in names:
+            assert seqs(clients, name) == [0, 1], name
+    finally:
+        if clients:
+            clients.close()
+        if svc2:
+            svc2.stop()
+        svc.stop()
+        rails.close()
+        r.close()
