@@ -253,9 +253,8 @@ async def main_async(args) -> int:
 README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 
 
-def update_readme(tables: str, results: dict) -> None:
+def update_readme(tables: str, results: dict, readme: Path = ROOT / "README.md") -> None:
     """Swap in the new tables and their date line; the rest of README.md is others'."""
-    readme = ROOT / "README.md"
     text = readme.read_text()
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:

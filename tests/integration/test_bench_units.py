@@ -90,3 +90,21 @@ def test_profile_summary_splits_self_and_inclusive_time_by_function_and_package(
     # A function twice on one stack counts once; frames on every stack are left out.
     assert inclusive == {"send (websockets/protocol.py)": 0.6, "relay (channels_records/relay.py)": 0.3}
     assert "60.0%  send (websockets/protocol.py)" in render(summary)
+
+
+def test_update_readme_replaces_only_the_results_block(tmp_path):
+    from bench.run import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\nmine\n<!-- bench-results:start -->\nold table\n<!-- bench-results:end -->\ntheirs\n")
+    results = {"command": "python bench/run.py --quick", "date": "2026-11-26T15:00:00+00:00"}
+    update_readme("| new | table |", results, readme)
+    assert readme.read_text() == (
+        "# Title\nmine\n<!-- bench-results:start -->\n"
+        '`make bench BENCH_ARGS="--quick"`, 2026-11-26 15:00 UTC:\n\n| new | table |\n'
+        "<!-- bench-results:end -->\ntheirs\n"
+    )
+    untouched = tmp_path / "OTHER.md"
+    untouched.write_text("no markers\n")
+    update_readme("| new |", results, untouched)
+    assert untouched.read_text() == "no markers\n"
