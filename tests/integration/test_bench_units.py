@@ -108,3 +108,15 @@ def test_update_readme_replaces_only_the_results_block(tmp_path):
     untouched.write_text("no markers\n")
     update_readme("| new |", results, untouched)
     assert untouched.read_text() == "no markers\n"
+
+
+def test_of_repeated_rounds_the_one_with_the_best_headline_counts_and_all_are_kept():
+    from bench.run import best_run
+
+    slow = {"headline": {"deliveries_per_s": 1000.0}, "memory": 1}
+    fast = {"headline": {"deliveries_per_s": 3000.0}, "memory": 2}
+    broken = {"headline": None, "error": "exited"}
+    best = best_run([slow, broken, fast])
+    assert best["memory"] == 2 and best["round_headlines"] == [1000.0, 0.0, 3000.0]
+    assert len(best["rounds"]) == 3
+    assert best_run([slow]) == slow
