@@ -131,3 +131,9 @@ def test_awareness_update():
 def test_bad_awareness_update_raises(update):
     with pytest.raises(p.ProtocolError):
         p.decode_awareness_update(update)
+
+
+def test_token_never_shows_in_a_repr():
+    message = p.decode(p.encode_token("doc", "1,very-secret"))
+    assert message.token == "1,very-secret"
+    assert "very-secret" not in repr(message)

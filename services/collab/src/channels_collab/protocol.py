@@ -15,7 +15,7 @@ is: newer providers append fields (v4 appends its version to Auth).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 
@@ -163,7 +163,7 @@ class Awareness:
 @dataclass(frozen=True, slots=True)
 class Token:
     address: str
-    token: str
+    token: str = field(repr=False)  # a secret: never in a repr, so never in a log
     provider_version: str | None = None  # v4 providers append it
 
 
