@@ -2,6 +2,7 @@
 real document registry (real pycrdt documents)."""
 
 import asyncio
+import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -63,7 +64,7 @@ def world():
         DraftStore(100, 3600, clock=clock),
         debounce_seconds=5,
         max_debounce_seconds=30,
-        call_later=lambda delay, cb: timers.append((delay, cb)) or _Handle(),
+        call_later=lambda delay, cb: timers.append((clock.now + delay, cb)) or _Handle(),
         clock=clock,
     )
     auth = Auth()
@@ -266,7 +267,7 @@ async def test_draft_is_stored_on_debounce_and_when_the_last_peer_leaves(world):
     conn.receive(p.encode_token(NAME, "ok"))
     await settle()
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("draft")))
-    assert [delay for delay, _ in world.timers] == [5]
+    assert [due - world.clock.now for due, _ in world.timers] == [5]
     world.clock.now += 5
     world.timers[0][1]()
     assert NAME in world.registry.store
@@ -307,3 +308,37 @@ async def test_awareness_clients_per_peer_are_bounded(world):
     conn.receive(p.encode_awareness(NAME, many))
     assert world.registry.docs[NAME].awareness.states == {}
     assert t.closed_with is None
+
+
+async def test_store_timer_follows_the_debounce_and_the_max_delay(world):
+    conn, _ = world.connect()
+    conn.receive(p.encode_token(NAME, "ok"))
+    await settle()
+    saves = []
+    original = world.registry.store.put
+    world.registry.store.put = lambda name, state: (saves.append(world.clock.now), original(name, state))
+
+    def run_until(end, edit_every=None):
+        """Advance the clock second by second, editing and firing due timers."""
+        while world.clock.now < end:
+            world.clock.now += 1
+            if edit_every and world.clock.now % edit_every == 0:
+                conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with(str(world.clock.now))))
+            for timer in [t for t in world.timers if t[0] <= world.clock.now]:
+                world.timers.remove(timer)
+                timer[1]()
+
+    start = world.clock.now  # 100
+    conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("a")))
+    world.clock.now += 4
+    conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("b")))
+    run_until(start + 20)
+    assert saves == [start + 9]  # 5 s after the last edit, not after the first
+
+    # An edit every 4 s never leaves 5 s of quiet: stored at the 30 s cap anyway.
+    begin = world.clock.now
+    run_until(begin + 70, edit_every=4)
+    first_edit = begin + 4 - begin % 4
+    assert saves[1] == first_edit + 30
+    # Each later window opens with the first edit after a store (within 4 s).
+    assert len(saves) >= 3 and all(b - a <= 34 for a, b in itertools.pairwise(saves[1:]))
