@@ -342,3 +342,15 @@ async def test_store_timer_follows_the_debounce_and_the_max_delay(world):
     assert saves[1] == first_edit + 30
     # Each later window opens with the first edit after a store (within 4 s).
     assert len(saves) >= 3 and all(b - a <= 34 for a, b in itertools.pairwise(saves[1:]))
+
+
+@pytest.mark.parametrize("relay", [False, True])
+async def test_stateless_is_relayed_only_when_enabled(world, relay):
+    a, _ = world.connect(broadcast_stateless=relay)
+    b, tb = world.connect(broadcast_stateless=relay)
+    a.receive(p.encode_token(NAME, "ok"))
+    b.receive(p.encode_token(NAME, "ok"))
+    await settle()
+    tb.frames.clear()
+    a.receive(p.encode_stateless(NAME, "ping"))
+    assert tb.messages() == ([p.Stateless(NAME, "ping")] if relay else [])

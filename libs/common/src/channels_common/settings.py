@@ -64,6 +64,9 @@ class CollabSettings(CommonSettings):
     # Seconds to wait for Rails to answer an auth request.
     auth_timeout_seconds: float = Field(10.0, validation_alias="COLLAB_AUTH_TIMEOUT_SECONDS")
     max_frame_bytes: int = Field(10 * 1024 * 1024, validation_alias="COLLAB_MAX_FRAME_BYTES")
+    # Relay a client's stateless messages to the document's other clients
+    # (Hocuspocus only does so from an onStateless hook; Loomio has none).
+    broadcast_stateless: bool = Field(False, validation_alias="COLLAB_BROADCAST_STATELESS")
 
     @model_validator(mode="after")
     def _default_port(self) -> "CollabSettings":

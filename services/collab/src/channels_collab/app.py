@@ -103,6 +103,7 @@ class CollabService:
         self.limits = Limits(
             timeout_seconds=settings.timeout_ms / 1000,
             max_frame_bytes=settings.max_frame_bytes,
+            broadcast_stateless=settings.broadcast_stateless,
         )
         self.sockets: set[Connection] = set()
         self.registry: DocumentRegistry | None = None

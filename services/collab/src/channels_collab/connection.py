@@ -56,6 +56,7 @@ class Limits:
     max_queue_bytes: int = 5 * 1024 * 1024
     max_queue_messages: int = 1000
     max_pending_documents: int = 100
+    broadcast_stateless: bool = False
 
 
 @dataclass(slots=True)
@@ -262,6 +263,8 @@ class Connection:
                 self.registry.query_awareness(doc, session)
             elif isinstance(msg, p.Stateless):
                 log.debug("stateless message", extra={"document": session.name, "size": len(msg.payload)})
+                if self.limits.broadcast_stateless:
+                    self.registry.stateless(doc, session, msg.payload)
             elif isinstance(msg, p.Close):
                 self._end_session(session, notify=None)
             elif isinstance(msg, p.BroadcastStateless):

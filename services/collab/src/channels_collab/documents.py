@@ -249,6 +249,9 @@ class DocumentRegistry:
         # Sent to the origin too: providers count it as a sign of life.
         self._broadcast(doc, lambda address: p.encode_awareness(address, payload))
 
+    def stateless(self, doc: LiveDocument, peer: Peer, payload: str) -> None:
+        self._broadcast(doc, lambda address: p.encode_stateless(address, payload), exclude=peer)
+
     def query_awareness(self, doc: LiveDocument, peer: Peer) -> None:
         clients = list(doc.awareness.states)
         payload = doc.awareness.encode_awareness_update(clients)
