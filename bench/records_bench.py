@@ -42,6 +42,8 @@ class RecordsConfig:
     stop_p99_ms: float = 1000.0
     stop_loss: float = 0.02
     token_prefix: str = "bench-token-"
+    # Websocket client of the load generator: "raw" (bench/loadgen/rawws.mjs) or "ws" (the npm package).
+    client: str = "raw"
     # Quiet time before memory is read, so startup and connection bursts settle.
     settle_seconds: float = 2.0
 
@@ -153,6 +155,7 @@ async def run_records(
                 "clients": cfg.clients,
                 "groups": cfg.groups,
                 "tokenPrefix": cfg.token_prefix,
+                "client": cfg.client,
             },
             "connected",
             300.0,

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", help="records: comma-separated deliveries/s, one step each")
     p.add_argument("--repeat", type=int, default=1,
                    help="records: rounds of ours and reference alternately; the best round of each counts")
+    p.add_argument("--ws-client", choices=("raw", "ws"), default="raw",
+                   help="records: the load generator's websocket client (raw: leanest; ws: the npm package)")
     p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 5)")
     p.add_argument("--docs", type=int, help="collab: documents, two providers each (default 500, quick 100)")
     p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
@@ -83,6 +85,7 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
     rec.groups = max(1, min(rec.groups, rec.clients))
     if args.rates:
         rec.rates = [int(r) for r in args.rates.split(",") if r.strip()]
+    rec.client = args.ws_client
     if args.step_seconds is not None:
         rec.step_seconds = args.step_seconds
     if args.docs is not None:

@@ -1,13 +1,15 @@
 // Records load generator: many lean Socket.IO websocket clients in one process.
 //
-// Each client speaks just enough of Engine.IO 4 / Socket.IO 5 over `ws` to be
+// Each client speaks just enough of Engine.IO 4 / Socket.IO 5 over a bare
+// websocket (rawws.mjs; or the `ws` package with "client":"ws") to be
 // a real websocket client of both servers (open, CONNECT to "/", ping/pong,
 // EVENT) without socket.io-client's per-socket machinery, so 2,000 of them
 // fit beside the servers on a 2-core machine. The real client library is
 // proven against our service by the integration tests, not here.
 //
 // Driven over stdin/stdout, one JSON object per line:
-//   {"cmd":"connect","url":"ws://127.0.0.1:5000/socket.io/","clients":N,"groups":G,"tokenPrefix":"t-"}
+//   {"cmd":"connect","url":"ws://127.0.0.1:5000/socket.io/","clients":N,"groups":G,"tokenPrefix":"t-",
+//    "client":"raw"|"ws"}
 //   {"cmd":"status"}                  -> {"event":"status","open":..,"heard":..}
 //   {"cmd":"peek","step":K}            -> {"event":"peek","step":K,"received":..}
 //   {"cmd":"stats","step":K}          -> {"event":"stats","step":K,"received":..,"p50":..,...}
@@ -17,6 +19,7 @@
 import { createInterface } from "node:readline";
 import { performance } from "node:perf_hooks";
 import WebSocket from "ws";
+import { RawWebSocket } from "./rawws.mjs";
 
 // Wall-clock milliseconds with sub-millisecond resolution, comparable with
 // the publisher's time.time(): performance.now() is monotonic and may drift
@@ -93,13 +96,14 @@ function onEvent(client, frame) {
   record(Number(parts[0]), received, received - Number(parts[2]), Number(parts[3]) !== client.group);
 }
 
-function connectOne(url, token, group) {
+function connectOne(url, token, group, kind) {
   return new Promise((resolve) => {
     const client = { ws: null, group, open: false, heard: false, sid: null };
     const sep = url.includes("?") ? "&" : "?";
     const full = `${url}${sep}EIO=4&transport=websocket&channel_token=${encodeURIComponent(token)}`;
-    // The clients trust the servers' UTF-8: validating it is client work the bench does not measure.
-    const ws = new WebSocket(full, { skipUTF8Validation: true });
+    // "raw" (default) is the leanest; "ws" cross-checks it with the `ws` package.
+    // Neither validates UTF-8: that is client work the bench does not measure.
+    const ws = kind === "ws" ? new WebSocket(full, { skipUTF8Validation: true }) : new RawWebSocket(full);
     client.ws = ws;
     let settled = false;
     const settle = (ok, why) => {
@@ -139,7 +143,7 @@ function connectOne(url, token, group) {
   });
 }
 
-async function connectAll({ url, clients: n, groups, tokenPrefix, concurrency = 50 }) {
+async function connectAll({ url, clients: n, groups, tokenPrefix, concurrency = 50, client: kind = "raw" }) {
   const started = now();
   let next = 0;
   let failed = 0;
@@ -147,7 +151,7 @@ async function connectAll({ url, clients: n, groups, tokenPrefix, concurrency = 
   async function worker() {
     while (next < n) {
       const i = next++;
-      const { client, ok, why } = await connectOne(url, `${tokenPrefix}${i}`, i % groups);
+      const { client, ok, why } = await connectOne(url, `${tokenPrefix}${i}`, i % groups, kind);
       clients.push(client);
       if (!ok) {
         failed++;
