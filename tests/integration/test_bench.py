@@ -70,3 +70,18 @@ def test_tiny_bench_of_ours_and_the_reference_gives_well_formed_results(tmp_path
     assert "ours  reference  ratio" in done.stdout
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| memory per idle connection (KiB) |" in (tmp_path / "latest.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_ws_package_client_cross_checks_the_raw_one(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--scenario", "records", "--targets", "reference",
+         "--ws-client", "ws", "--clients", "20", "--groups", "2", "--rates", "400", "--step-seconds", "1",
+         "--settle-seconds", "0.2", "--out", str(tmp_path)],
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "latest.json").read_text())["records"]["reference"]
+    assert result["config"]["client"] == "ws"
+    [step] = result["steps"]
+    assert step["received"] == step["expected"] == 400 and step["misrouted"] == 0
