@@ -25,7 +25,9 @@ class CollabConfig:
     settle_seconds: float = 2.0
 
 
-async def run_collab(server: Server, cfg: CollabConfig, log, helper_pids: tuple[int, ...] = ()) -> dict:
+async def run_collab(
+    server: Server, cfg: CollabConfig, log, helper_pids: tuple[int, ...] = (), profiler=None
+) -> dict:
     driver = None
     result: dict = {"server": server.name, "config": cfg.__dict__.copy()}
     try:
@@ -33,6 +35,8 @@ async def run_collab(server: Server, cfg: CollabConfig, log, helper_pids: tuple[
         await asyncio.sleep(cfg.settle_seconds / 2)
         baseline = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         driver = NodeDriver("collab.mjs")
+        if profiler is not None:
+            profiler.start(server.pid)
         url = f"ws://127.0.0.1:{server.port}"
         loaded = await asyncio.to_thread(driver.call, {"cmd": "load", "url": url, "docs": cfg.docs}, "loaded", 300.0)
         result["load"] = loaded
@@ -87,6 +91,8 @@ async def run_collab(server: Server, cfg: CollabConfig, log, helper_pids: tuple[
         result["error"] = str(exc)
         log(f"  {server.name}: FAILED: {exc}")
     finally:
+        if profiler is not None:
+            profiler.stop()
         if driver is not None:
             driver.close()
         alive = server.alive()

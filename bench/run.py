@@ -66,7 +66,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--update-readme", action="store_true",
                    help="replace the results tables in README.md (between the bench-results markers)")
     p.add_argument("--profile", action="store_true",
-                   help="record a py-spy profile of our records server during its rate steps")
+                   help="record py-spy profiles of our servers (records: rate steps; collab: load and edits)")
     return p.parse_args(argv)
 
 
@@ -97,6 +97,16 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
     if args.settle_seconds is not None:
         rec.settle_seconds = col.settle_seconds = args.settle_seconds
     return rec, col
+
+
+def report_profile(profiler) -> None:
+    if profiler is None or not profiler.path.exists():
+        return
+    summary = profile_summary.render(
+        profile_summary.summarise(profile_summary.parse(profiler.path.read_text().splitlines()), top=15)
+    )
+    profiler.path.with_suffix(".summary.txt").write_text(summary + "\n")
+    log(f"  py-spy profile of ours: {profiler.path}\n{summary}")
 
 
 def best_run(runs: list[dict]) -> dict:
@@ -215,11 +225,7 @@ async def main_async(args) -> int:
                         records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler,
                         helper_pids=(redis_server.process.pid, rails.pid),
                     ))
-                    if profiler is not None and profiler.path.exists():
-                        summary = profile_summary.render(profile_summary.summarise(
-                            profile_summary.parse(profiler.path.read_text().splitlines()), top=15))
-                        profiler.path.with_suffix(".summary.txt").write_text(summary + "\n")
-                        log(f"  py-spy profile of ours: {profiler.path}\n{summary}")
+                    report_profile(profiler)
             for who, done in runs.items():
                 results["records"][who] = best_run(done)
         if args.scenario in ("collab", "all"):
@@ -227,10 +233,12 @@ async def main_async(args) -> int:
                 f"{col_cfg.edit_seconds:g} s, observer on each")
             results["collab"] = {}
             for who in targets:
+                profiler = Profiler(out / f"profile-collab-{stamp}.txt") if args.profile and who == "ours" else None
                 results["collab"][who] = await run_collab(
                     collab_server(who, redis_server.url, rails_url), col_cfg, log,
-                    helper_pids=(redis_server.process.pid, rails.pid),
+                    helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
                 )
+                report_profile(profiler)
     finally:
         rails.terminate()
         rails.wait()
