@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, help="records: websocket clients (default 2000, quick 500)")
     p.add_argument("--groups", type=int, help="records: groups the clients are spread over (default 20)")
     p.add_argument("--rates", help="records: comma-separated deliveries/s, one step each")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="records: rounds of ours and reference alternately; the best round of each counts")
+    p.add_argument("--repeat", type=int,
+                   help="records: rounds of ours and reference alternately, the best round of each counts "
+                        "(default 2, quick 1): on a shared machine one disturbed round should not decide")
     p.add_argument("--ws-client", choices=("raw", "ws"), default="raw",
                    help="records: the load generator's websocket client (raw: leanest; ws: the npm package)")
     p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 5)")
@@ -86,6 +87,9 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
     if args.rates:
         rec.rates = [int(r) for r in args.rates.split(",") if r.strip()]
     rec.client = args.ws_client
+    if args.repeat is None:
+        args.repeat = 1 if args.quick else 2
+    args.repeat = max(1, args.repeat)
     if args.step_seconds is not None:
         rec.step_seconds = args.step_seconds
     if args.docs is not None:

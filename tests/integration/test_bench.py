@@ -13,7 +13,7 @@ import pytest
 from tests.support import ROOT
 
 TINY = [
-    "--clients", "20", "--groups", "2", "--rates", "400,800", "--step-seconds", "1",
+    "--clients", "20", "--groups", "2", "--rates", "400,800", "--step-seconds", "1", "--repeat", "1",
     "--docs", "5", "--edit-seconds", "2", "--big-repeats", "1", "--settle-seconds", "0.2",
 ]
 
@@ -76,7 +76,7 @@ def test_tiny_bench_of_ours_and_the_reference_gives_well_formed_results(tmp_path
 def test_the_ws_package_client_cross_checks_the_raw_one(tmp_path):
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--scenario", "records", "--targets", "reference",
-         "--ws-client", "ws", "--clients", "20", "--groups", "2", "--rates", "400", "--step-seconds", "1",
+         "--ws-client", "ws", "--repeat", "1", "--clients", "20", "--groups", "2", "--rates", "400", "--step-seconds", "1",
          "--settle-seconds", "0.2", "--out", str(tmp_path)],
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
