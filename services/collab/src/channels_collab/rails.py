@@ -17,6 +17,7 @@ log = logging.getLogger("channels.collab.rails")
 
 AUTH_PATH = "/api/hocuspocus"
 MAX_TOKEN_LENGTH = 1024
+RETRIES = 2
 DENIED_REASON = "permission-denied"
 
 
@@ -57,7 +58,7 @@ class RailsAuthenticator:
         base_url: str | None,
         *,
         timeout_seconds: float,
-        max_concurrent: int = 100,
+        max_concurrent: int = 32,
         client: httpx.AsyncClient | None = None,
     ):
         self.url = base_url.rstrip("/") + AUTH_PATH if base_url else None
@@ -76,17 +77,31 @@ class RailsAuthenticator:
     async def aclose(self) -> None:
         await self.client.aclose()
 
+    async def _post(self, body: dict) -> httpx.Response:
+        # One retry when the connection failed before any answer: a kept-alive
+        # connection the server has just closed, or a reset from a full accept
+        # queue. Asking again is harmless, the request changes nothing.
+        for attempt in range(RETRIES + 1):
+            try:
+                return await self.client.post(self.url, json=body)
+            except httpx.TimeoutException:
+                raise
+            except (httpx.ConnectError, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                if attempt == RETRIES:
+                    raise
+                await asyncio.sleep(0.05 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     async def authenticate(self, token: str, document_name: str) -> Decision:
         if self.url is None:
             return Decision(False, detail="no rails url")
         if not token or len(token) > MAX_TOKEN_LENGTH:
             return Decision(False, detail="empty or oversized token")
+        body = {"user_secret": token, "document_name": document_name}
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 async with self._slots:
-                    response = await self.client.post(
-                        self.url, json={"user_secret": token, "document_name": document_name}
-                    )
+                    response = await self._post(body)
         except (TimeoutError, httpx.TimeoutException):
             log.warning("rails auth timed out", extra={"document": document_name})
             return Decision(False, detail="timeout")

@@ -1,0 +1,102 @@
+"""The Rails callback client against a real (tiny) HTTP server on loopback."""
+
+import asyncio
+import json
+
+import pytest
+from channels_collab.rails import RailsAuthenticator
+
+
+class FakeRails:
+    """Answers each request with the next scripted reply: (status, body),
+    "drop" (close without answering) or "hang"."""
+
+    def __init__(self, replies):
+        self.replies = list(replies)
+        self.requests = []
+
+    async def __aenter__(self):
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc):
+        self.server.close()
+
+    async def handle(self, reader, writer):
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return  # the client closed its kept-alive connection
+            lines = head.split(b"\r\n")
+            length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
+            body = await reader.readexactly(length)
+            self.requests.append((lines[0].decode(), json.loads(body)))
+            reply = self.replies.pop(0) if self.replies else (200, b"")
+            if reply == "drop":
+                writer.close()
+                return
+            if reply == "hang":
+                await asyncio.sleep(10)
+                return
+            status, payload = reply
+            writer.write(
+                f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            await writer.drain()
+
+
+async def decide(replies, token="1,s", name="comment-1", timeout=2.0):
+    async with FakeRails(replies) as rails:
+        auth = RailsAuthenticator(rails.url, timeout_seconds=timeout)
+        try:
+            return await auth.authenticate(token, name), rails.requests
+        finally:
+            await auth.aclose()
+
+
+async def test_allowed_with_the_contract_body():
+    decision, requests = await decide([(200, b"")])
+    assert decision.allowed and decision.scope == "read-write"
+    assert requests == [("POST /api/hocuspocus HTTP/1.1", {"user_secret": "1,s", "document_name": "comment-1"})]
+
+
+@pytest.mark.parametrize("body", [b'{"scope": "readonly"}', b'{"read_only": true}'])
+async def test_read_only_answer(body):
+    decision, _ = await decide([(200, body)])
+    assert decision.allowed and decision.readonly
+
+
+@pytest.mark.parametrize("status", [401, 403, 404, 500, 302])
+async def test_anything_but_200_denies(status):
+    decision, _ = await decide([(status, b"{}")])
+    assert not decision.allowed
+
+
+async def test_timeout_denies():
+    decision, _ = await decide(["hang"], timeout=0.3)
+    assert not decision.allowed and decision.detail == "timeout"
+
+
+async def test_a_dropped_connection_is_retried():
+    decision, requests = await decide(["drop", (200, b"")])
+    assert decision.allowed and len(requests) == 2
+
+
+async def test_unreachable_denies():
+    auth = RailsAuthenticator("http://127.0.0.1:9", timeout_seconds=1)
+    try:
+        decision = await auth.authenticate("1,s", "comment-1")
+    finally:
+        await auth.aclose()
+    assert not decision.allowed and decision.detail == "unreachable"
+
+
+async def test_no_url_or_no_token_denies_without_asking():
+    _, requests = await decide([], token="")
+    assert requests == []
+    auth = RailsAuthenticator(None, timeout_seconds=1)
+    assert not (await auth.authenticate("1,s", "comment-1")).allowed
+    await auth.aclose()
