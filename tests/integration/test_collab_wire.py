@@ -4,6 +4,7 @@ floods, silence) against a real process with a real Rails stand-in."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -41,8 +42,8 @@ def collab(rails):
 
 @pytest.fixture(scope="module")
 def short(rails):
-    """A service with a 1.5 s timeout, for the deadlines."""
-    service = start_collab(rails.url, COLLAB_TIMEOUT_MS="1500")
+    """A service with a 2 s timeout, for the deadlines."""
+    service = start_collab(rails.url, COLLAB_TIMEOUT_MS="2000")
     yield service
     service.stop()
 
@@ -294,7 +295,8 @@ def test_socket_that_never_authenticates_is_closed_at_a_deadline(short, connect)
     for _ in range(25):
         if client.closed.is_set():
             break
-        client.send(p.encode_sync(name, p.SyncStep.STEP1, b"\x00"))
+        with contextlib.suppress(ConnectionClosed):  # the close may come at any moment
+            client.send(p.encode_sync(name, p.SyncStep.STEP1, b"\x00"))
         client.closed.wait(0.2)
     assert client.wait_closed() == 4408
 
@@ -311,7 +313,7 @@ def test_v4_socket_is_pinged_and_kept_while_it_answers(short, connect):
     authenticate(client, doc_name(), token("1"), version="4.8.0")
     pings = 0
     for _ in range(3):  # past twice the timeout
-        frame = client.recv(timeout=3)
+        frame = client.recv(timeout=4)
         if frame == p.PING_FRAME:
             pings += 1
             client.send(p.PONG_FRAME)
@@ -320,7 +322,7 @@ def test_v4_socket_is_pinged_and_kept_while_it_answers(short, connect):
 
 
 def test_real_providers_and_the_idle_timeout(short):
-    """With a 1.5 s timeout and no edits: a v4 provider answers the server's
+    """With a 2 s timeout and no edits: a v4 provider answers the server's
     Pings and keeps its socket; a v3 provider (never pinged, its awareness
     renews only every 15 s) is closed with 4408 and reconnects."""
     url = f"ws://127.0.0.1:{short.port}"
@@ -330,7 +332,7 @@ def test_real_providers_and_the_idle_timeout(short):
             tab.attach(doc_name(), token("1"))
         closed = v3.wait(lambda e: e["event"] == "close" and e["code"] == 4408, timeout=10, what="v3 closed 4408")
         v3.wait(lambda e: e["event"] == "synced", since=v3.events.index(closed), what="v3 resynced")
-        time.sleep(1.5)  # v4 has now gone without edits for well over twice the timeout
+        time.sleep(2.5)  # v4 has now gone without edits for over twice the timeout
         assert not [e for e in v4.events if e["event"] == "close"]
         assert 9 in [e["type"] for e in v4.events if e["event"] == "frame" and e["doc"] is None]
     finally:
