@@ -138,6 +138,7 @@ class TcpProxy:
         # While refusing, new connections are closed at once: a network that
         # is down for the clients behind this proxy.
         self.refusing = False
+        self.generation = 0
         self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -173,12 +174,21 @@ class TcpProxy:
         if self.refusing:
             writer.transport.abort()
             return
+        generation = self.generation
+        self.writers.add(writer)
         try:
             up_reader, up_writer = await self.asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
+            self.writers.discard(writer)
             writer.close()
             return
-        self.writers.update((writer, up_writer))
+        if self.refusing or generation != self.generation:
+            # cut while this one was being connected: it must not survive
+            self.writers.discard(writer)
+            writer.transport.abort()
+            up_writer.transport.abort()
+            return
+        self.writers.add(up_writer)
         await self.asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
         self.writers.discard(writer)
         self.writers.discard(up_writer)
@@ -190,6 +200,7 @@ class TcpProxy:
 
     def cut(self) -> None:
         async def abort_all():
+            self.generation += 1
             for w in list(self.writers):
                 w.transport.abort()
 

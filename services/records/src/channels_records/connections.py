@@ -264,7 +264,11 @@ class Connections:
         with a CLOSE packet (websockets are closed by the server right
         after), so that clients reconnect, to another instance if need be."""
         self.stopping = True
-        await self.touch_all()
+        try:
+            # Best effort: a Redis that does not answer must not hold up the exit.
+            await asyncio.wait_for(self.touch_all(), 1.0)
+        except TimeoutError:
+            log.warning("recovery sessions not refreshed before shutdown")
         socks = list(self.sockets.values())
         for sock in socks:
             try:

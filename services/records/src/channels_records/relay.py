@@ -3,7 +3,6 @@ here: the caller logs the reason and drops the message."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -79,11 +78,10 @@ class Relay:
     """The subscription handler: validate, give the message its recovery
     offset, broadcast. Called for one message at a time, in publish order."""
 
-    def __init__(self, broadcaster, metrics, store=None, log_timeout: float = 2.0):
+    def __init__(self, broadcaster, metrics, store=None):
         self.broadcaster = broadcaster
         self.metrics = metrics
         self.store = store
-        self.log_timeout = log_timeout
         # Offset of the newest event this instance has broadcast. Set in the
         # same step as the broadcast, so a recovery running meanwhile can
         # tell which logged events this instance has yet to send live.
@@ -101,10 +99,8 @@ class Relay:
         offset = None
         if self.store is not None:
             try:
-                offset = await asyncio.wait_for(
-                    self.store.log_message(result.room, result.event, result.payload.encode("utf-8")),
-                    self.log_timeout,
-                )
+                # The store bounds the wait itself (and raises a Redis error).
+                offset = await self.store.log_message(result.room, result.event, result.payload.encode("utf-8"))
             except (TimeoutError, RedisError, OSError) as exc:
                 # Live delivery never waits on the log: sent without an
                 # offset, the event just cannot be replayed.
