@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# (label, how to get the figure, unit scale, format, bar) where bar is
-# (">=" | "<=", ratio) on ours / reference, or None for figures shown for context.
-Row = tuple
+# Rows are (label, ours, reference, format, bar) where bar is (">=" | "<=", limit)
+# on ours / reference, None for figures shown for context, or NO_RATIO where a
+# ratio means nothing (how busy the machine was).
+NO_RATIO = False
 
 
 def _ratio(ours, ref):
@@ -17,7 +18,7 @@ def _ratio(ours, ref):
 
 
 def _verdict(ratio, bar):
-    if bar is None:
+    if not bar:
         return ""
     op, limit = bar
     if ratio is None:
@@ -36,7 +37,7 @@ def table(title: str, rows: list[tuple[str, object, object, str, tuple | None]])
     lines = []
     body = []
     for label, ours, ref, fmt, bar in rows:
-        ratio = _ratio(ours, ref)
+        ratio = None if bar is NO_RATIO else _ratio(ours, ref)
         body.append((label, _cell(ours, fmt), _cell(ref, fmt), _cell(ratio, ".2f"), _verdict(ratio, bar)))
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(5)]
     lines.append(title)
@@ -50,7 +51,7 @@ def table(title: str, rows: list[tuple[str, object, object, str, tuple | None]])
 def markdown_table(rows: list[tuple[str, object, object, str, tuple | None]]) -> str:
     out = ["| | ours | reference | ratio | bar |", "|---|---:|---:|---:|---|"]
     for label, ours, ref, fmt, bar in rows:
-        ratio = _ratio(ours, ref)
+        ratio = None if bar is NO_RATIO else _ratio(ours, ref)
         out.append(
             f"| {label} | {_cell(ours, fmt)} | {_cell(ref, fmt)} | {_cell(ratio, '.2f')} | {_verdict(ratio, bar)} |"
         )
@@ -107,7 +108,7 @@ def records_rows(ours: dict, ref: dict) -> list:
         ("highest delivery rate reached, any latency", max_rate(ours), max_rate(ref), ".0f", None),
         ("connect all clients (s)", _seconds(_get(ours, "connect", "ms")), _seconds(_get(ref, "connect", "ms")),
          ".1f", None),
-        ("other processes on the machine, mean (cores)", mean_others(ours), mean_others(ref), ".2f", None),
+        ("other processes on the machine, mean (cores)", mean_others(ours), mean_others(ref), ".2f", NO_RATIO),
     ]
 
 
@@ -141,7 +142,7 @@ def collab_rows(ours: dict, ref: dict) -> list:
         ("load all documents, 2 providers each (s)", _seconds(_get(ours, "load", "ms")),
          _seconds(_get(ref, "load", "ms")), ".1f", None),
         ("other processes on the machine (cores)", _get(ours, "edit", "other_processes_cores"),
-         _get(ref, "edit", "other_processes_cores"), ".2f", None),
+         _get(ref, "edit", "other_processes_cores"), ".2f", NO_RATIO),
     ]
 
 

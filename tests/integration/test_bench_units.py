@@ -54,13 +54,14 @@ def test_cpu_is_compared_at_the_highest_load_both_servers_met_the_bar():
 
 def test_tables_show_both_servers_the_ratio_and_whether_the_bar_is_met():
     rows = [("rate", 30000.0, 20000.0, ".0f", (">=", 1.25)), ("cpu", 20.0, 25.0, ".1f", ("<=", 0.7)),
-            ("info", None, 3.0, ".1f", None)]
+            ("info", None, 3.0, ".1f", None), ("busy", 0.5, 0.1, ".2f", report.NO_RATIO)]
     text = report.table("Records", rows)
     lines = text.splitlines()
     assert lines[0] == "Records"
     assert "30000" in lines[3] and "20000" in lines[3] and "1.50" in lines[3] and "PASS" in lines[3]
     assert "0.80" in lines[4] and "FAIL" in lines[4]
     assert "n/a" not in lines[5] and lines[5].split()[1] == "-"
+    assert lines[6].split() == ["busy", "0.50", "0.10", "-"]
     md = report.markdown_table(rows)
     assert md.splitlines()[2] == "| rate | 30000 | 20000 | 1.50 | >=1.25  PASS |"
 
