@@ -15,6 +15,20 @@ from tests.support import NodeScript, ServiceProcess, free_port
 APP_ORIGIN = "https://app.loomio.test"
 
 
+def _raise_fd_limit(want: int = 16384) -> None:
+    """Thousands of sockets per process in the storm tests: lift the soft
+    limit (children inherit it) as far as the hard limit allows."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+_raise_fd_limit()
+
+
 def start_records(redis_url: str, ready: bool = True, **env) -> ServiceProcess:
     environment = {"REDIS_URL": redis_url, "PUBLIC_APP_URL": APP_ORIGIN, "LOG_LEVEL": "INFO"}
     environment.update({k: str(v) for k, v in env.items()})
@@ -49,6 +63,11 @@ class SioClients:
 
     def __init__(self, url: str, clients: list[dict], **config):
         self.lines: list[dict] = []
+        # Kept as lines arrive, so that waiting on thousands of clients does
+        # not rescan every line on every wake-up.
+        self.connects: dict[str, int] = {}
+        self.type_counts: dict[str, int] = {}
+        self.by_client: dict[str, list[dict]] = {}
         self.cond = threading.Condition()
         self.node = NodeScript("sio-client.mjs", json.dumps({"url": url, "clients": clients, **config}))
         self.stderr: list[str] = []
@@ -60,6 +79,11 @@ class SioClients:
         for line in self.node.lines():
             with self.cond:
                 self.lines.append(line)
+                self.by_client.setdefault(line.get("c"), []).append(line)
+                kind = line.get("type")
+                self.type_counts[kind] = self.type_counts.get(kind, 0) + 1
+                if kind == "connect":
+                    self.connects[line["c"]] = self.connects.get(line["c"], 0) + 1
                 self.cond.notify_all()
 
     def _read_err(self) -> None:
@@ -81,22 +105,25 @@ class SioClients:
 
     def of(self, name: str, type_: str | None = None) -> list[dict]:
         with self.cond:
-            return [l for l in self.lines if l.get("c") == name and (type_ is None or l.get("type") == type_)]
+            lines = self.by_client.get(name, [])
+            return [l for l in lines if type_ is None or l.get("type") == type_]
 
     def events(self, name: str, event: str | None = None) -> list[list]:
         return [l["args"] for l in self.of(name, "event") if event is None or l["event"] == event]
 
     def wait_connected(self, names, timeout: float = 20.0, count: int = 1) -> None:
-        names = list(names)
+        waiting = set(names)
 
-        def done(lines):
-            seen: dict[str, int] = {}
-            for l in lines:
-                if l.get("type") == "connect":
-                    seen[l["c"]] = seen.get(l["c"], 0) + 1
-            return all(seen.get(n, 0) >= count for n in names)
+        def done(_):
+            for n in list(waiting):
+                if self.connects.get(n, 0) >= count:
+                    waiting.discard(n)
+            return not waiting
 
-        self.wait(done, timeout, f"{len(names)} clients connected")
+        self.wait(done, timeout, f"{len(waiting)} clients connected")
+
+    def count(self, type_: str) -> int:
+        return self.type_counts.get(type_, 0)
 
     def wait_events(self, name: str, n: int, event: str | None = None, timeout: float = 15.0) -> list[list]:
         self.wait(lambda _: len(self.events(name, event)) >= n, timeout, f"{n} events for {name}")

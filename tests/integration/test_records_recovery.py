@@ -300,14 +300,14 @@ def test_reconnect_storm_after_a_deploy_recovers_everyone(redis_url):
         clients.wait_connected(names, timeout=120)
         for g in range(groups):
             rails.records(f"group-{8000 + g}", {"seq": 0})
-        clients.wait(lambda ls: sum(1 for x in ls if x.get("type") == "event") >= n, 60, "first round")
+        clients.wait(lambda _: clients.count("event") >= n, 60, "first round")
         svc.signal(signal.SIGTERM)
         svc.process.wait(20)
         svc2 = ServiceProcess("channels-records", svc.port, svc.env).start(ready=True)
         clients.wait_connected(names, count=2, timeout=120)
         for g in range(groups):
             rails.records(f"group-{8000 + g}", {"seq": 1})
-        clients.wait(lambda ls: sum(1 for x in ls if x.get("type") == "event") >= 2 * n, 60, "second round")
+        clients.wait(lambda _: clients.count("event") >= 2 * n, 60, "second round")
         time.sleep(0.5)
         not_recovered = [name for name in names if not connects(clients, name)[1]["recovered"]]
         assert not_recovered == []

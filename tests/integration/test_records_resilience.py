@@ -191,7 +191,7 @@ def test_500_concurrent_clients_each_get_exactly_their_rooms(redis_url):
         for g in range(groups):
             rails.records(f"group-{5000 + g}", {"group": g})
         rails.notice({"all": True})
-        clients.wait(lambda ls: sum(1 for l in ls if l.get("type") == "event") >= 3 * n, 60, "all deliveries")
+        clients.wait(lambda _: clients.count("event") >= 3 * n, 60, "all deliveries")
         time.sleep(0.5)
         for i in range(n):
             got = payloads(clients, f"c{i}")
@@ -233,7 +233,7 @@ def test_connection_storm_of_2000_clients(redis_url):
         print(f"service memory per connection: {(_rss_kib(svc.process.pid) - rss_before) / n:.1f} KiB")
         for g in range(groups):
             rails.records(f"group-{7000 + g}", {"group": g})
-        clients.wait(lambda ls: sum(1 for l in ls if l.get("type") == "event") >= n, 60, "group deliveries")
+        clients.wait(lambda _: clients.count("event") >= n, 60, "group deliveries")
         time.sleep(0.5)
         for i in range(n):
             assert payloads(clients, f"s{i}") == [{"room": f"group-{7000 + i % groups}", "records": {"group": i % groups}}]
