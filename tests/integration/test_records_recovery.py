@@ -89,7 +89,9 @@ def test_recovery_after_drops_replays_exactly_what_was_missed(setup_factory, tra
             c.wait_events("a", seq, "records")
         s.proxy.outage()
         c.wait(lambda _, n=round_: len(c.of("a", "disconnect")) >= n, 20, f"drop {round_}")
-        s.publish("group-1010", seq, seq + 4)  # missed while away
+        s.publish("group-1010", seq, seq + 2)  # missed while away, a notice among them
+        s.rails.notice({"round": round_})
+        s.publish("group-1010", seq + 2, seq + 4)
         seq += 4
         time.sleep(0.3)
         s.proxy.restore()
@@ -103,6 +105,11 @@ def test_recovery_after_drops_replays_exactly_what_was_missed(setup_factory, tra
     c.wait_events("a", seq, "records")
     time.sleep(0.3)
     assert seqs(c, "a") == list(range(seq))
+    # Notices are replayed too, in publish order among the records.
+    order = [(e["event"], e["args"][0].get("round", e["args"][0].get("records", {}).get("seq"))) for e in c.of("a", "event")]
+    for round_ in range(1, 4):
+        at = order.index(("notice", round_))
+        assert order[at - 1][0] == "records" and order[at + 1] == ("records", order[at - 1][1] + 1)
     offsets = [args[-1] for args in c.events("a", "records")]
     assert all(isinstance(o, str) for o in offsets)
     logs = s.svc.logs()
