@@ -113,3 +113,95 @@ def test_floor_skips_live_copies_of_replayed_events_until_caught_up():
     b.to_room("g", '2["records",7,"7-0"]', "7-0")
     assert drain(engine.sockets["e0"]) == ['42["records",6,"6-0"]', '42["records",7,"7-0"]']
     assert b.floors == {}
+
+
+class FakeTransport:
+    """What the fast path needs of an asyncio transport: bytes written are
+    held in a buffer the test drains, as a client that reads would."""
+
+    def __init__(self):
+        self.buffer = bytearray()
+        self.closing = False
+        self.writes = []
+
+    def write(self, data):
+        self.writes.append(data)
+        self.buffer += data
+
+    def get_write_buffer_size(self):
+        return len(self.buffer)
+
+    def is_closing(self):
+        return self.closing
+
+
+class FakeWebSocket:
+    def __init__(self):
+        self.transport = FakeTransport()
+        self.sending = False
+
+
+def on_websocket(sock, upgraded=True):
+    sock.websocket = FakeWebSocket()
+    sock.upgraded = upgraded
+    return sock.websocket.transport
+
+
+def test_websocket_sockets_get_one_shared_frame_written_to_their_transport():
+    engine, b, _ = make({"g": ["e0", "e1", "e2"]})
+    t0 = on_websocket(engine.sockets["e0"])
+    t1 = on_websocket(engine.sockets["e1"])
+    assert b.to_room("g", '2["records",{"a":1}]') == 3
+    payload = b'42["records",{"a":1}]'
+    assert t0.writes == [bytes([0x81, len(payload)]) + payload]
+    assert t0.writes[0] is t1.writes[0]  # framed once for everybody
+    assert engine.sockets["e0"].queue.empty()
+    assert drain(engine.sockets["e2"]) == ['42["records",{"a":1}]']  # polling: queued
+    assert b.direct == 2
+
+
+def test_queue_keeps_order_until_engineio_writer_has_sent_everything():
+    engine, b, _ = make({"g": ["e0"]})
+    sock = engine.sockets["e0"]
+    t = on_websocket(sock, upgraded=False)
+    b.to_room("g", "2[1]")  # still upgrading: queued
+    sock.upgraded = True
+    b.to_room("g", "2[2]")  # the queue is not empty yet: behind 1
+    assert t.writes == [] and drain(sock) == ["42[1]", "42[2]"]
+    sock.websocket.sending = True  # engine.io's writer is mid-send
+    b.to_room("g", "2[3]")
+    assert t.writes == [] and drain(sock) == ["42[3]"]
+    sock.websocket.sending = False
+    b.to_room("g", "2[4]")
+    assert t.writes == [b"\x81\x0542[4]"]
+
+
+def test_transport_buffer_past_the_limit_evicts_instead_of_writing():
+    engine, b, evicted = make({"g": ["e0", "e1"]}, limit=100)
+    t0 = on_websocket(engine.sockets["e0"])
+    t1 = on_websocket(engine.sockets["e1"])
+    text = "2" + "x" * 39  # a 42-byte frame
+    b.to_room("g", text)
+    b.to_room("g", text)
+    t1.buffer.clear()  # e1 reads, e0 does not
+    b.to_room("g", text)
+    assert evicted == ["e0"]
+    assert len(t0.writes) == 2 and len(t1.writes) == 3
+
+
+def test_closing_transport_gets_nothing():
+    engine, b, evicted = make({"g": ["e0"]})
+    t = on_websocket(engine.sockets["e0"])
+    t.closing = True
+    assert b.to_room("g", "2[]") == 0 and t.writes == [] and not evicted
+
+
+def test_connect_reply_and_held_events_reach_the_transport_in_order():
+    engine, b, _ = make({"g": ["e0"]})
+    t = on_websocket(engine.sockets["e0"])
+    b.hold("e0")
+    b.to_room("g", "2[1]")
+    assert t.writes == []
+    b.send_now("e0", '0{"sid":"s"}')
+    b.release("e0")
+    assert [w[2:] for w in t.writes] == [b'40{"sid":"s"}', b"42[1]"]

@@ -78,6 +78,7 @@ class RecordsService:
             limit_bytes=settings.max_client_buffer_bytes,
             on_overflow=self._evict,
             on_delivered=self.metrics.deliveries.inc,
+            on_direct=self.metrics.direct.inc,
             order_key=offset_key,
         )
         self.sio.on("disconnect", self._disconnect)
@@ -159,11 +160,13 @@ class RecordsService:
             if sock is None:
                 return
             self.metrics.slow_clients.inc()
+            websocket = getattr(sock, "websocket", None)
+            transport = getattr(websocket, "transport", None)
+            buffered = sock.queue.bytes + (transport.get_write_buffer_size() if transport is not None else 0)
             log.warning(
                 "client not reading, disconnecting",
-                extra={"buffered_bytes": sock.queue.bytes, "limit": self.settings.max_client_buffer_bytes},
+                extra={"buffered_bytes": buffered, "limit": self.settings.max_client_buffer_bytes},
             )
-            websocket = getattr(sock, "websocket", None)
             await sock.close(wait=False, abort=True)
             sock.queue.discard_all()
             sock.queue.put_nowait(None)  # ends a pending long-poll or the writer

@@ -1,13 +1,16 @@
 """The hot path: one encoded packet, written to every socket of a room.
 
-A broadcast is encoded once into its final Socket.IO text and wrapped in one
-Engine.IO packet object shared by every recipient (its encoded form is cached
-on first use). Per-recipient work is `deliver` and nothing else, so that a
-faster transport path can replace it in one place.
+A broadcast is encoded once into its final Socket.IO text, and framed at
+most once more into its final websocket bytes (see wsframe.py). For a socket
+on an established websocket, delivering it is one `transport.write` of those
+shared bytes: no task, queue or engine.io writer in between. Everything else
+(long-polling clients, a websocket whose engine.io writer still has packets
+to send, so that order is kept) gets the shared Engine.IO packet on the
+socket's send queue as python-engineio expects.
 
-Memory per client is bounded: every socket's send queue counts the bytes it
-holds, and a socket that would go past the limit (a client that stopped
-reading) is evicted instead of queued to.
+Memory per client is bounded: the transport's write buffer or the send queue
+(which counts the bytes it holds) of a client that stopped reading would go
+past the limit, and the client is evicted instead of written to.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import logging
 from collections.abc import Callable
 
 from engineio import packet as eio_packet
+
+from .wsframe import text_frame
 
 log = logging.getLogger("channels.records.broadcast")
 
@@ -56,6 +61,38 @@ class ByteCountingQueue(asyncio.Queue):
                 return
 
 
+class Outgoing:
+    """One broadcast as every recipient gets it: the engine.io packet for
+    send queues and, made on first use, the websocket frame."""
+
+    __slots__ = ("_frame", "pkt", "size")
+
+    def __init__(self, text: str):
+        self.pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
+        self.size = len(text) + 1
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = text_frame(("4" + self.pkt.data).encode("utf-8"))
+        return self._frame
+
+
+def direct_transport(sock):
+    """The transport a message may be written to directly, or None.
+
+    Only once the engine.io socket is on its websocket for good, and only
+    while its own writer is idle with nothing queued: a packet it is still
+    to send must not be overtaken."""
+    ws = getattr(sock, "websocket", None)
+    if ws is None or ws.transport is None or ws.sending or not sock.upgraded:
+        return None
+    if sock.queue.bytes:
+        return None
+    return ws.transport
+
+
 class Held:
     """Packets for a socket that is still in its CONNECT handshake: they
     must follow the CONNECT reply (and any replay), so they wait here."""
@@ -63,7 +100,7 @@ class Held:
     __slots__ = ("bytes", "packets")
 
     def __init__(self) -> None:
-        self.packets: list[tuple[object, str | None]] = []
+        self.packets: list[tuple[Outgoing, str | None]] = []
         self.bytes = 0
 
 
@@ -76,6 +113,7 @@ class Broadcaster:
         limit_bytes: int,
         on_overflow: Callable[[str], None],
         on_delivered: Callable[[int], None] = lambda n: None,
+        on_direct: Callable[[int], None] = lambda n: None,
         order_key: Callable[[str], object] | None = None,
     ):
         self.sockets = engine.sockets  # eio_sid -> engine.io socket
@@ -83,6 +121,8 @@ class Broadcaster:
         self.limit = limit_bytes
         self.on_overflow = on_overflow
         self.on_delivered = on_delivered
+        self.on_direct = on_direct
+        self.direct = 0  # deliveries written straight to a transport
         self.held: dict[str, Held] = {}
         # eio_sid -> order key of the newest event a recovery replayed to it,
         # set only when this instance had not relayed that far yet: its live
@@ -94,17 +134,19 @@ class Broadcaster:
         members = self.manager.rooms.get(NAMESPACE, {}).get(room)
         if not members:
             return 0
-        pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
-        size = len(text) + 1
+        out = Outgoing(text)
         key = self.order_key(offset) if self.floors and offset is not None else None
+        direct = self.direct
         delivered = 0
         # A copy: an eviction or disconnect may change the room meanwhile.
         for eio_sid in list(members.values()):
-            delivered += self.deliver(eio_sid, pkt, size, offset, key)
+            delivered += self.deliver(eio_sid, out, offset, key)
         self.on_delivered(delivered)
+        if self.direct != direct:
+            self.on_direct(self.direct - direct)
         return delivered
 
-    def deliver(self, eio_sid: str, pkt, size: int, offset: str | None = None, key=None) -> bool:
+    def deliver(self, eio_sid: str, out: Outgoing, offset: str | None = None, key=None) -> bool:
         """Queue one shared packet for one socket; never awaits."""
         if key is not None:
             floor = self.floors.get(eio_sid)
@@ -114,29 +156,40 @@ class Broadcaster:
                 del self.floors[eio_sid]  # caught up: events come in offset order
         held = self.held.get(eio_sid)
         if held is not None:
-            if held.bytes + size > self.limit:
+            if held.bytes + out.size > self.limit:
                 self.on_overflow(eio_sid)
                 return False
-            held.packets.append((pkt, offset))
-            held.bytes += size
+            held.packets.append((out, offset))
+            held.bytes += out.size
             return True
-        return self._enqueue(eio_sid, pkt, size)
+        return self._send(eio_sid, out)
 
-    def _enqueue(self, eio_sid: str, pkt, size: int) -> bool:
+    def _send(self, eio_sid: str, out: Outgoing) -> bool:
         sock = self.sockets.get(eio_sid)
         if sock is None or sock.closed or sock.closing:
             return False
+        transport = direct_transport(sock)
+        if transport is not None:
+            if transport.is_closing():
+                return False
+            frame = out.frame
+            if transport.get_write_buffer_size() + len(frame) > self.limit:
+                self.on_overflow(eio_sid)
+                return False
+            transport.write(frame)
+            self.direct += 1
+            return True
         queue = sock.queue
-        if queue.bytes + size > self.limit:
+        if queue.bytes + out.size > self.limit:
             self.on_overflow(eio_sid)
             return False
-        queue.put_nowait(pkt)
+        queue.put_nowait(out.pkt)
         return True
 
     def send_now(self, eio_sid: str, text: str) -> bool:
         """One packet for one socket ahead of anything held for it (the
         CONNECT reply, then replayed events)."""
-        return self._enqueue(eio_sid, eio_packet.Packet(eio_packet.MESSAGE, text), len(text) + 1)
+        return self._send(eio_sid, Outgoing(text))
 
     def hold(self, eio_sid: str) -> None:
         self.held[eio_sid] = Held()
@@ -147,11 +200,11 @@ class Broadcaster:
         held = self.held.pop(eio_sid, None)
         if held is None:
             return
-        for pkt, offset in held.packets:
+        for out, offset in held.packets:
             if offset is not None and offset in skip_offsets:
                 continue
             key = self.order_key(offset) if offset is not None and eio_sid in self.floors else None
-            self.deliver(eio_sid, pkt, packet_size(pkt), offset, key)
+            self.deliver(eio_sid, out, offset, key)
 
     def set_floor(self, eio_sid: str, offset: str) -> None:
         self.floors[eio_sid] = self.order_key(offset)

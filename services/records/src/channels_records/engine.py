@@ -4,6 +4,8 @@ more than they offer:
 - send queues that count their bytes (see broadcast.py), and a handle on each
   websocket's writer so that a client which stopped reading can be cut off
   even while a write to it is stuck;
+- each websocket's transport, for the broadcast fast path (broadcast.py),
+  and whether engine.io's own writer is in the middle of a send;
 - the CONNECT handshake is handed to the service (connections.py), which
   joins rooms before replying and speaks connection state recovery, which
   python-socketio does not implement.
@@ -28,18 +30,45 @@ log = logging.getLogger("channels.records.engine")
 MALFORMED = (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError)
 
 
+def server_transport(send) -> asyncio.Transport | None:
+    """The transport under an ASGI websocket `send`: uvicorn's websocket
+    protocols hand their bound method over, their transport beside it."""
+    transport = getattr(getattr(send, "__self__", None), "transport", None)
+    if transport is None or not hasattr(transport, "get_write_buffer_size"):
+        return None
+    return transport
+
+
 class TrackedWebSocket(WebSocket):
     def __init__(self, handler, server):
         super().__init__(handler, server)
         self.writer: asyncio.Task | None = None
+        self.transport: asyncio.Transport | None = None
+        self.sending = False
         # The handler is the engine.io socket's bound method.
         socket = getattr(handler, "__self__", None)
         if socket is not None:
             socket.websocket = self
 
+    async def __call__(self, environ):
+        self.asgi_receive = environ["asgi.receive"]
+        self.asgi_send = environ["asgi.send"]
+        await self.asgi_send({"type": "websocket.accept"})
+        # Only now: nothing may reach the transport before the handshake.
+        self.transport = server_transport(self.asgi_send)
+        try:
+            await self.handler(self)
+        finally:
+            self.transport = None
+        return ""
+
     async def send(self, message):
         self.writer = asyncio.current_task()
-        await super().send(message)
+        self.sending = True
+        try:
+            await super().send(message)
+        finally:
+            self.sending = False
 
     async def wait(self):
         data = await super().wait()
@@ -60,9 +89,13 @@ class TrackedWebSocket(WebSocket):
 
     def abort(self) -> None:
         """Stop a write the client is not reading; the engine's writer then
-        closes the websocket."""
+        closes the websocket. What was written directly to the transport is
+        dropped with the connection."""
         if self.writer is not None and not self.writer.done():
             self.writer.cancel()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.abort()
 
 
 class QuietClientErrors(logging.Filter):

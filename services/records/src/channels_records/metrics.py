@@ -20,6 +20,11 @@ class Metrics:
         self.deliveries = Counter(
             "records_deliveries", "Event packets queued to sockets", registry=r
         )
+        self.direct = Counter(
+            "records_direct_deliveries",
+            "Event packets written straight to a websocket's transport (the rest were queued)",
+            registry=r,
+        )
         self.dropped = Counter(
             "records_messages_dropped", "Redis messages dropped", ["reason"], registry=r
         )
