@@ -3,8 +3,10 @@ here: the caller logs the reason and drops the message."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 from redis.exceptions import RedisError
@@ -74,14 +76,36 @@ def parse_message(channel: str, data: bytes) -> Broadcast | Dropped:
     return Broadcast(room=room, event=RECORDS_EVENT, payload=text)
 
 
+class _Pending:
+    """A validated message waiting for its recovery offset; the task that
+    logs it is kept here so that it is not garbage collected mid-flight."""
+
+    __slots__ = ("broadcast", "done", "offset", "task")
+
+    def __init__(self, broadcast: Broadcast):
+        self.broadcast = broadcast
+        self.offset: str | None = None
+        self.done = False
+        self.task: asyncio.Task | None = None
+
+
 class Relay:
     """The subscription handler: validate, give the message its recovery
-    offset, broadcast. Called for one message at a time, in publish order."""
+    offset, broadcast. Called for one message at a time, in publish order.
 
-    def __init__(self, broadcaster, metrics, store=None):
+    Logging a message for recovery is a Redis round trip. Several are in
+    flight at once (the store sends concurrent calls in one pipeline, in
+    call order), and broadcasts still go out strictly in publish order: a
+    message waits for the ones before it, never the other way round."""
+
+    def __init__(self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000):
         self.broadcaster = broadcaster
         self.metrics = metrics
         self.store = store
+        self.max_in_flight = max_in_flight
+        self._in_flight: deque[_Pending] = deque()
+        self._room = asyncio.Event()  # set while there is room for more in flight
+        self._room.set()
         # Offset of the newest event this instance has broadcast. Set in the
         # same step as the broadcast, so a recovery running meanwhile can
         # tell which logged events this instance has yet to send live.
@@ -96,15 +120,52 @@ class Relay:
             )
             self.metrics.dropped.labels(result.reason).inc()
             return
-        offset = None
-        if self.store is not None:
+        if self.store is None and not self._in_flight:
+            self._emit(result, None)
+            return
+        pending = _Pending(result)
+        self._in_flight.append(pending)
+        if self.store is None:
+            pending.done = True
+            self._drain()
+            return
+        pending.task = asyncio.get_running_loop().create_task(self._log(pending))
+        if len(self._in_flight) >= self.max_in_flight:
+            # Redis is slow: stop reading pub/sub until it catches up, so
+            # that memory stays bounded (Redis buffers the rest meanwhile).
+            self._room.clear()
+            await self._room.wait()
+
+    async def _log(self, pending: _Pending) -> None:
+        b = pending.broadcast
+        try:
+            # The store bounds the wait itself (and raises a Redis error).
+            pending.offset = await self.store.log_message(b.room, b.event, b.payload.encode("utf-8"))
+        except (TimeoutError, RedisError, OSError) as exc:
+            # Live delivery never waits on the log longer than that: sent
+            # without an offset, the event just cannot be replayed.
+            log.warning("message not logged for recovery", extra={"error": type(exc).__name__})
+        except asyncio.CancelledError:
+            pending.done = True
+            self._drain()
+            raise
+        except Exception:
+            log.exception("logging a message for recovery failed")
+        pending.done = True
+        self._drain()
+
+    def _drain(self) -> None:
+        queue = self._in_flight
+        while queue and queue[0].done:
+            pending = queue.popleft()
             try:
-                # The store bounds the wait itself (and raises a Redis error).
-                offset = await self.store.log_message(result.room, result.event, result.payload.encode("utf-8"))
-            except (TimeoutError, RedisError, OSError) as exc:
-                # Live delivery never waits on the log: sent without an
-                # offset, the event just cannot be replayed.
-                log.warning("message not logged for recovery", extra={"error": type(exc).__name__})
+                self._emit(pending.broadcast, pending.offset)
+            except Exception:
+                log.exception("broadcast failed", extra={"room": pending.broadcast.room})
+        if len(queue) < self.max_in_flight:
+            self._room.set()
+
+    def _emit(self, result: Broadcast, offset: str | None) -> None:
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
         if offset is not None:
             self.last_offset = offset
