@@ -200,6 +200,9 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         on_stop=service.stop,
+        # No keepalive tasks or reader task per connection, unlike the
+        # legacy "websockets" protocol: about 7 KiB less per idle client.
+        ws="websockets-sansio",
     )
 
 
