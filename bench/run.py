@@ -44,24 +44,44 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
+def rate_list(text: str) -> list[int]:
+    try:
+        rates = [int(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers: {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be positive deliveries per second")
+    return rates
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", choices=("records", "collab", "all"), default="all")
     p.add_argument("--targets", default="ours,reference", help="comma-separated: ours, reference")
     p.add_argument("--quick", action="store_true", help="fewer clients, documents and steps")
-    p.add_argument("--clients", type=int, help="records: websocket clients (default 2000, quick 500)")
-    p.add_argument("--groups", type=int, help="records: groups the clients are spread over (default 20)")
-    p.add_argument("--rates", help="records: comma-separated deliveries/s, one step each")
-    p.add_argument("--repeat", type=int,
+    p.add_argument("--clients", type=positive_int, help="records: websocket clients (default 2000, quick 500)")
+    p.add_argument("--groups", type=positive_int, help="records: groups the clients are spread over (default 20)")
+    p.add_argument("--rates", type=rate_list, help="records: comma-separated deliveries/s, one step each")
+    p.add_argument("--repeat", type=positive_int,
                    help="records: rounds of ours and reference alternately, the best round of each counts "
                         "(default 2, quick 1): on a shared machine one disturbed round should not decide")
     p.add_argument("--ws-client", choices=("raw", "ws"), default="raw",
                    help="records: the load generator's websocket client (raw: leanest; ws: the npm package)")
     p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 5)")
-    p.add_argument("--docs", type=int, help="collab: documents, two providers each (default 500, quick 100)")
+    p.add_argument("--docs", type=positive_int, help="collab: documents, two providers each (default 500, quick 100)")
     p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
     p.add_argument("--edit-seconds", type=float, help="collab: length of the edit phase (default 10)")
-    p.add_argument("--big-repeats", type=int, help="collab: new clients timed on the 100 KB document")
+    p.add_argument("--big-repeats", type=positive_int, help="collab: new clients timed on the 100 KB document")
     p.add_argument("--settle-seconds", type=float, help="quiet time before memory readings (default 2)")
     p.add_argument("--out", default=str(BENCH / "results"), help="directory for JSON, Markdown and PNG")
     p.add_argument("--update-readme", action="store_true",
@@ -85,7 +105,7 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
         rec.groups = args.groups
     rec.groups = max(1, min(rec.groups, rec.clients))
     if args.rates:
-        rec.rates = [int(r) for r in args.rates.split(",") if r.strip()]
+        rec.rates = args.rates
     rec.client = args.ws_client
     if args.repeat is None:
         args.repeat = 1 if args.quick else 2

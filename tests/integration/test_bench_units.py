@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import report
 from bench.procstat import cpu_seconds, rss_bytes
 from bench.records_bench import group_sizes, headline, payload
@@ -121,3 +123,14 @@ def test_of_repeated_rounds_the_one_with_the_best_headline_counts_and_all_are_ke
     assert best["memory"] == 2 and best["round_headlines"] == [1000.0, 0.0, 3000.0]
     assert len(best["rounds"]) == 3
     assert best_run([slow]) == slow
+
+
+def test_bad_arguments_are_refused_with_a_clear_message(capsys):
+    from bench.run import parse_args
+
+    for argv, message in ((["--rates", "1,x"], "not a comma-separated list"), (["--rates", "0"], "positive"),
+                          (["--clients", "-5"], "must be positive"), (["--docs", "many"], "not an integer")):
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert parse_args(["--rates", "100, 200"]).rates == [100, 200]
