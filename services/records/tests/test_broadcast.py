@@ -135,16 +135,9 @@ class FakeTransport:
         return self.closing
 
 
-class FakeWebSocket:
-    def __init__(self):
-        self.transport = FakeTransport()
-        self.sending = False
-
-
-def on_websocket(sock, upgraded=True):
-    sock.websocket = FakeWebSocket()
-    sock.upgraded = upgraded
-    return sock.websocket.transport
+def on_websocket(sock):
+    sock.transport = FakeTransport()
+    return sock.transport
 
 
 def test_websocket_sockets_get_one_shared_frame_written_to_their_transport():
@@ -158,22 +151,6 @@ def test_websocket_sockets_get_one_shared_frame_written_to_their_transport():
     assert engine.sockets["e0"].queue.empty()
     assert drain(engine.sockets["e2"]) == ['42["records",{"a":1}]']  # polling: queued
     assert b.direct == 2
-
-
-def test_queue_keeps_order_until_engineio_writer_has_sent_everything():
-    engine, b, _ = make({"g": ["e0"]})
-    sock = engine.sockets["e0"]
-    t = on_websocket(sock, upgraded=False)
-    b.to_room("g", "2[1]")  # still upgrading: queued
-    sock.upgraded = True
-    b.to_room("g", "2[2]")  # the queue is not empty yet: behind 1
-    assert t.writes == [] and drain(sock) == ["42[1]", "42[2]"]
-    sock.websocket.sending = True  # engine.io's writer is mid-send
-    b.to_room("g", "2[3]")
-    assert t.writes == [] and drain(sock) == ["42[3]"]
-    sock.websocket.sending = False
-    b.to_room("g", "2[4]")
-    assert t.writes == [b"\x81\x0542[4]"]
 
 
 def test_transport_buffer_past_the_limit_evicts_instead_of_writing():

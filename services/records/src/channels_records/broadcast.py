@@ -4,8 +4,7 @@ A broadcast is encoded once into its final Socket.IO text, and framed at
 most once more into its final websocket bytes (see wsframe.py). For a socket
 on an established websocket, delivering it is one `transport.write` of those
 shared bytes: no task, queue or engine.io writer in between. Everything else
-(long-polling clients, a websocket whose engine.io writer still has packets
-to send, so that order is kept) gets the shared Engine.IO packet on the
+(long-polling clients, a websocket still in its upgrade) gets the shared Engine.IO packet on the
 socket's send queue as python-engineio expects.
 
 Memory per client is bounded: the transport's write buffer or the send queue
@@ -77,20 +76,6 @@ class Outgoing:
         if self._frame is None:
             self._frame = text_frame(("4" + self.pkt.data).encode("utf-8"))
         return self._frame
-
-
-def direct_transport(sock):
-    """The transport a message may be written to directly, or None.
-
-    Only once the engine.io socket is on its websocket for good, and only
-    while its own writer is idle with nothing queued: a packet it is still
-    to send must not be overtaken."""
-    ws = getattr(sock, "websocket", None)
-    if ws is None or ws.transport is None or ws.sending or not sock.upgraded:
-        return None
-    if sock.queue.bytes:
-        return None
-    return ws.transport
 
 
 class Held:
@@ -168,7 +153,9 @@ class Broadcaster:
         sock = self.sockets.get(eio_sid)
         if sock is None or sock.closed or sock.closing:
             return False
-        transport = direct_transport(sock)
+        # Set only while the socket is on its websocket with nothing of its
+        # own left in the queue (engine.py), so nothing is overtaken.
+        transport = getattr(sock, "transport", None)
         if transport is not None:
             if transport.is_closing():
                 return False

@@ -1,11 +1,12 @@
 """python-socketio / python-engineio, adapted where the records service needs
 more than they offer:
 
-- send queues that count their bytes (see broadcast.py), and a handle on each
-  websocket's writer so that a client which stopped reading can be cut off
-  even while a write to it is stuck;
-- each websocket's transport, for the broadcast fast path (broadcast.py),
-  and whether engine.io's own writer is in the middle of a send;
+- send queues that count their bytes (see broadcast.py), for long-polling;
+- a lean websocket transport (RecordsSocket): once a socket is on its
+  websocket, every packet is framed and written straight to the connection's
+  transport (the broadcast fast path of broadcast.py writes there too), so a
+  websocket client costs no writer task, no reader task per message and no
+  ping task: one pinger serves every socket;
 - the CONNECT handshake is handed to the service (connections.py), which
   joins rooms before replying and speaks connection state recovery, which
   python-socketio does not implement.
@@ -15,14 +16,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import engineio
 import socketio
+from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_drivers.asgi import WebSocket
+from engineio.async_socket import AsyncSocket
 from socketio import packet as sio_packet
 
 from .broadcast import ByteCountingQueue
+from .wsframe import binary_frame, text_frame
 
 log = logging.getLogger("channels.records.engine")
 
@@ -44,7 +49,6 @@ class TrackedWebSocket(WebSocket):
         super().__init__(handler, server)
         self.writer: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
-        self.sending = False
         # The handler is the engine.io socket's bound method.
         socket = getattr(handler, "__self__", None)
         if socket is not None:
@@ -64,11 +68,7 @@ class TrackedWebSocket(WebSocket):
 
     async def send(self, message):
         self.writer = asyncio.current_task()
-        self.sending = True
-        try:
-            await super().send(message)
-        finally:
-            self.sending = False
+        await super().send(message)
 
     async def wait(self):
         data = await super().wait()
@@ -116,12 +116,146 @@ class QuietClientErrors(logging.Filter):
         return True
 
 
+def write_packet(transport: asyncio.Transport, pkt) -> None:
+    encoded = pkt.encode()
+    if isinstance(encoded, str):
+        transport.write(text_frame(encoded.encode("utf-8")))
+    else:
+        transport.write(binary_frame(encoded))
+
+
+class RecordsSocket(AsyncSocket):
+    """An engine.io socket whose websocket transport is driven without
+    per-socket tasks besides the connection's own.
+
+    Until the upgrade completes (or for good, with long-polling) packets go
+    through the send queue as in python-engineio. Once on the websocket, the
+    queue is flushed to the transport and `transport` is set: from then on
+    every packet is written at once, in call order, and the broadcast fast
+    path writes to the same transport."""
+
+    transport: asyncio.Transport | None = None
+    websocket: TrackedWebSocket | None = None
+
+    def schedule_ping(self):
+        # The engine's pinger sends the next PING (see RecordsEngine).
+        self.last_ping = None
+        self.server.start_pinger()
+
+    async def send(self, pkt):
+        transport = self.transport
+        if transport is None:
+            await super().send(pkt)
+        elif not transport.is_closing():
+            write_packet(transport, pkt)
+
+    async def _websocket_handler(self, ws):
+        transport = getattr(ws, "transport", None)
+        if transport is None:
+            # Not under uvicorn: python-engineio's own writer task.
+            return await super()._websocket_handler(ws)
+        if self.connected:
+            if not await self._complete_upgrade(ws, transport):
+                return
+        else:
+            self.connected = True
+        self.upgraded = True
+        while True:
+            try:
+                pkt = self.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            self.queue.task_done()
+            if pkt is None:
+                # Closed meanwhile: the client is told by the CLOSE packet.
+                await ws.close()
+                return
+            write_packet(transport, pkt)
+        self.transport = transport
+        # A client that stops sending (its PONGs) is dropped after this.
+        silence = self.server.ping_interval + self.server.ping_timeout
+        try:
+            while not self.closed:
+                try:
+                    async with asyncio.timeout(silence):
+                        data = await ws.wait()
+                except (OSError, TimeoutError):
+                    break
+                if len(data) > self.server.max_http_buffer_size:
+                    break
+                try:
+                    await self.receive(eio_packet.Packet(encoded_packet=data))
+                except eio_exceptions.UnknownPacketError:
+                    pass
+                except eio_exceptions.SocketIsClosedError:
+                    break
+                except Exception:
+                    log.exception("unexpected error in a client packet")
+        finally:
+            self.transport = None
+            await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+            await ws.close()
+
+    async def _complete_upgrade(self, ws, transport) -> bool:
+        """The polling -> websocket probe: PING "probe", PONG "probe", a
+        NOOP to end the pending long-poll, then the client's UPGRADE."""
+        self.upgrading = True
+        try:
+            try:
+                probe = eio_packet.Packet(encoded_packet=await ws.wait())
+            except OSError:
+                return False
+            if probe.packet_type != eio_packet.PING or probe.data != "probe":
+                return False
+            write_packet(transport, eio_packet.Packet(eio_packet.PONG, data="probe"))
+            await self.queue.put(eio_packet.Packet(eio_packet.NOOP))
+            try:
+                upgrade = eio_packet.Packet(encoded_packet=await ws.wait())
+            except OSError:
+                return False
+            return upgrade.packet_type == eio_packet.UPGRADE
+        finally:
+            self.upgrading = False
+
+
+class _Sockets(dict):
+    """engine.io creates its sockets as AsyncSocket; they become
+    RecordsSocket as they are registered (same fields, other methods)."""
+
+    def __setitem__(self, sid, sock):
+        if type(sock) is AsyncSocket:
+            sock.__class__ = RecordsSocket
+        super().__setitem__(sid, sock)
+
+
 class RecordsEngine(engineio.AsyncServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # A private copy: the driver table is shared module state.
         self._async = {**self._async, "websocket": TrackedWebSocket}
         self.logger.addFilter(QuietClientErrors())
+        self.sockets = _Sockets()
+        self._pinger: asyncio.Task | None = None
+
+    def start_pinger(self) -> None:
+        if self._pinger is None or self._pinger.done():
+            self._pinger = asyncio.get_running_loop().create_task(self._ping_forever(), name="engineio-pinger")
+
+    async def _ping_forever(self) -> None:
+        """Every ping interval, a PING to each socket that answered the last
+        one; engine.io's service task closes those that did not in time."""
+        ping = eio_packet.Packet(eio_packet.PING)
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            now = time.time()
+            for sock in list(self.sockets.values()):
+                if sock.closing or sock.closed or sock.last_ping is not None:
+                    continue
+                sock.last_ping = now
+                try:
+                    await sock.send(ping)
+                except Exception:
+                    log.exception("ping failed")
 
     def create_queue(self, *args, **kwargs):
         return ByteCountingQueue(*args, **kwargs)

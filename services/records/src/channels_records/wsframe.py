@@ -11,6 +11,7 @@ from __future__ import annotations
 import struct
 
 OP_TEXT = 0x1
+OP_BINARY = 0x2
 FIN = 0x80
 
 
@@ -29,3 +30,203 @@ def frame_header(opcode: int, length: int) -> bytes:
 def text_frame(payload: bytes) -> bytes:
     """One complete text frame (the payload must be UTF-8 already)."""
     return frame_header(OP_TEXT, len(payload)) + payload
+
+
+def binary_frame(payload: bytes) -> bytes:
+    return frame_header(OP_BINARY, len(payload)) + payload
+
+
+# -- client frames -----------------------------------------------------------
+
+OP_CONTINUATION = 0x0
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
+_CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
+
+# Close codes (RFC 6455 section 7.4.1).
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+NO_STATUS = 1005
+INVALID_DATA = 1007
+TOO_BIG = 1009
+SERVICE_RESTART = 1012
+# Codes a peer may put in a close frame (7.4.1, 7.4.2): 1004-1006 and 1015
+# are reserved for local use and never sent.
+_SENDABLE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+
+
+class Message:
+    """One complete data message: text (str) or binary (bytes)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: str | bytes):
+        self.data = data
+
+    def __eq__(self, other):
+        return type(other) is Message and other.data == self.data
+
+    def __repr__(self):
+        return f"Message({len(self.data)} {'chars' if isinstance(self.data, str) else 'bytes'})"
+
+
+class Ping:
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: bytes):
+        self.payload = payload
+
+    def __eq__(self, other):
+        return type(other) is Ping and other.payload == self.payload
+
+
+class Close:
+    """The peer's close frame; `code` 1005 when it carried none."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self, code: int, reason: str = ""):
+        self.code, self.reason = code, reason
+
+    def __eq__(self, other):
+        return type(other) is Close and (other.code, other.reason) == (self.code, self.reason)
+
+    def __repr__(self):
+        return f"Close({self.code}, {self.reason!r})"
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol: close with `code`, read nothing more."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def unmask(payload: bytes, key: bytes) -> bytes:
+    n = len(payload)
+    if not n:
+        return b""
+    mask = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(payload, "big") ^ mask).to_bytes(n, "big")
+
+
+def close_frame(code: int, reason: str = "") -> bytes:
+    payload = b"" if code == NO_STATUS else struct.pack("!H", code) + reason.encode("utf-8")[:123]
+    return frame_header(OP_CLOSE, len(payload)) + payload
+
+
+def pong_frame(payload: bytes) -> bytes:
+    return frame_header(OP_PONG, len(payload)) + payload
+
+
+class FrameParser:
+    """Bytes from a client in, events out (Message, Ping, Close; pongs are
+    swallowed). Raises ProtocolError on anything RFC 6455 forbids of a
+    client, on a message over `max_size` bytes, and on invalid UTF-8 text;
+    after that, or after a Close, it must not be fed again."""
+
+    __slots__ = ("_buffer", "_fragments", "_fragments_size", "_message_opcode", "max_size")
+
+    def __init__(self, max_size: int):
+        self.max_size = max_size
+        self._buffer = b""
+        self._fragments: list[bytes] | None = None
+        self._fragments_size = 0
+        self._message_opcode = 0
+
+    def feed(self, data: bytes) -> list:
+        buffer = self._buffer + data if self._buffer else data
+        events = []
+        pos = 0
+        end = len(buffer)
+        while end - pos >= 2:
+            first, second = buffer[pos], buffer[pos + 1]
+            fin = first & 0x80
+            opcode = first & 0x0F
+            if first & 0x70:
+                raise ProtocolError(PROTOCOL_ERROR, "reserved bits set")
+            if not second & 0x80:
+                raise ProtocolError(PROTOCOL_ERROR, "unmasked client frame")
+            length = second & 0x7F
+            header = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = int.from_bytes(buffer[pos + 2:pos + 4], "big")
+                header = 4
+            elif length == 127:
+                if end - pos < 10:
+                    break
+                length = int.from_bytes(buffer[pos + 2:pos + 10], "big")
+                if length >> 63:
+                    raise ProtocolError(PROTOCOL_ERROR, "bad frame length")
+                header = 10
+            if opcode in _CONTROL_OPCODES:
+                if not fin or length > 125:
+                    raise ProtocolError(PROTOCOL_ERROR, "bad control frame")
+            elif opcode not in _DATA_OPCODES:
+                raise ProtocolError(PROTOCOL_ERROR, "unknown opcode")
+            elif length + self._fragments_size > self.max_size:
+                # Refused from the header alone: the payload is never buffered.
+                raise ProtocolError(TOO_BIG, "message too big")
+            start = pos + header + 4
+            if end - start < length:
+                break
+            payload = unmask(buffer[start:start + length], buffer[start - 4:start])
+            pos = start + length
+            if opcode in _CONTROL_OPCODES:
+                if opcode == OP_CLOSE:
+                    events.append(self._close(payload))
+                    self._buffer = b""
+                    return events
+                if opcode == OP_PING:
+                    events.append(Ping(payload))
+                continue
+            message = self._data(opcode, fin, payload)
+            if message is not None:
+                events.append(message)
+        self._buffer = buffer[pos:]
+        return events
+
+    def _data(self, opcode: int, fin: int, payload: bytes) -> Message | None:
+        if opcode == OP_CONTINUATION:
+            if self._fragments is None:
+                raise ProtocolError(PROTOCOL_ERROR, "continuation without a message")
+            self._fragments.append(payload)
+            self._fragments_size += len(payload)
+            if not fin:
+                return None
+            payload = b"".join(self._fragments)
+            opcode = self._message_opcode
+            self._fragments, self._fragments_size = None, 0
+        elif self._fragments is not None:
+            raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
+        elif not fin:
+            self._fragments, self._fragments_size, self._message_opcode = [payload], len(payload), opcode
+            return None
+        if opcode == OP_BINARY:
+            return Message(payload)
+        try:
+            return Message(payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise ProtocolError(INVALID_DATA, "invalid UTF-8 text") from None
+
+    @staticmethod
+    def _close(payload: bytes) -> Close:
+        if not payload:
+            return Close(NO_STATUS)
+        if len(payload) == 1:
+            raise ProtocolError(PROTOCOL_ERROR, "bad close frame")
+        code = int.from_bytes(payload[:2], "big")
+        if code not in _SENDABLE and not 3000 <= code <= 4999:
+            raise ProtocolError(PROTOCOL_ERROR, "bad close code")
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(INVALID_DATA, "invalid UTF-8 in close reason") from None
+        return Close(code, reason)
