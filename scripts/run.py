@@ -54,7 +54,8 @@ def main() -> int:
         path = BIN / script
         if not path.exists():
             continue
-        procs.append(subprocess.Popen([str(path)], env={**env, **extra}))
+        # Own sessions: only this script sees Ctrl-C, and stops them in order.
+        procs.append(subprocess.Popen([str(path)], env={**env, **extra}, start_new_session=True))
         print(f"{script}: started on port {extra['PORT']}", flush=True)
 
     stopping = False
