@@ -38,3 +38,109 @@ def test_utf8_payload_length_counts_bytes_not_characters():
     payload = '42["records",{"t":"héllo ✓"}]'.encode()
     frame = text_frame(payload)
     assert frame[1] == len(payload) and frame[2:] == payload
+
+
+# -- client frames -------------------------------------------------------------
+
+from channels_records.wsframe import (
+    Close,
+    FrameParser,
+    Message,
+    Ping,
+    ProtocolError,
+    close_frame,
+    pong_frame,
+    unmask,
+)
+
+KEY = bytes.fromhex("37fa213d")
+
+
+def masked(first: int, payload: bytes, key: bytes = KEY) -> bytes:
+    n = len(payload)
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+    return head + key + unmask(payload, key)
+
+
+def test_rfc_example_masked_hello():
+    # RFC 6455 5.7: "A single-frame masked text message" containing "Hello".
+    assert FrameParser(100).feed(bytes.fromhex("818537fa213d7f9f4d5158")) == [Message("Hello")]
+
+
+def test_rfc_example_fragmented_unmasked_is_refused_but_masked_fragments_join():
+    p = FrameParser(100)
+    with pytest.raises(ProtocolError) as e:
+        p.feed(bytes.fromhex("010348656c"))  # RFC 5.7 fragment, unmasked: not from a client
+    assert e.value.code == 1002
+    p = FrameParser(100)
+    assert p.feed(masked(0x01, b"Hel")) == []
+    assert p.feed(masked(0x89, b"mid")) == [Ping(b"mid")]  # control frames may interleave
+    assert p.feed(masked(0x80, b"lo")) == [Message("Hello")]
+
+
+def test_byte_at_a_time_and_several_frames_in_one_read():
+    data = masked(0x81, b"a" * 200) + masked(0x82, b"\x00\x01") + masked(0x8A, b"pong")
+    p = FrameParser(1000)
+    events = []
+    for i in range(len(data)):
+        events += p.feed(data[i:i + 1])
+    assert events == [Message("a" * 200), Message(b"\x00\x01")]  # pongs are swallowed
+    assert FrameParser(1000).feed(data) == events
+
+
+def test_16_and_64_bit_lengths():
+    big = b"x" * 70000
+    assert FrameParser(100000).feed(masked(0x82, big)) == [Message(big)]
+    assert FrameParser(1000).feed(masked(0x81, b"y" * 300)) == [Message("y" * 300)]
+
+
+def test_close_frames():
+    assert FrameParser(10).feed(masked(0x88, b"")) == [Close(1005)]
+    assert FrameParser(10).feed(masked(0x88, b"\x03\xe8bye") + masked(0x81, b"late")) == [Close(1000, "bye")]
+    assert FrameParser(10).feed(masked(0x88, (4000).to_bytes(2, "big"))) == [Close(4000)]
+    for payload, code in [(b"\x03", 1002), (b"\x03\xed", 1002), (b"\x00\x00", 1002), (b"\x03\xe8\xff", 1007)]:
+        with pytest.raises(ProtocolError) as e:
+            FrameParser(10).feed(masked(0x88, payload))
+        assert e.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (masked(0xC1, b"x"), 1002),  # RSV1 without an extension
+        (masked(0x83, b"x"), 1002),  # reserved data opcode
+        (masked(0x8B, b"x"), 1002),  # reserved control opcode
+        (masked(0x09, b"x"), 1002),  # fragmented ping
+        (masked(0x89, b"x" * 126), 1002),  # control payload over 125
+        (masked(0x80, b"x"), 1002),  # continuation of nothing
+        (masked(0x01, b"a") + masked(0x81, b"b"), 1002),  # new message inside a fragmented one
+        (masked(0x81, b"\xc3\x28"), 1007),  # invalid UTF-8
+        (masked(0x81, b"x" * 11), 1009),  # over max_size
+        (masked(0x01, b"x" * 6) + masked(0x80, b"x" * 6), 1009),  # over max_size in fragments
+        (bytes((0x82, 0xFF)) + b"\x80" + b"\x00" * 7 + KEY, 1002),  # 64-bit length with the top bit set
+    ],
+)
+def test_protocol_errors(frame, code):
+    with pytest.raises(ProtocolError) as e:
+        FrameParser(10).feed(frame)
+    assert e.value.code == code
+
+
+def test_too_big_is_refused_from_the_header_before_the_payload_arrives():
+    with pytest.raises(ProtocolError) as e:
+        FrameParser(1000).feed(bytes((0x82, 0xFF)) + (2**40).to_bytes(8, "big"))
+    assert e.value.code == 1009
+
+
+def test_server_control_frames():
+    assert close_frame(1000) == b"\x88\x02\x03\xe8"
+    assert close_frame(1002, "bad") == b"\x88\x05\x03\xeabad"
+    assert close_frame(1005) == b"\x88\x00"
+    long = close_frame(1000, "é" * 100)
+    assert len(long) <= 2 + 125 and long[4:].decode("utf-8") == "é" * 61
+    assert pong_frame(b"hi") == b"\x8a\x02hi"

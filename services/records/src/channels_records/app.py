@@ -24,6 +24,7 @@ from .metrics import Metrics
 from .playground import playground_routes
 from .recovery import RecoveryStore, offset_key
 from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
+from .wsserver import LeanWebSocketProtocol
 
 log = logging.getLogger("channels.records")
 
@@ -200,9 +201,10 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         on_stop=service.stop,
-        # No keepalive tasks or reader task per connection, unlike the
-        # legacy "websockets" protocol: about 7 KiB less per idle client.
-        ws="websockets-sansio",
+        # Our own websocket protocol: the least state per idle client and
+        # its transport within reach of the broadcast fast path.
+        ws=LeanWebSocketProtocol,
+        ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
     )
 
 

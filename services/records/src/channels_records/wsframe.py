@@ -116,7 +116,9 @@ def unmask(payload: bytes, key: bytes) -> bytes:
 
 
 def close_frame(code: int, reason: str = "") -> bytes:
-    payload = b"" if code == NO_STATUS else struct.pack("!H", code) + reason.encode("utf-8")[:123]
+    # A control frame carries 125 bytes at most; cut on a character boundary.
+    text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+    payload = b"" if code == NO_STATUS else struct.pack("!H", code) + text
     return frame_header(OP_CLOSE, len(payload)) + payload
 
 

@@ -1,0 +1,271 @@
+"""A lean ASGI WebSocket protocol for uvicorn (`uvicorn.Config(ws=...)`).
+
+uvicorn's own websocket protocols keep an asyncio.Queue, events, a
+keepalive timer and the websockets library's connection state per client;
+with thousands of idle clients that is most of the service's memory. This
+one keeps a frame parser (wsframe.py), a short inbox and a waiter, and
+exposes `transport` for the broadcast fast path. It runs no task besides
+the ASGI application's and sends no websocket pings: engine.io pings itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from urllib.parse import unquote
+
+from . import wsframe
+from .wshandshake import MAX_REQUEST_BYTES, Refusal, accept_response, parse_upgrade, refusal_response
+
+log = logging.getLogger("channels.records.websocket")
+
+CLOSE_TIMEOUT = 5.0
+# Messages a client may have waiting before its socket stops being read.
+MAX_INBOX = 16
+
+_HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+
+
+def _address(info):
+    if isinstance(info, tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
+
+
+class LeanWebSocketProtocol(asyncio.Protocol):
+    __slots__ = (
+        "_close_timer",
+        "_head",
+        "_inbox",
+        "_parser",
+        "_state",
+        "_waiter",
+        "accepted",
+        "app_state",
+        "config",
+        "key",
+        "loop",
+        "read_paused",
+        "scope",
+        "server_state",
+        "task",
+        "transport",
+    )
+
+    def __init__(self, config, server_state, app_state, _loop=None):
+        self.config = config
+        self.server_state = server_state
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.transport: asyncio.Transport | None = None
+        self.scope = None
+        self.task = None
+        self.key = b""
+        self.accepted = False
+        self.read_paused = False
+        self._state = _HANDSHAKE
+        self._head = b""
+        self._parser: wsframe.FrameParser | None = None
+        self._inbox: deque = deque()
+        self._waiter: asyncio.Future | None = None
+        self._close_timer = None
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.server_state.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.server_state.connections.discard(self)
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+            self._close_timer = None
+        if self._state != _CLOSED:
+            self._finish(1006)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _HANDSHAKE:
+            self._handshake_data(data)
+        elif self._state != _CLOSED and self._parser is not None:
+            self._frames(data)
+
+    def eof_received(self):
+        return None  # the transport closes itself
+
+    def shutdown(self) -> None:
+        """uvicorn is stopping: tell the client the service restarts."""
+        if self._state == _OPEN:
+            self.transport.write(wsframe.close_frame(wsframe.SERVICE_RESTART))
+            self._finish(wsframe.SERVICE_RESTART)
+        elif self._state == _HANDSHAKE and self.scope is None:
+            self._finish(1006)
+        self.transport.close()
+
+    # -- incoming --------------------------------------------------------------
+
+    def _handshake_data(self, data: bytes) -> None:
+        if self.scope is not None:
+            return  # the application has not answered yet; a client must wait
+        self._head += data
+        head, sep, _ = self._head.partition(b"\r\n\r\n")
+        if not sep:
+            if len(self._head) > MAX_REQUEST_BYTES:
+                self._refuse(Refusal(400, "request too large"))
+            return
+        self._head = b""
+        request = parse_upgrade(head)
+        if isinstance(request, Refusal):
+            log.warning("bad websocket handshake", extra={"status": request.status, "reason": request.reason})
+            self._refuse(request)
+            return
+        self.key = request.key
+        path, _, query = request.target.partition(b"?")
+        root = self.config.root_path
+        transport = self.transport
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": "ws",
+            "server": _address(transport.get_extra_info("sockname")),
+            "client": _address(transport.get_extra_info("peername")),
+            "root_path": root,
+            "path": root + unquote(path.decode("latin-1")),
+            "raw_path": root.encode("ascii") + path,
+            "query_string": query,
+            "headers": request.headers,
+            "subprotocols": request.subprotocols,
+            "state": self.app_state.copy(),
+        }
+        self._inbox.append({"type": "websocket.connect"})
+        self.task = self.loop.create_task(self._run_asgi())
+        self.server_state.tasks.add(self.task)
+        self.task.add_done_callback(self.server_state.tasks.discard)
+
+    def _frames(self, data: bytes) -> None:
+        try:
+            events = self._parser.feed(data)
+        except wsframe.ProtocolError as exc:
+            log.warning("websocket protocol error from client, closing", extra={"code": exc.code, "reason": exc.reason})
+            if self._state == _OPEN:
+                self.transport.write(wsframe.close_frame(exc.code, exc.reason))
+            self._finish(exc.code)
+            self.transport.close()
+            return
+        for event in events:
+            if type(event) is wsframe.Message:
+                if self._state != _OPEN:
+                    continue  # after our close frame, data is dropped (RFC 6455 5.5.1)
+                if type(event.data) is str:
+                    self._deliver({"type": "websocket.receive", "text": event.data})
+                else:
+                    self._deliver({"type": "websocket.receive", "bytes": event.data})
+            elif type(event) is wsframe.Ping:
+                if self._state == _OPEN:
+                    self.transport.write(wsframe.pong_frame(event.payload))
+            else:  # Close
+                if self._state == _OPEN:
+                    # Echo the code (RFC 6455 5.5.1); 1005 is never sent.
+                    self.transport.write(wsframe.close_frame(event.code if event.code != wsframe.NO_STATUS else wsframe.NORMAL))
+                self._finish(event.code, event.reason)
+                self.transport.close()
+                return
+        if len(self._inbox) >= MAX_INBOX and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _deliver(self, event) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            self._waiter = None
+            waiter.set_result(event)
+        else:
+            self._inbox.append(event)
+
+    def _finish(self, code: int, reason: str = "") -> None:
+        """The connection is over for the application (once)."""
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSED
+        self._parser = None
+        self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+
+    def _refuse(self, refusal: Refusal) -> None:
+        self._state = _CLOSED
+        self.transport.write(refusal_response(refusal.status, refusal.reason, refusal.extra_headers))
+        self.transport.close()
+
+    # -- ASGI ------------------------------------------------------------------
+
+    async def _run_asgi(self) -> None:
+        try:
+            await self.config.loaded_app(self.scope, self.receive, self.send)
+        except Exception:
+            log.exception("exception in the websocket application")
+            if not self.accepted and self._state == _HANDSHAKE:
+                self._refuse(Refusal(500, "internal error"))
+        else:
+            if not self.accepted and self._state == _HANDSHAKE:
+                self._refuse(Refusal(500, "no handshake answer"))
+        if self._state == _OPEN:
+            self.transport.write(wsframe.close_frame(wsframe.NORMAL))
+            self._state = _CLOSING
+        if self._close_timer is None:
+            self.transport.close()
+        # Nothing of the application is kept once it is done.
+        self.scope = None
+        self._inbox.clear()
+
+    async def receive(self):
+        if self._inbox:
+            event = self._inbox.popleft()
+            if self.read_paused and len(self._inbox) < MAX_INBOX // 2:
+                self.read_paused = False
+                self.transport.resume_reading()
+            return event
+        if self._state == _CLOSED:
+            return {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+        self._waiter = self.loop.create_future()
+        try:
+            return await self._waiter
+        finally:
+            self._waiter = None
+
+    async def send(self, message) -> None:
+        kind = message["type"]
+        if self._state == _HANDSHAKE:
+            if kind == "websocket.accept":
+                headers = [*self.server_state.default_headers, *message.get("headers", ())]
+                self.transport.write(accept_response(self.key, headers, message.get("subprotocol")))
+                self.accepted = True
+                self._state = _OPEN
+                self._parser = wsframe.FrameParser(self.config.ws_max_size)
+            elif kind == "websocket.close":
+                self._finish(1006)
+                self._refuse(Refusal(403, ""))
+            else:
+                raise RuntimeError(f"unexpected ASGI message {kind!r} before the websocket handshake")
+            return
+        if self._state != _OPEN:
+            raise OSError("websocket closed")
+        if kind == "websocket.send":
+            data = message.get("bytes")
+            if data is not None:
+                self.transport.write(wsframe.binary_frame(data))
+            else:
+                self.transport.write(wsframe.text_frame(message["text"].encode("utf-8")))
+        elif kind == "websocket.close":
+            code = message.get("code", wsframe.NORMAL)
+            reason = message.get("reason") or ""
+            self.transport.write(wsframe.close_frame(code, reason))
+            self._state = _CLOSING
+            self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+            if self.read_paused:
+                self.read_paused = False
+                self.transport.resume_reading()
+            # The client answers with its close frame; a silent one is cut off.
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} on an open websocket")
