@@ -23,6 +23,7 @@ import socketio
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_drivers.asgi import WebSocket
+from engineio.async_drivers.asgi import translate_request as asgi_translate_request
 from engineio.async_socket import AsyncSocket
 from socketio import packet as sio_packet
 
@@ -116,6 +117,63 @@ class QuietClientErrors(logging.Filter):
         return True
 
 
+# What python-engineio/socketio and connections.py read from a websocket's
+# environ. The environ lives as long as the connection, so the rest of what
+# the ASGI driver copies into it (every header) is left out.
+_WEBSOCKET_ENVIRON_KEYS = (
+    "REQUEST_METHOD", "PATH_INFO", "QUERY_STRING", "REMOTE_ADDR", "HTTP_HOST", "HTTP_ORIGIN",
+    "HTTP_UPGRADE", "HTTP_CONNECTION", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
+    "wsgi.url_scheme", "asgi.receive", "asgi.send", "asgi.scope",
+)
+
+
+async def translate_request(scope, receive, send):
+    environ = await asgi_translate_request(scope, receive, send)
+    if scope.get("type") != "websocket" or not environ:
+        return environ
+    return {key: environ[key] for key in _WEBSOCKET_ENVIRON_KEYS if key in environ}
+
+
+class _NoQueue:
+    """Stands in for the send queue of a socket on its websocket for good:
+    it writes straight to the transport and never queues again."""
+
+    bytes = 0
+
+    def put_nowait(self, item):
+        pass
+
+    async def put(self, item):
+        pass
+
+    def get_nowait(self):
+        raise asyncio.QueueEmpty
+
+    async def get(self):
+        raise asyncio.QueueEmpty
+
+    def task_done(self):
+        pass
+
+    async def join(self):
+        pass
+
+    def empty(self):
+        return True
+
+    def qsize(self):
+        return 0
+
+    def discard_all(self):
+        pass
+
+
+NO_QUEUE = _NoQueue()
+# A server-closed websocket whose client does not close it in this time
+# (a dead peer) is cut off.
+CLOSE_GRACE_SECONDS = 5.0
+
+
 def write_packet(transport: asyncio.Transport, pkt) -> None:
     encoded = pkt.encode()
     if isinstance(encoded, str):
@@ -171,15 +229,15 @@ class RecordsSocket(AsyncSocket):
                 await ws.close()
                 return
             write_packet(transport, pkt)
+        self.queue = NO_QUEUE
         self.transport = transport
-        # A client that stops sending (its PONGs) is dropped after this.
-        silence = self.server.ping_interval + self.server.ping_timeout
         try:
+            # A client that stops answering PINGs is closed by engine.io's
+            # service task (see close), so no timer per socket here.
             while not self.closed:
                 try:
-                    async with asyncio.timeout(silence):
-                        data = await ws.wait()
-                except (OSError, TimeoutError):
+                    data = await ws.wait()
+                except OSError:
                     break
                 if len(data) > self.server.max_http_buffer_size:
                     break
@@ -195,6 +253,14 @@ class RecordsSocket(AsyncSocket):
             self.transport = None
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
             await ws.close()
+
+    async def close(self, wait=True, abort=False, reason=None):
+        transport = self.transport
+        await super().close(wait=wait, abort=abort, reason=reason)
+        if transport is not None:
+            # The CLOSE packet is out; the client closes the websocket, or
+            # is gone and gets cut off.
+            asyncio.get_running_loop().call_later(CLOSE_GRACE_SECONDS, transport.abort)
 
     async def _complete_upgrade(self, ws, transport) -> bool:
         """The polling -> websocket probe: PING "probe", PONG "probe", a
@@ -232,7 +298,7 @@ class RecordsEngine(engineio.AsyncServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # A private copy: the driver table is shared module state.
-        self._async = {**self._async, "websocket": TrackedWebSocket}
+        self._async = {**self._async, "websocket": TrackedWebSocket, "translate_request": translate_request}
         self.logger.addFilter(QuietClientErrors())
         self.sockets = _Sockets()
         self._pinger: asyncio.Task | None = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from urllib.parse import unquote
 
 from . import wsframe
@@ -67,7 +66,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         self._state = _HANDSHAKE
         self._head = b""
         self._parser: wsframe.FrameParser | None = None
-        self._inbox: deque = deque()
+        self._inbox: list = []  # rarely more than one event: a list is the smaller
         self._waiter: asyncio.Future | None = None
         self._close_timer = None
 
@@ -220,7 +219,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
 
     async def receive(self):
         if self._inbox:
-            event = self._inbox.popleft()
+            event = self._inbox.pop(0)
             if self.read_paused and len(self._inbox) < MAX_INBOX // 2:
                 self.read_paused = False
                 self.transport.resume_reading()
