@@ -1,0 +1,159 @@
+"""Our uvicorn websocket protocol driven directly: bytes in through
+data_received, bytes out of a recording transport, a small ASGI app."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import types
+
+from channels_records import wsframe
+from channels_records.wsserver import MAX_INBOX, LeanWebSocketProtocol
+
+REQUEST = (
+    b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+    b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+class Transport:
+    def __init__(self):
+        self.out = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.paused = False
+
+    def write(self, data):
+        self.out += data
+
+    def close(self):
+        self.closed = True
+
+    def abort(self):
+        self.aborted = True
+
+    def is_closing(self):
+        return self.closed or self.aborted
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name):
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name)
+
+    def take(self):
+        data, self.out = bytes(self.out), bytearray()
+        return data
+
+
+def masked(first, payload):
+    key = os.urandom(4)
+    return bytes([first, 0x80 | len(payload)]) + key + wsframe.unmask(payload, key)
+
+
+def make(app):
+    config = types.SimpleNamespace(loaded_app=app, root_path="", asgi_version="3.0", ws_max_size=1000)
+    state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
+    proto = LeanWebSocketProtocol(config, state, {})
+    transport = Transport()
+    proto.connection_made(transport)
+    return proto, transport, state
+
+
+async def settle():
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_echo_app_handshake_messages_ping_and_close():
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(scope)
+        assert (await receive())["type"] == "websocket.connect"
+        await send({"type": "websocket.accept"})
+        while True:
+            event = await receive()
+            if event["type"] == "websocket.disconnect":
+                seen.append(event)
+                return
+            await send({"type": "websocket.send", "text": event["text"].upper()})
+
+    proto, t, state = make(app)
+    proto.data_received(REQUEST)
+    await settle()
+    assert seen[0]["path"] == "/socket.io/" and seen[0]["query_string"] == b"EIO=4&transport=websocket"
+    assert seen[0]["client"] == ("127.0.0.1", 5555)
+    assert t.take().startswith(b"HTTP/1.1 101 ") and proto.transport is t
+    proto.data_received(masked(0x81, b"hello") + masked(0x89, b"p"))
+    await settle()
+    assert t.take() == wsframe.pong_frame(b"p") + b"\x81\x05HELLO"  # the pong needs no app
+    proto.data_received(masked(0x88, b"\x03\xe8"))
+    await settle()
+    assert t.take() == wsframe.close_frame(1000) and t.closed
+    assert seen[-1]["code"] == 1000
+    proto.connection_lost(None)
+    assert not state.connections and not state.tasks
+
+
+async def test_app_closing_before_accept_is_a_403_and_protocol_errors_a_close_code():
+    async def refuse(scope, receive, send):
+        await send({"type": "websocket.close"})
+
+    proto, t, _ = make(refuse)
+    proto.data_received(REQUEST)
+    await settle()
+    assert t.take().startswith(b"HTTP/1.1 403 ") and t.closed
+
+    disconnects = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        disconnects.append(await receive())
+
+    proto, t, _ = make(app)
+    proto.data_received(REQUEST)
+    await settle()
+    t.take()
+    proto.data_received(bytes([0x81, 0x02]) + b"hi")  # unmasked
+    await settle()
+    assert t.take() == wsframe.close_frame(1002, "unmasked client frame") and t.closed
+    assert disconnects == [{"type": "websocket.disconnect", "code": 1002, "reason": ""}]
+
+
+async def test_reading_pauses_when_the_app_falls_behind_and_server_close_times_out():
+    got = asyncio.Event()
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await got.wait()
+        for _ in range(MAX_INBOX):
+            await receive()
+        await send({"type": "websocket.close", "code": 1001})
+        await asyncio.sleep(0.2)
+
+    proto, t, _ = make(app)
+    proto.data_received(REQUEST)
+    await settle()
+    proto.data_received(b"".join(masked(0x81, b"m") for _ in range(MAX_INBOX)))
+    assert t.paused
+    got.set()
+    await settle()
+    assert not t.paused
+    assert t.take().endswith(wsframe.close_frame(1001))
+    proto._close_timer._run()  # the client never answered the close frame
+    assert t.aborted
+
+
+async def test_bad_upgrade_request_is_refused_without_running_the_app():
+    async def app(scope, receive, send):
+        raise AssertionError("must not run")
+
+    proto, t, state = make(app)
+    proto.data_received(REQUEST.replace(b"Version: 13", b"Version: 7"))
+    assert t.take().startswith(b"HTTP/1.1 426 ") and t.closed and not state.tasks
