@@ -157,3 +157,29 @@ async def test_bad_upgrade_request_is_refused_without_running_the_app():
     proto, t, state = make(app)
     proto.data_received(REQUEST.replace(b"Version: 13", b"Version: 7"))
     assert t.take().startswith(b"HTTP/1.1 426 ") and t.closed and not state.tasks
+
+
+async def test_a_detached_app_is_served_by_callbacks_without_its_task():
+    from channels_records.wsserver import DETACH
+
+    got, closed = [], []
+
+    async def app(scope, receive, send):
+        assert DETACH in scope["extensions"]
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": DETACH, "on_message": got.append, "on_close": closed.append})
+
+    proto, t, state = make(app)
+    proto.data_received(REQUEST)
+    await settle()
+    t.take()
+    assert not state.tasks and not t.closed  # the app returned, the connection stays
+    proto.data_received(masked(0x81, b"2probe") + masked(0x82, b"\x01") + masked(0x89, b""))
+    assert got == ["2probe", b"\x01"] and t.take() == wsframe.pong_frame(b"")
+    await proto.send({"type": "websocket.send", "text": "3"})
+    assert t.take() == b"\x81\x013"
+    proto.connection_lost(None)
+    assert closed == [1006]
+    proto.data_received(masked(0x81, b"late"))
+    assert got == ["2probe", b"\x01"]

@@ -29,6 +29,7 @@ from socketio import packet as sio_packet
 
 from .broadcast import ByteCountingQueue
 from .wsframe import binary_frame, text_frame
+from .wsserver import DETACH
 
 log = logging.getLogger("channels.records.engine")
 
@@ -45,11 +46,29 @@ def server_transport(send) -> asyncio.Transport | None:
     return transport
 
 
+def vet_packet(data):
+    """The engine.io packet in a websocket message, or None (logged) when it
+    is malformed. engine.io decodes websocket messages outside of any error
+    handling, so a bad one would surface as an application crash."""
+    try:
+        if not data:
+            raise ValueError("empty message")
+        return eio_packet.Packet(encoded_packet=data)
+    except MALFORMED as exc:
+        log.warning(
+            "malformed engine.io packet from client, connection closed",
+            extra={"error": type(exc).__name__, "size": len(data) if data else 0},
+        )
+        return None
+
+
 class TrackedWebSocket(WebSocket):
     def __init__(self, handler, server):
         super().__init__(handler, server)
         self.writer: asyncio.Task | None = None
         self.transport: asyncio.Transport | None = None
+        self.scope_extensions = ()
+        self.detached = False
         # The handler is the engine.io socket's bound method.
         socket = getattr(handler, "__self__", None)
         if socket is not None:
@@ -58,13 +77,15 @@ class TrackedWebSocket(WebSocket):
     async def __call__(self, environ):
         self.asgi_receive = environ["asgi.receive"]
         self.asgi_send = environ["asgi.send"]
+        self.scope_extensions = environ["asgi.scope"].get("extensions") or ()
         await self.asgi_send({"type": "websocket.accept"})
         # Only now: nothing may reach the transport before the handshake.
         self.transport = server_transport(self.asgi_send)
         try:
             await self.handler(self)
         finally:
-            self.transport = None
+            if not self.detached:
+                self.transport = None
         return ""
 
     async def send(self, message):
@@ -73,20 +94,17 @@ class TrackedWebSocket(WebSocket):
 
     async def wait(self):
         data = await super().wait()
-        # engine.io decodes websocket messages outside of any error handling,
-        # so a bad one would surface as an application crash: vet it here
-        # (clients send only tiny pings and handshakes, so this costs nothing).
-        try:
-            if not data:
-                raise ValueError("empty message")
-            eio_packet.Packet(encoded_packet=data)
-        except MALFORMED as exc:
-            log.warning(
-                "malformed engine.io packet from client, connection closed",
-                extra={"error": type(exc).__name__, "size": len(data) if data else 0},
-            )
-            raise OSError("malformed engine.io packet") from None
+        if vet_packet(data) is None:
+            raise OSError("malformed engine.io packet")
         return data
+
+    @property
+    def can_detach(self) -> bool:
+        return DETACH in self.scope_extensions
+
+    async def detach(self, on_message, on_close) -> None:
+        await self.asgi_send({"type": DETACH, "on_message": on_message, "on_close": on_close})
+        self.detached = True
 
     def abort(self) -> None:
         """Stop a write the client is not reading; the engine's writer then
@@ -231,6 +249,11 @@ class RecordsSocket(AsyncSocket):
             write_packet(transport, pkt)
         self.queue = NO_QUEUE
         self.transport = transport
+        if ws.can_detach:
+            # Messages now come as callbacks from the protocol; the ASGI
+            # task and its stack of coroutines end here.
+            await ws.detach(self._on_message, self._on_close)
+            return
         try:
             # A client that stops answering PINGs is closed by engine.io's
             # service task (see close), so no timer per socket here.
@@ -253,6 +276,41 @@ class RecordsSocket(AsyncSocket):
             self.transport = None
             await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
             await ws.close()
+
+    def _on_message(self, data) -> None:
+        if self.transport is None:
+            return
+        pkt = vet_packet(data)
+        if pkt is None or len(data) > self.server.max_http_buffer_size:
+            self._on_close()
+            return
+        if pkt.packet_type == eio_packet.PONG:
+            self.schedule_ping()  # the common case, without a task
+            return
+        self.server.run_detached(self._receive(pkt))
+
+    async def _receive(self, pkt) -> None:
+        try:
+            await self.receive(pkt)
+        except (eio_exceptions.UnknownPacketError, eio_exceptions.SocketIsClosedError):
+            pass
+        except Exception:
+            log.exception("unexpected error in a client packet")
+
+    def _on_close(self, code: int | None = None) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        self.server.run_detached(self._end())
+
+    async def _end(self) -> None:
+        await self.close(wait=False, abort=True, reason=self.server.reason.TRANSPORT_CLOSE)
+        ws = self.websocket
+        if ws is not None:
+            ws.transport = None
+            await ws.close()
+        if self.server.sockets.get(self.sid) is self:
+            del self.server.sockets[self.sid]
 
     async def close(self, wait=True, abort=False, reason=None):
         transport = self.transport
@@ -302,6 +360,12 @@ class RecordsEngine(engineio.AsyncServer):
         self.logger.addFilter(QuietClientErrors())
         self.sockets = _Sockets()
         self._pinger: asyncio.Task | None = None
+        self._detached_tasks: set[asyncio.Task] = set()
+
+    def run_detached(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._detached_tasks.add(task)
+        task.add_done_callback(self._detached_tasks.discard)
 
     def start_pinger(self) -> None:
         if self._pinger is None or self._pinger.done():

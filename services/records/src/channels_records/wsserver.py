@@ -25,6 +25,13 @@ MAX_INBOX = 16
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
 
+# An ASGI extension of this protocol: once accepted, an application may send
+# {"type": DETACH, "on_message": f(str | bytes), "on_close": f(code)} and
+# return; the connection stays open and is served by those callbacks, so an
+# idle client keeps no task or coroutine stack.
+DETACH = "channels.websocket.detach"
+_EXTENSIONS = {DETACH: {}}
+
 
 def _address(info):
     if isinstance(info, tuple) and len(info) >= 2:
@@ -37,6 +44,8 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         "_close_timer",
         "_head",
         "_inbox",
+        "_on_close",
+        "_on_message",
         "_parser",
         "_state",
         "_waiter",
@@ -69,6 +78,8 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         self._inbox: list = []  # rarely more than one event: a list is the smaller
         self._waiter: asyncio.Future | None = None
         self._close_timer = None
+        self._on_message = None
+        self._on_close = None
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -137,6 +148,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             "headers": request.headers,
             "subprotocols": request.subprotocols,
             "state": self.app_state.copy(),
+            "extensions": _EXTENSIONS,
         }
         self._inbox.append({"type": "websocket.connect"})
         self.task = self.loop.create_task(self._run_asgi())
@@ -157,7 +169,9 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             if type(event) is wsframe.Message:
                 if self._state != _OPEN:
                     continue  # after our close frame, data is dropped (RFC 6455 5.5.1)
-                if type(event.data) is str:
+                if self._on_message is not None:
+                    self._callback(self._on_message, event.data)
+                elif type(event.data) is str:
                     self._deliver({"type": "websocket.receive", "text": event.data})
                 else:
                     self._deliver({"type": "websocket.receive", "bytes": event.data})
@@ -189,7 +203,18 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             return
         self._state = _CLOSED
         self._parser = None
-        self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+        if self._on_close is not None:
+            on_close, self._on_message, self._on_close = self._on_close, None, None
+            self._callback(on_close, code)
+        else:
+            self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+
+    @staticmethod
+    def _callback(fn, arg) -> None:
+        try:
+            fn(arg)
+        except Exception:
+            log.exception("websocket callback failed")
 
     def _refuse(self, refusal: Refusal) -> None:
         self._state = _CLOSED
@@ -208,6 +233,10 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         else:
             if not self.accepted and self._state == _HANDSHAKE:
                 self._refuse(Refusal(500, "no handshake answer"))
+        if self._on_close is not None and self._state in (_OPEN, _CLOSING):
+            # Detached: the callbacks serve the connection from now on.
+            self.scope = None
+            return
         if self._state == _OPEN:
             self.transport.write(wsframe.close_frame(wsframe.NORMAL))
             self._state = _CLOSING
@@ -255,11 +284,18 @@ class LeanWebSocketProtocol(asyncio.Protocol):
                 self.transport.write(wsframe.binary_frame(data))
             else:
                 self.transport.write(wsframe.text_frame(message["text"].encode("utf-8")))
+        elif kind == DETACH:
+            self._on_message, self._on_close = message["on_message"], message["on_close"]
+            inbox, self._inbox = self._inbox, []
+            for event in inbox:
+                if event["type"] == "websocket.receive":
+                    self._callback(self._on_message, event.get("text", event.get("bytes")))
         elif kind == "websocket.close":
             code = message.get("code", wsframe.NORMAL)
             reason = message.get("reason") or ""
             self.transport.write(wsframe.close_frame(code, reason))
             self._state = _CLOSING
+            self._on_message = self._on_close = None
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
             if self.read_paused:
                 self.read_paused = False
