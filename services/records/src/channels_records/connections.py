@@ -153,15 +153,18 @@ class Connections:
         self.manager.basic_enter_room(sid, NAMESPACE, sid, eio_sid=eio_sid)
         for room in restored.rooms:
             self.manager.basic_enter_room(sid, NAMESPACE, room)
+        missed = await self._missed_meanwhile(request, token, restored.missed)
+        if self._gone(eio_sid):
+            return True  # registered: python-socketio cleans it up
         self.broadcaster.send_now(eio_sid, encode_connect(sid, request.pid))
         replayed = set()
-        for event in restored.missed:
+        for event in missed:
             text = encode_event(event.event, event.data.decode("utf-8"), event.offset)
             if not self.broadcaster.send_now(eio_sid, text):
                 break
             replayed.add(event.offset)
-        if restored.missed and self.order_key is not None:
-            newest = restored.missed[-1].offset
+        if missed and self.order_key is not None:
+            newest = missed[-1].offset
             # Another instance logged these before this one relayed them:
             # this instance's own live copies are still to come.
             relayed = self.relayed_offset()
@@ -172,6 +175,28 @@ class Connections:
         self.metrics.recoveries.labels("recovered").inc()
         log.info("session recovered", extra={"sid": sid, "replayed": len(replayed)})
         return True
+
+    async def _missed_meanwhile(self, request: RecoveryRequest, token: str | None, missed: list) -> list:
+        """Events this instance broadcast while the restore was reading the
+        log went to the session's rooms before the socket was in them, and
+        the read may have been too early for them. Every event is logged
+        before it is broadcast, so a second read, now that the socket is in
+        its rooms (and held), finds them."""
+        if self.order_key is None:
+            return missed
+        relayed = self.relayed_offset()
+        newest = missed[-1].offset if missed else request.offset
+        if relayed is None or (newest is not None and self.order_key(relayed) <= self.order_key(newest)):
+            return missed
+        try:
+            again = await asyncio.wait_for(self.store.restore(request.pid, token, newest), self.lookup_timeout)
+        except REDIS_FAILURES as exc:
+            log.warning("recovery second read failed", extra={"error": type(exc).__name__})
+            return missed
+        if again is None:
+            return missed
+        seen = {event.offset for event in missed}
+        return missed + [event for event in again.missed if event.offset not in seen]
 
     async def _take_over(self, sid: str) -> None:
         """The dropped connection of a recovering session may still be
