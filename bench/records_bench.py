@@ -32,10 +32,10 @@ class RecordsConfig:
     # Target deliveries per second, one step each.
     rates: list[int] = field(
         default_factory=lambda: [
-            2500, 5000, 7500, 10000, 12500, 15000, 17500, 20000, 22500, 25000, 30000, 35000, 40000, 50000, 60000
+            2500, 5000, 10000, 15000, 20000, 25000, 30000, 35000, 40000, 45000, 50000, 55000, 60000, 70000, 80000
         ]
     )
-    step_seconds: float = 5.0
+    step_seconds: float = 4.0
     payload_bytes: int = 1024
     drain_seconds: float = 3.0
     # A step this bad means the server is saturated; higher steps only queue more.

@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 2, quick 1): on a shared machine one disturbed round should not decide")
     p.add_argument("--ws-client", choices=("raw", "ws"), default="raw",
                    help="records: the load generator's websocket client (raw: leanest; ws: the npm package)")
-    p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 5)")
+    p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 4)")
     p.add_argument("--docs", type=positive_int, help="collab: documents, two providers each (default 500, quick 100)")
     p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
     p.add_argument("--edit-seconds", type=float, help="collab: length of the edit phase (default 10)")
