@@ -187,6 +187,7 @@ class _NoQueue:
 
 
 NO_QUEUE = _NoQueue()
+PING_TICK_SECONDS = 1.0
 # A server-closed websocket whose client does not close it in this time
 # (a dead peer) is cut off.
 CLOSE_GRACE_SECONDS = 5.0
@@ -213,9 +214,12 @@ class RecordsSocket(AsyncSocket):
     transport: asyncio.Transport | None = None
     websocket: TrackedWebSocket | None = None
 
+    next_ping = 0.0  # monotonic time this socket is due its next PING
+
     def schedule_ping(self):
         # The engine's pinger sends the next PING (see RecordsEngine).
         self.last_ping = None
+        self.next_ping = time.monotonic() + self.server.ping_interval
         self.server.start_pinger()
 
     async def send(self, pkt):
@@ -372,16 +376,18 @@ class RecordsEngine(engineio.AsyncServer):
             self._pinger = asyncio.get_running_loop().create_task(self._ping_forever(), name="engineio-pinger")
 
     async def _ping_forever(self) -> None:
-        """Every ping interval, a PING to each socket that answered the last
-        one; engine.io's service task closes those that did not in time."""
+        """A PING to each socket a ping interval after it answered the last
+        one (to within a tick), so that pings and pongs stay spread out
+        instead of coming in one burst; engine.io's service task closes the
+        sockets that do not answer in time."""
         ping = eio_packet.Packet(eio_packet.PING)
         while True:
-            await asyncio.sleep(self.ping_interval)
-            now = time.time()
+            await asyncio.sleep(PING_TICK_SECONDS)
+            now, wall = time.monotonic(), time.time()
             for sock in list(self.sockets.values()):
-                if sock.closing or sock.closed or sock.last_ping is not None:
+                if sock.last_ping is not None or sock.next_ping > now or sock.closing or sock.closed:
                     continue
-                sock.last_ping = now
+                sock.last_ping = wall
                 try:
                     await sock.send(ping)
                 except Exception:
