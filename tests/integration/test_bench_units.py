@@ -134,3 +134,17 @@ def test_bad_arguments_are_refused_with_a_clear_message(capsys):
             parse_args(argv)
         assert message in capsys.readouterr().err
     assert parse_args(["--rates", "100, 200"]).rates == [100, 200]
+
+
+def test_rounds_alternate_who_goes_first_and_collab_keeps_its_lowest_p99_without_loss():
+    from bench.run import best_collab_run, round_order
+
+    assert round_order(["ours", "reference"], 0) == ["ours", "reference"]
+    assert round_order(["ours", "reference"], 1) == ["reference", "ours"]
+    assert round_order(["ours"], 1) == ["ours"]
+    calm = {"edit": {"p99": 12.0, "lost": 0}}
+    busy = {"edit": {"p99": 40.0, "lost": 0}}
+    lossy = {"edit": {"p99": 5.0, "lost": 3}}
+    best = best_collab_run([busy, lossy, calm])
+    assert best["edit"]["p99"] == 12.0 and best["round_p99s"] == [40.0, None, 12.0]
+    assert best_collab_run([busy]) == busy
