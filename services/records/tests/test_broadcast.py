@@ -182,3 +182,41 @@ def test_connect_reply_and_held_events_reach_the_transport_in_order():
     b.send_now("e0", '0{"sid":"s"}')
     b.release("e0")
     assert [w[2:] for w in t.writes] == [b'40{"sid":"s"}', b"42[1]"]
+
+
+def test_routes_follow_room_changes_and_socket_state_with_the_real_engine_and_manager():
+    """Which sockets a broadcast writes to directly is worked out once per
+    room; every change that matters (joins, leaves, closing, the transport
+    coming and going, handshakes) must show in the next broadcast."""
+    from channels_records.engine import RecordsSocketServer
+    from engineio.async_socket import AsyncSocket
+
+    sio = RecordsSocketServer(async_mode="asgi")
+    evicted = []
+    b = Broadcaster(sio.eio, sio.manager, limit_bytes=1000, on_overflow=evicted.append)
+    socks = {}
+    for i in range(3):
+        sio.eio.sockets[f"e{i}"] = AsyncSocket(sio.eio, f"e{i}")
+        socks[i] = sio.eio.sockets[f"e{i}"]
+    t = {i: on_websocket(socks[i]) for i in range(3)}
+    m = sio.manager
+    m.basic_enter_room("s0", "/", "g", eio_sid="e0")
+    assert b.to_room("g", "2[1]") == 1 and len(t[0].writes) == 1
+    m.basic_enter_room("s1", "/", "g", eio_sid="e1")
+    m.basic_enter_room("s2", "/", "g", eio_sid="e2")
+    assert b.to_room("g", "2[2]") == 3 and [len(t[i].writes) for i in range(3)] == [2, 1, 1]
+    m.basic_leave_room("s0", "/", "g")
+    assert b.to_room("g", "2[3]") == 2 and len(t[0].writes) == 2
+    socks[1].closing = True
+    assert b.to_room("g", "2[4]") == 1 and len(t[1].writes) == 2 and len(t[2].writes) == 3
+    socks[2].transport = None  # off the websocket: through its queue
+    assert b.to_room("g", "2[5]") == 1 and len(t[2].writes) == 3 and socks[2].queue.qsize() == 1
+    socks[2].transport = t[2]
+    b.hold("e2")
+    assert b.to_room("g", "2[6]") == 1 and len(t[2].writes) == 3  # held for its handshake
+    b.release("e2")
+    assert [w[2:] for w in t[2].writes[3:]] == [b"42[6]"]
+    assert b.to_room("g", "2[7]") == 1 and len(t[2].writes) == 5
+    del sio.eio.sockets["e2"]
+    assert b.to_room("g", "2[8]") == 0 and len(t[2].writes) == 5
+    assert evicted == []

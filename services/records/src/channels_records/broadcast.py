@@ -89,6 +89,16 @@ class Held:
         self.bytes = 0
 
 
+class _Route:
+    """One room's members as a broadcast reaches them (see Broadcaster._route)."""
+
+    __slots__ = ("direct", "others")
+
+    def __init__(self) -> None:
+        self.direct: list[tuple[object, str]] = []  # (transport, eio_sid)
+        self.others: list[str] = []
+
+
 class Broadcaster:
     def __init__(
         self,
@@ -114,41 +124,83 @@ class Broadcaster:
         # copies of those events must not reach the socket a second time.
         self.floors: dict[str, object] = {}
         self.order_key = order_key
+        # room -> _Route. Valid only while the room's members and their
+        # sockets' states stay as they were: the engine and the manager
+        # report every change (engine.py), this class its own (held, floors).
+        self._routes: dict[str, _Route] = {}
+        for source in (engine, manager):
+            listeners = getattr(source, "route_listeners", None)
+            if listeners is not None:
+                listeners.append(self.forget_routes)
 
     def to_room(self, room: str, text: str, offset: str | None = None) -> int:
         members = self.manager.rooms.get(NAMESPACE, {}).get(room)
         if not members:
             return 0
+        route = self._routes.get(room)
+        if route is None:
+            route = self._routes[room] = self._route(members)
         out = Outgoing(text)
-        key = self.order_key(offset) if self.floors and offset is not None else None
-        before = self.direct
-        delivered = written = 0
-        held, sockets, limit = self.held, self.sockets, self.limit
         frame = out.frame
-        # A copy: an eviction or disconnect may change the room meanwhile.
-        for eio_sid in list(members.values()):
-            # The common case inline (this loop is most of the service's
-            # CPU): an open websocket with room in its buffer. Anything else
-            # takes `deliver`.
-            if key is None and eio_sid not in held:
-                sock = sockets.get(eio_sid)
-                transport = getattr(sock, "transport", None)
-                if (
-                    transport is not None
-                    and not sock.closing
-                    and not transport.is_closing()
-                    and transport.get_write_buffer_size() + len(frame) <= limit
-                ):
-                    transport.write(frame)
-                    written += 1
-                    continue
-            delivered += self.deliver(eio_sid, out, offset, key)
-        self.direct += written
-        delivered += written
+        # Past this, the frame would take the transport's buffer over the limit.
+        fits = self.limit - len(frame)
+        written = 0
+        late = None
+        # The common case, and most of the service's CPU: sockets on an open
+        # websocket, their transports looked up once per room (see _route),
+        # so that each costs two checks and the write.
+        for transport, eio_sid in route.direct:
+            if transport.get_write_buffer_size() <= fits and not transport.is_closing():
+                transport.write(frame)
+                written += 1
+            elif late is None:
+                late = [eio_sid]
+            else:
+                late.append(eio_sid)
+        delivered = written
+        if route.others or late:
+            key = self.order_key(offset) if self.floors and offset is not None else None
+            for eio_sid in route.others:
+                delivered += self.deliver(eio_sid, out, offset, key)
+            if late:
+                # Over the limit or closing: deliver() decides (evicts or skips).
+                for eio_sid in late:
+                    delivered += self.deliver(eio_sid, out, offset, key)
+        if written:
+            self.direct += written
+            self.on_direct(written)
         self.on_delivered(delivered)
-        if self.direct != before:
-            self.on_direct(self.direct - before)
         return delivered
+
+    def _route(self, members) -> _Route:
+        """Split a room's members once: sockets whose packets may be written
+        straight to their websocket's transport, and the rest (polling, in
+        their CONNECT handshake, past a recovery floor, closing)."""
+        route = _Route()
+        held, floors, sockets = self.held, self.floors, self.sockets
+        for eio_sid in members.values():
+            sock = sockets.get(eio_sid)
+            transport = getattr(sock, "transport", None)
+            if (
+                transport is not None
+                and eio_sid not in held
+                and eio_sid not in floors
+                and not sock.closing
+                and not sock.closed
+            ):
+                route.direct.append((transport, eio_sid))
+            else:
+                route.others.append(eio_sid)
+        return route
+
+    def forget_routes(self, room: str | None = None) -> None:
+        """Something a route depends on changed: a room's members (`room`),
+        or a socket's state (None: every room). Routes are rebuilt on the
+        next broadcast to the room."""
+        if room is None:
+            self._routes.clear()
+        else:
+            self._routes.pop(room, None)
 
     def deliver(self, eio_sid: str, out: Outgoing, offset: str | None = None, key=None) -> bool:
         """Queue one shared packet for one socket; never awaits."""
@@ -158,6 +210,7 @@ class Broadcaster:
                 if key <= floor:
                     return False  # already replayed
                 del self.floors[eio_sid]  # caught up: events come in offset order
+                self._routes.clear()
         held = self.held.get(eio_sid)
         if held is not None:
             if held.bytes + out.size > self.limit:
@@ -199,6 +252,7 @@ class Broadcaster:
 
     def hold(self, eio_sid: str) -> None:
         self.held[eio_sid] = Held()
+        self._routes.clear()
 
     def release(self, eio_sid: str, skip_offsets: frozenset[str] | set[str] = frozenset()) -> None:
         """Flush what arrived during the handshake, minus events the replay
@@ -206,6 +260,7 @@ class Broadcaster:
         held = self.held.pop(eio_sid, None)
         if held is None:
             return
+        self._routes.clear()
         for out, offset in held.packets:
             if offset is not None and offset in skip_offsets:
                 continue
@@ -214,10 +269,12 @@ class Broadcaster:
 
     def set_floor(self, eio_sid: str, offset: str) -> None:
         self.floors[eio_sid] = self.order_key(offset)
+        self._routes.clear()
 
     def drop_held(self, eio_sid: str) -> None:
-        self.held.pop(eio_sid, None)
+        if self.held.pop(eio_sid, None) is not None:
+            self._routes.clear()
 
     def forget(self, eio_sid: str) -> None:
-        self.held.pop(eio_sid, None)
-        self.floors.pop(eio_sid, None)
+        if self.held.pop(eio_sid, None) is not None or self.floors.pop(eio_sid, None) is not None:
+            self._routes.clear()

@@ -211,8 +211,30 @@ class RecordsSocket(AsyncSocket):
     every packet is written at once, in call order, and the broadcast fast
     path writes to the same transport."""
 
-    transport: asyncio.Transport | None = None
     websocket: TrackedWebSocket | None = None
+    _transport: asyncio.Transport | None = None
+
+    # The broadcaster caches which sockets it may write to directly (see
+    # broadcast.py); these two change that, so the engine hears of them.
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: asyncio.Transport | None) -> None:
+        self._transport = value
+        self.server.routes_changed()
+
+    @property
+    def closing(self) -> bool:
+        # Set by python-engineio in the instance's dict before the socket
+        # became a RecordsSocket, so it is kept there.
+        return self.__dict__.get("closing", False)
+
+    @closing.setter
+    def closing(self, value: bool) -> None:
+        self.__dict__["closing"] = value
+        self.server.routes_changed()
 
     next_ping = 0.0  # monotonic time this socket is due its next PING
 
@@ -350,10 +372,23 @@ class _Sockets(dict):
     """engine.io creates its sockets as AsyncSocket; they become
     RecordsSocket as they are registered (same fields, other methods)."""
 
+    def __init__(self, on_remove):
+        super().__init__()
+        self.on_remove = on_remove
+
     def __setitem__(self, sid, sock):
         if type(sock) is AsyncSocket:
             sock.__class__ = RecordsSocket
         super().__setitem__(sid, sock)
+
+    def __delitem__(self, sid):
+        super().__delitem__(sid)
+        self.on_remove()
+
+    def pop(self, sid, *default):
+        value = super().pop(sid, *default)
+        self.on_remove()
+        return value
 
 
 class RecordsEngine(engineio.AsyncServer):
@@ -362,9 +397,15 @@ class RecordsEngine(engineio.AsyncServer):
         # A private copy: the driver table is shared module state.
         self._async = {**self._async, "websocket": TrackedWebSocket, "translate_request": translate_request}
         self.logger.addFilter(QuietClientErrors())
-        self.sockets = _Sockets()
+        # Called with None when a socket's state changes (see RecordsSocket).
+        self.route_listeners: list = []
+        self.sockets = _Sockets(self.routes_changed)
         self._pinger: asyncio.Task | None = None
         self._detached_tasks: set[asyncio.Task] = set()
+
+    def routes_changed(self) -> None:
+        for listener in self.route_listeners:
+            listener(None)
 
     def run_detached(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -397,10 +438,34 @@ class RecordsEngine(engineio.AsyncServer):
         return ByteCountingQueue(*args, **kwargs)
 
 
+class RecordsManager(socketio.AsyncManager):
+    """python-socketio's room bookkeeping, telling listeners which room's
+    members changed (every join and leave goes through these two)."""
+
+    def __init__(self):
+        super().__init__()
+        self.route_listeners: list = []
+
+    def basic_enter_room(self, sid, namespace, room, eio_sid=None):
+        super().basic_enter_room(sid, namespace, room, eio_sid=eio_sid)
+        self._changed(room)
+
+    def basic_leave_room(self, sid, namespace, room):
+        super().basic_leave_room(sid, namespace, room)
+        self._changed(room)
+
+    def _changed(self, room) -> None:
+        if room is None:
+            return  # the namespace's map of every socket, never broadcast to
+        for listener in self.route_listeners:
+            listener(room)
+
+
 class RecordsSocketServer(socketio.AsyncServer):
     """`connect_handler(eio_sid, auth)` performs the whole CONNECT handshake."""
 
     def __init__(self, *args, connect_handler=None, **kwargs):
+        kwargs.setdefault("client_manager", RecordsManager())
         super().__init__(*args, **kwargs)
         self.connect_handler = connect_handler
 
