@@ -16,10 +16,11 @@ from channels_records.recovery import (
     LoggedEvent,
     RecoveryStore,
     offset_key,
+    pack_command,
     parse_offset,
     token_fingerprint,
 )
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 WINDOW = 1800
 
@@ -202,18 +203,18 @@ async def test_pub_sub_reconnect_via_mark_live_starts_a_fresh_count(clients, red
 async def test_concurrent_calls_are_pipelined_in_call_order(clients, redis):
     a, b = stores(clients)[:2]
     msgs = [("group-1", "records", record("group-1", n)) for n in range(300)]
-    executed = 0
-    original = a._redis.pipeline
+    round_trips = 0
+    original = a._line.run
 
-    def counting_pipeline(*args, **kw):
-        nonlocal executed
-        executed += 1
-        return original(*args, **kw)
+    async def counting_run(commands):
+        nonlocal round_trips
+        round_trips += 1
+        return await original(commands)
 
-    a._redis.pipeline = counting_pipeline
+    a._line.run = counting_run
     offs_a = await asyncio.gather(*(a.log_message(*m) for m in msgs))
     assert_increasing(offs_a)
-    assert 0 < executed < len(msgs)  # batched: fewer round trips than messages
+    assert 0 < round_trips < len(msgs)  # batched: fewer round trips than messages
     assert [e[2] for e in await stream(redis, "group-1")] == [m[2] for m in msgs]
     assert await feed(b, msgs) == offs_a
 
@@ -526,7 +527,38 @@ async def test_log_raises_during_an_outage_and_works_after(private_redis):
         await client.aclose()
 
 
+async def test_log_connection_cut_by_redis_is_replaced(clients, redis):
+    a = stores(clients)[0]
+    o1 = await a.log_message("notice", "notice", notice(1))
+    # Every client connection but this test's own.
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+    offsets = []
+    for n in range(2, 5):
+        try:
+            offsets.append(await a.log_message("notice", "notice", notice(n)))
+        except RedisError:
+            pass  # the call that found its connection gone
+    assert len(offsets) >= 2
+    assert_increasing([o1, *offsets])
+
+
+async def test_log_errors_reach_the_caller_and_the_line_carries_on(clients, redis):
+    a = stores(clients)[0]
+    (reply,) = await a._line.run([pack_command("EVALSHA", "0" * 40, 0)])
+    assert isinstance(reply, NoScriptError)
+    (reply,) = await a._line.run([pack_command("INCRBY", "x", "not a number")])
+    assert isinstance(reply, ResponseError) and not isinstance(reply, NoScriptError)
+    assert await a._line.run([pack_command("SET", "x", "1"), pack_command("GET", "x")]) == [b"OK", b"1"]
+
+
 # -- pure helpers -----------------------------------------------------------------
+
+
+def test_pack_command_byte_vectors():
+    assert pack_command("GET", "k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    assert pack_command("SET", "é", b"\x00\r\n", 42) == (
+        b"*4\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$3\r\n\x00\r\n\r\n$2\r\n42\r\n"
+    )
 
 
 @pytest.mark.parametrize(
