@@ -155,6 +155,22 @@ def best_collab_run(runs: list[dict]) -> dict:
     return best
 
 
+async def run_rounds(scenario, targets, args, out, stamp, log, best, run_one) -> dict:
+    """`args.repeat` rounds of one scenario, the servers taking turns to go
+    first; each server's best round counts. Only our first round is profiled."""
+    runs: dict[str, list[dict]] = {who: [] for who in targets}
+    for round_no in range(args.repeat):
+        if args.repeat > 1:
+            log(f" round {round_no + 1} of {args.repeat}")
+        for who in round_order(targets, round_no):
+            profiler = None
+            if args.profile and who == "ours" and round_no == 0:
+                profiler = Profiler(out / f"profile-{scenario}-{stamp}.txt")
+            runs[who].append(await run_one(who, profiler))
+            report_profile(profiler)
+    return {who: best(done) for who, done in runs.items()}
+
+
 def best_run(runs: list[dict]) -> dict:
     """Of repeated records runs, the one with the highest headline rate (the
     others were disturbed more); all of them stay in the JSON."""
@@ -257,41 +273,23 @@ async def main_async(args) -> int:
         if args.scenario in ("records", "all"):
             log(f"records: {rec_cfg.clients} clients in {rec_cfg.groups} groups, "
                 f"steps {rec_cfg.rates} deliveries/s, {rec_cfg.step_seconds:g} s each")
-            results["records"] = {}
-            runs: dict[str, list[dict]] = {who: [] for who in targets}
-            for round_no in range(args.repeat):
-                if args.repeat > 1:
-                    log(f" round {round_no + 1} of {args.repeat}")
-                for who in round_order(targets, round_no):
-                    profiler = None
-                    if args.profile and who == "ours" and round_no == 0:
-                        profiler = Profiler(out / f"profile-records-{stamp}.txt")
-                    runs[who].append(await run_records(
-                        records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler,
-                        helper_pids=(redis_server.process.pid, rails.pid),
-                    ))
-                    report_profile(profiler)
-            for who, done in runs.items():
-                results["records"][who] = best_run(done)
+            results["records"] = await run_rounds(
+                "records", targets, args, out, stamp, log, best_run,
+                lambda who, profiler: run_records(
+                    records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler,
+                    helper_pids=(redis_server.process.pid, rails.pid),
+                ),
+            )
         if args.scenario in ("collab", "all"):
             log(f"collab: {col_cfg.docs} documents, editor at {col_cfg.edit_rate:g} updates/s for "
                 f"{col_cfg.edit_seconds:g} s, observer on each")
-            results["collab"] = {}
-            collab_runs: dict[str, list[dict]] = {who: [] for who in targets}
-            for round_no in range(args.repeat):
-                if args.repeat > 1:
-                    log(f" round {round_no + 1} of {args.repeat}")
-                for who in round_order(targets, round_no):
-                    profiler = None
-                    if args.profile and who == "ours" and round_no == 0:
-                        profiler = Profiler(out / f"profile-collab-{stamp}.txt")
-                    collab_runs[who].append(await run_collab(
-                        collab_server(who, redis_server.url, rails_url), col_cfg, log,
-                        helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
-                    ))
-                    report_profile(profiler)
-            for who, done in collab_runs.items():
-                results["collab"][who] = best_collab_run(done)
+            results["collab"] = await run_rounds(
+                "collab", targets, args, out, stamp, log, best_collab_run,
+                lambda who, profiler: run_collab(
+                    collab_server(who, redis_server.url, rails_url), col_cfg, log,
+                    helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
+                ),
+            )
     finally:
         rails.terminate()
         rails.wait()
