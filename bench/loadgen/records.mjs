@@ -17,25 +17,10 @@
 // Latency = receive wall time - the send wall time the publisher stamped in
 // the payload as "bench":[step, seq, sendTimeMs, group].
 import { createInterface } from "node:readline";
-import { performance } from "node:perf_hooks";
+import { now } from "./clock.mjs";
 import WebSocket from "ws";
 import { RawWebSocket } from "./rawws.mjs";
 
-// Wall-clock milliseconds with sub-millisecond resolution, comparable with
-// the publisher's time.time(): performance.now() is monotonic and may drift
-// from the wall clock (NTP slewing), so its offset is re-anchored at the
-// instant Date.now() ticks over to a new millisecond.
-let offset = calibrate();
-function calibrate() {
-  const start = Date.now();
-  let ms;
-  while ((ms = Date.now()) === start);
-  return ms - performance.now();
-}
-setInterval(() => {
-  offset = calibrate();
-}, 2000).unref();
-const now = () => performance.now() + offset;
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
 const clients = [];
