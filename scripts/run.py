@@ -13,7 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "libs/common/src"))
 
-from channels_common.redis_server import LocalRedis, server_binary  # noqa: E402
+from channels_common.redis_server import LocalRedis, server_binary
 
 BIN = Path(sys.executable).parent
 

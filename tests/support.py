@@ -50,9 +50,9 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, wait: bool = True, ready: bool = False, timeout: float = 20.0) -> "ServiceProcess":
+    def start(self, wait: bool = True, ready: bool = False, timeout: float = 20.0) -> ServiceProcess:
         env = {**os.environ, **self.env, "PORT": str(self.port), "HOST": "127.0.0.1"}
-        self._log = open(self.log_path, "ab")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed by stop()/kill()
         self.process = subprocess.Popen(
             [str(VENV_BIN / self.script)], env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -147,7 +147,7 @@ class NodeScript:
 
 def run_node(script: str, *args: str, timeout: float = 60.0, env: dict | None = None) -> list[dict]:
     """Run a Node script to completion; return the JSON lines it printed."""
-    done = subprocess.run(
+    done = subprocess.run(  # noqa: PLW1510 - the return code is checked below
         ["node", str(NODE_DIR / script), *args],
         cwd=NODE_DIR,
         capture_output=True,

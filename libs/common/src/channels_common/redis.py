@@ -91,7 +91,7 @@ class Subscription:
         try:
             await asyncio.wait_for(self._live_event.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def stop(self) -> None:
@@ -100,8 +100,10 @@ class Subscription:
             self._task.cancel()
             try:
                 await self._task
-            except (asyncio.CancelledError, Exception):
+            except asyncio.CancelledError:
                 pass
+            except Exception as exc:  # noqa: BLE001 - stopping must not fail
+                log.debug("subscription task ended with an error", extra={"error": str(exc)})
 
     async def _run(self) -> None:
         attempt = 0
@@ -145,8 +147,8 @@ class Subscription:
                 try:
                     await pubsub.aclose()
                     await client.aclose()
-                except Exception:  # closing a dead connection may fail; nothing to do
-                    pass
+                except Exception as exc:  # noqa: BLE001 - closing a dead connection may fail
+                    log.debug("closing the subscription connection failed", extra={"error": str(exc)})
             if self._stopping:
                 break
             attempt += 1

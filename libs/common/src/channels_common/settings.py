@@ -21,7 +21,7 @@ class CommonSettings(BaseSettings):
 
 
 def _strip_channels_prefix(host: str) -> str:
-    return host[len("channels."):] if host.startswith("channels.") else host
+    return host.removeprefix("channels.")
 
 
 class RecordsSettings(CommonSettings):
@@ -69,7 +69,7 @@ class CollabSettings(CommonSettings):
     broadcast_stateless: bool = Field(False, validation_alias="COLLAB_BROADCAST_STATELESS")
 
     @model_validator(mode="after")
-    def _default_port(self) -> "CollabSettings":
+    def _default_port(self) -> CollabSettings:
         if self.port is None:
             self.port = 5000 if self.rails_env == "production" else 4444
         return self
