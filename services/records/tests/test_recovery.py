@@ -554,13 +554,6 @@ async def test_log_errors_reach_the_caller_and_the_line_carries_on(clients, redi
 # -- pure helpers -----------------------------------------------------------------
 
 
-def test_pack_command_byte_vectors():
-    assert pack_command("GET", "k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
-    assert pack_command("SET", "é", b"\x00\r\n", 42) == (
-        b"*4\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$3\r\n\x00\r\n\r\n$2\r\n42\r\n"
-    )
-
-
 @pytest.mark.parametrize(
     "text, parsed",
     [

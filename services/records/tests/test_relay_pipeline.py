@@ -19,10 +19,12 @@ class ManualStore:
     def __init__(self):
         self.calls: list[tuple[str, asyncio.Future]] = []
 
-    async def log_message(self, room, event, data):
+    async def log_messages(self, messages):
         future = asyncio.get_running_loop().create_future()
-        self.calls.append((json.loads(data)["n"], future))
-        return await future
+        numbers = [json.loads(data)["n"] for _, _, data in messages]
+        self.calls.append((numbers[0] if len(numbers) == 1 else numbers, future))
+        result = await future
+        return result if isinstance(result, list) else [result]
 
 
 class Recorder:
@@ -102,3 +104,29 @@ async def test_without_a_store_broadcasts_at_once():
     relay = Relay(out, Metrics(), None)
     await relay.handle(record(1))
     assert out.sent and out.sent[0][2] is None
+
+
+async def test_a_batch_is_logged_in_one_call_and_broadcast_in_order():
+    store, out = ManualStore(), Recorder()
+    relay = Relay(out, Metrics(), store)
+    bad = Message(channel="/records", data=b"[1]", pattern=None)
+    await relay.handle_batch([record(0), bad, record(1, room="user-9"), record(2)])
+    await relay.handle_batch([record(3)])
+    await settle()
+    assert [n for n, _ in store.calls] == [[0, 1, 2], 3]  # the bad one never reaches the log
+    store.calls[1][1].set_result("9-0")
+    await settle()
+    assert out.sent == []  # the first batch is not logged yet
+    store.calls[0][1].set_result(["6-0", RedisConnectionError("lost"), "8-0"])
+    await settle()
+    assert [(room, o) for room, _, o in out.sent] == [
+        ("group-1", "6-0"), ("user-9", None), ("group-1", "8-0"), ("group-1", "9-0"),
+    ]
+    assert relay.last_offset == "9-0"
+
+
+async def test_a_batch_without_a_store_goes_out_at_once_in_order():
+    out = Recorder()
+    relay = Relay(out, Metrics(), None)
+    await relay.handle_batch([record(1), record(2, room="user-3")])
+    assert [(room, o) for room, _, o in out.sent] == [("group-1", None), ("user-3", None)]

@@ -123,7 +123,7 @@ class RecordsService:
         )
         self.subscription = Subscription(
             url=s.redis_url,
-            handler=relay.handle,
+            batch_handler=relay.handle_batch,
             channels=(RECORDS_CHANNEL, NOTICE_CHANNEL),
             on_reconnect=self.metrics.redis_reconnects.inc,
             # Pub/sub messages published while it was down were never seen:

@@ -64,8 +64,9 @@ connection. Redis must not evict these keys under memory pressure (use
 While Redis is down ``log_message`` raises and the caller emits live without
 an offset.
 
-Cost. ``log_message`` is one EVALSHA; calls made while a round trip is in
-flight are sent together in one pipeline, in call order. ``restore`` is one
+Cost. ``log_message`` is one EVALSHA per message; ``log_messages`` sends
+the messages of one pub/sub read in one pipeline, and calls made while a
+round trip is in flight are sent together in the next, in call order. ``restore`` is one
 EVALSHA that reads, for each of the session's rooms only, the entries after
 the client's offset (``XRANGE (offset +``): work in proportion to what the
 client missed, never a scan of all traffic.
@@ -84,6 +85,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from channels_common.resp import ProtocolError, ReplyError, ReplyReader, pack_command
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -282,20 +284,6 @@ class _Script:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
 
-def pack_command(*args: bytes | str | int) -> bytes:
-    """One command as RESP (an array of bulk strings), as Redis reads it."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        if isinstance(arg, str):
-            arg = arg.encode("utf-8")
-        elif isinstance(arg, int):
-            arg = b"%d" % arg
-        parts.append(b"$%d\r\n" % len(arg))
-        parts.append(arg)
-        parts.append(b"\r\n")
-    return b"".join(parts)
-
-
 class _LogLine:
     """The log calls' own connection, written and read by hand.
 
@@ -305,19 +293,21 @@ class _LogLine:
     from the pool, so redis-py sets it up (address, TLS, AUTH, database,
     protocol); afterwards it carries nothing but log calls, one call or
     pipelined batch at a time (the store sees to that), whose replies are
-    bulk strings or errors. Any failure drops the connection: the next
-    call starts on a fresh one."""
+    bulk strings or errors, read a chunk at a time. Any failure drops the
+    connection: the next call starts on a fresh one."""
 
     def __init__(self, redis, timeout: float | None):
         self._pool = redis.connection_pool
         self._timeout = timeout
         self._conn = None
+        self._parser = ReplyReader()
 
     async def run(self, commands: list[bytes]) -> list:
         conn = self._conn
         if conn is None:
             conn = await self._pool.get_connection()
             self._conn = conn
+            self._parser = ReplyReader()
         try:
             if not conn.is_connected:
                 await conn.connect()
@@ -334,29 +324,29 @@ class _LogLine:
                 raise RedisTimeoutError("recovery log: no reply from redis") from None
             if isinstance(exc, (EOFError, OSError)):
                 raise RedisConnectionError(f"recovery log: {type(exc).__name__}") from None
+            if isinstance(exc, ProtocolError):
+                raise RedisConnectionError(f"recovery log: {exc}") from None
             raise
 
-    @staticmethod
-    async def _exchange(reader, writer, commands: list[bytes]) -> list:
+    async def _exchange(self, reader, writer, commands: list[bytes]) -> list:
         writer.write(b"".join(commands))
         if writer.transport.get_write_buffer_size() > 1 << 20:
             await writer.drain()
-        replies = []
-        for _ in commands:
-            line = await reader.readuntil(b"\r\n")
-            kind = line[:1]
-            if kind == b"$":
-                size = int(line[1:-2])
-                replies.append(None if size < 0 else (await reader.readexactly(size + 2))[:-2])
-            elif kind == b"-" or kind == b"!":
-                if kind == b"!":  # RESP3 bulk error
-                    line = b"-" + (await reader.readexactly(int(line[1:-2]) + 2))
-                message = line[1:].rstrip(b"\r\n").decode("utf-8", "replace")
-                replies.append(NoScriptError(message) if message.startswith("NOSCRIPT") else ResponseError(message))
-            elif kind == b"+":
-                replies.append(line[1:-2])
-            else:
-                raise RedisConnectionError("recovery log: unexpected reply from redis")
+        parser = self._parser
+        replies: list = []
+        while len(replies) < len(commands):
+            data = await reader.read(1 << 16)
+            if not data:
+                raise EOFError
+            replies += parser.feed(data)
+        if len(replies) != len(commands) or parser.buffered:
+            raise ProtocolError("recovery log: more replies than calls")
+        for i, reply in enumerate(replies):
+            if isinstance(reply, ReplyError):
+                message = str(reply)
+                replies[i] = NoScriptError(message) if reply.code == "NOSCRIPT" else ResponseError(message)
+            elif not isinstance(reply, bytes):
+                raise ProtocolError("recovery log: unexpected reply from redis")
         return replies
 
 
@@ -403,7 +393,8 @@ class RecoveryStore:
         # absorbs skew between the two.
         self._start_ms = self._now_local() - _START_GRACE_MS
         self._serial = 0
-        self._pending: list[tuple[list, list, asyncio.Future]] = []
+        self._pending: list[tuple[list, asyncio.Future]] = []  # (calls, future), in call order
+        self._pending_calls = 0
         self._flusher: asyncio.Task | None = None
         self._busy = False  # a log call or batch is in flight
         self._current = ZERO_OFFSET
@@ -459,43 +450,57 @@ class RecoveryStore:
         """Log one relayed message (every instance calls this for every
         message) and return its offset, the same on every instance. Raises a
         redis error when Redis cannot answer in time: emit without an offset."""
-        if len(self._pending) >= self.max_pending:
+        (result,) = await self.log_messages([(room, event, data)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    async def log_messages(self, messages: list[tuple[str, str, bytes]]) -> list[str | Exception]:
+        """log_message for several messages, in order, in one round trip:
+        each result is the message's offset or the Redis error of its call.
+        Raises a redis error (for all of them) when Redis cannot answer in time."""
+        if self._pending_calls + len(messages) > self.max_pending:
             raise RedisTimeoutError("recovery log backlog is full")
-        self._serial += 1
-        keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data)]
-        args = [
-            self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
-            "" if self._clock is None else self._now_local(), 64,
-        ]
+        calls = []
+        for room, event, data in messages:
+            self._serial += 1
+            keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data)]
+            args = [
+                self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
+                "" if self._clock is None else self._now_local(), 64,
+            ]
+            calls.append((keys, args))
         if not self._busy and not self._pending:
-            # Nothing in flight: one EVALSHA, no queueing machinery.
+            # Nothing in flight: one exchange, no queueing machinery.
             self._busy = True
             try:
                 async with asyncio.timeout(self.log_timeout):
-                    (reply,) = await self._send([(keys, args, None)])
-                if isinstance(reply, BaseException):
-                    raise reply
+                    replies = await self._send(calls)
             except TimeoutError:
                 raise RedisTimeoutError("recovery log timed out") from None
             finally:
                 self._busy = False
                 if self._pending:
                     self._start_flusher()
-            return self._noted(reply)
+            return self._results(replies)
         future = asyncio.get_running_loop().create_future()
         # A caller that timed out no longer reads the outcome; mark it read.
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        # Queued in call order, sent in that order after the call in flight:
-        # offsets follow call order.
-        self._pending.append((keys, args, future))
+        # Queued in call order, sent in that order after the exchange in
+        # flight: offsets follow call order.
+        self._pending.append((calls, future))
+        self._pending_calls += len(calls)
         if not self._busy:
             self._start_flusher()
         try:
             async with asyncio.timeout(self.log_timeout):
-                reply = await asyncio.shield(future)
+                replies = await asyncio.shield(future)
         except TimeoutError:
             raise RedisTimeoutError("recovery log timed out") from None
-        return self._noted(reply)
+        return self._results(replies)
+
+    def _results(self, replies: list) -> list[str | Exception]:
+        return [reply if isinstance(reply, BaseException) else self._noted(reply) for reply in replies]
 
     def _noted(self, reply) -> str:
         offset = reply.decode() if isinstance(reply, bytes) else str(reply)
@@ -513,34 +518,39 @@ class RecoveryStore:
         # instance's occurrence count stays aligned with the others'.
         try:
             while self._pending:
-                batch, self._pending = self._pending[:_MAX_BATCH], self._pending[_MAX_BATCH:]
+                # Whole callers' batches, up to _MAX_BATCH calls (at least one batch).
+                taken, calls = 0, []
+                while taken < len(self._pending) and (not calls or len(calls) + len(self._pending[taken][0]) <= _MAX_BATCH):
+                    calls += self._pending[taken][0]
+                    taken += 1
+                entries, self._pending = self._pending[:taken], self._pending[taken:]
+                self._pending_calls -= len(calls)
                 try:
-                    results = await self._send(batch)
+                    results = await self._send(calls)
                 except Exception as exc:  # noqa: BLE001 - Redis down or worse: every waiter must hear of it
-                    results = [exc] * len(batch)
-                for (_, _, future), result in zip(batch, results):
-                    if future.done():
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
+                    results = [exc] * len(calls)
+                start = 0
+                for entry_calls, future in entries:
+                    end = start + len(entry_calls)
+                    if not future.done():
+                        future.set_result(results[start:end])
+                    start = end
         finally:
             self._busy = False
 
-    async def _send(self, batch) -> list:
-        """Replies (or errors) of a batch of log calls, in order."""
-        results = await self._line.run(self._packed(batch))
+    async def _send(self, calls: list[tuple[list, list]]) -> list:
+        """Replies (or errors) of log calls, in order."""
+        results = await self._line.run(self._packed(calls))
         if any(isinstance(r, NoScriptError) for r in results):
             # Redis lost its scripts (restart, SCRIPT FLUSH); the calls that
             # did run are not run twice (the serial in ARGV makes them idempotent).
             await self._log.load(self._redis)
-            results = await self._line.run(self._packed(batch))
+            results = await self._line.run(self._packed(calls))
         return results
 
-    def _packed(self, batch) -> list[bytes]:
+    def _packed(self, calls: list[tuple[list, list]]) -> list[bytes]:
         sha = self._log.sha
-        return [pack_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args, _ in batch]
+        return [pack_command("EVALSHA", sha, len(keys), *keys, *args) for keys, args in calls]
 
     # -- sessions --------------------------------------------------------
 

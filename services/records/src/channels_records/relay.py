@@ -78,7 +78,8 @@ def parse_message(channel: str, data: bytes) -> Broadcast | Dropped:
 
 class _Pending:
     """A validated message waiting for its recovery offset; the task that
-    logs it is kept here so that it is not garbage collected mid-flight."""
+    logs its batch is kept on the batch's first message so that it is not
+    garbage collected mid-flight."""
 
     __slots__ = ("broadcast", "done", "offset", "task")
 
@@ -90,12 +91,13 @@ class _Pending:
 
 
 class Relay:
-    """The subscription handler: validate, give the message its recovery
-    offset, broadcast. Called for one message at a time, in publish order.
+    """The subscription handler: validate, give each message its recovery
+    offset, broadcast. Called with the messages of one pub/sub read at a
+    time, in publish order.
 
-    Logging a message for recovery is a Redis round trip. Several are in
-    flight at once (the store sends concurrent calls in one pipeline, in
-    call order), and broadcasts still go out strictly in publish order: a
+    Logging messages for recovery is a Redis round trip per batch. Several
+    are in flight at once (the store sends concurrent calls in one pipeline,
+    in call order), and broadcasts still go out strictly in publish order: a
     message waits for the ones before it, never the other way round."""
 
     def __init__(self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000):
@@ -112,46 +114,70 @@ class Relay:
         self.last_offset: str | None = None
 
     async def handle(self, message) -> None:
-        result = parse_message(message.channel, message.data)
-        if isinstance(result, Dropped):
-            log.warning(
-                "message dropped",
-                extra={"channel": message.channel, "size": len(message.data), "reason": result.reason},
-            )
-            self.metrics.dropped.labels(result.reason).inc()
+        await self.handle_batch([message])
+
+    async def handle_batch(self, messages) -> None:
+        """Messages that arrived together, in publish order: logged for
+        recovery in one Redis round trip, then broadcast in that order."""
+        batch = []
+        for message in messages:
+            result = parse_message(message.channel, message.data)
+            if isinstance(result, Dropped):
+                log.warning(
+                    "message dropped",
+                    extra={"channel": message.channel, "size": len(message.data), "reason": result.reason},
+                )
+                self.metrics.dropped.labels(result.reason).inc()
+            else:
+                batch.append(_Pending(result))
+        if not batch:
             return
-        if self.store is None and not self._in_flight:
-            self._emit(result, None)
-            return
-        pending = _Pending(result)
-        self._in_flight.append(pending)
         if self.store is None:
-            pending.done = True
+            if not self._in_flight:
+                for pending in batch:
+                    self._emit(pending.broadcast, None)
+                return
+            for pending in batch:
+                pending.done = True
+            self._in_flight.extend(batch)
             self._drain()
             return
-        pending.task = asyncio.get_running_loop().create_task(self._log(pending))
+        self._in_flight.extend(batch)
+        # Kept on the batch's first entry so that it is not garbage collected mid-flight.
+        batch[0].task = asyncio.get_running_loop().create_task(self._log(batch))
         if len(self._in_flight) >= self.max_in_flight:
             # Redis is slow: stop reading pub/sub until it catches up, so
             # that memory stays bounded (Redis buffers the rest meanwhile).
             self._room.clear()
             await self._room.wait()
 
-    async def _log(self, pending: _Pending) -> None:
-        b = pending.broadcast
+    async def _log(self, batch: list[_Pending]) -> None:
+        messages = [(p.broadcast.room, p.broadcast.event, p.broadcast.payload.encode("utf-8")) for p in batch]
         try:
             # The store bounds the wait itself (and raises a Redis error).
-            pending.offset = await self.store.log_message(b.room, b.event, b.payload.encode("utf-8"))
+            results = await self.store.log_messages(messages)
         except (TimeoutError, RedisError, OSError) as exc:
             # Live delivery never waits on the log longer than that: sent
-            # without an offset, the event just cannot be replayed.
-            log.warning("message not logged for recovery", extra={"error": type(exc).__name__})
+            # without an offset, the events just cannot be replayed.
+            results = [exc] * len(batch)
         except asyncio.CancelledError:
-            pending.done = True
-            self._drain()
+            self._settle(batch, [None] * len(batch))
             raise
-        except Exception:
-            log.exception("logging a message for recovery failed")
-        pending.done = True
+        except Exception as exc:
+            log.exception("logging messages for recovery failed")
+            results = [exc] * len(batch)
+        self._settle(batch, results)
+
+    def _settle(self, batch: list[_Pending], results: list) -> None:
+        failed = None
+        for pending, result in zip(batch, results):
+            if isinstance(result, str):
+                pending.offset = result
+            elif result is not None:
+                failed = result
+            pending.done = True
+        if failed is not None:
+            log.warning("message not logged for recovery", extra={"error": type(failed).__name__})
         self._drain()
 
     def _drain(self) -> None:

@@ -1,0 +1,164 @@
+"""RESP, the Redis wire protocol, as pure code: commands to bytes, bytes to
+replies. No I/O here (see redis.py for the connections that use it).
+
+redis-py stays the client for ordinary commands. Two paths carry one Redis
+exchange per relayed message and are hot enough that redis-py's per-call
+cost (parsing through a StreamReader line by line, retries, health checks,
+locks) shows in the profile: the pub/sub subscription and the records
+service's recovery log. They read whole chunks from the socket and parse
+them here, many replies per call.
+"""
+
+from __future__ import annotations
+
+
+class ProtocolError(Exception):
+    """The bytes are not RESP: the connection is out of step and must go."""
+
+
+class ReplyError(Exception):
+    """An error reply (``-ERR ...`` or a RESP3 bulk error), as a value."""
+
+    @property
+    def code(self) -> str:
+        return str(self).split(" ", 1)[0]
+
+
+def pack_command(*args: bytes | str | int) -> bytes:
+    """One command as RESP (an array of bulk strings), as Redis reads it."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, str):
+            arg = arg.encode("utf-8")
+        elif isinstance(arg, int):
+            arg = b"%d" % arg
+        parts.append(b"$%d\r\n" % len(arg))
+        parts.append(arg)
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+class _Incomplete(Exception):
+    pass
+
+
+_INCOMPLETE = _Incomplete()
+_AGGREGATES = frozenset(b"*>~%|")
+
+
+class ReplyReader:
+    """Feed bytes, get complete replies in order.
+
+    Arrays, pushes and sets become lists, maps become lists of alternating
+    keys and values, bulk and simple strings stay bytes, integers become
+    int, error replies become ReplyError values (never raised), nulls None.
+    Attributes (RESP3 ``|``) are read and dropped. A length past
+    `max_bulk` or `max_items`, or a type byte RESP does not have, raises
+    ProtocolError: the stream cannot be trusted after that.
+    """
+
+    def __init__(self, *, max_bulk: int = 512 * 1024 * 1024, max_items: int = 1 << 20):
+        self._buf = bytearray()
+        self._max_bulk = max_bulk
+        self._max_items = max_items
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list:
+        buf = self._buf
+        buf += data
+        replies = []
+        pos = 0
+        try:
+            while pos < len(buf):
+                reply, pos2 = self._parse(buf, pos)
+                pos = pos2
+                if reply is not _ATTRIBUTE:
+                    replies.append(reply)
+        except _Incomplete:
+            pass
+        if pos:
+            del buf[:pos]
+        return replies
+
+    def _line(self, buf: bytearray, pos: int) -> tuple[bytes, int]:
+        end = buf.find(b"\r\n", pos)
+        if end < 0:
+            if len(buf) - pos > 64 * 1024:
+                raise ProtocolError("RESP line longer than 64 KiB")
+            raise _INCOMPLETE
+        return bytes(buf[pos:end]), end + 2
+
+    def _length(self, text: bytes, limit: int) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise ProtocolError(f"bad RESP length {text[:20]!r}") from None
+        if n > limit:
+            raise ProtocolError(f"RESP length {n} over the limit {limit}")
+        return n
+
+    def _parse(self, buf: bytearray, pos: int):
+        if pos >= len(buf):
+            raise _INCOMPLETE
+        kind = buf[pos]
+        line, pos = self._line(buf, pos + 1)
+        if kind == 36 or kind == 61:  # $ bulk string, = verbatim string
+            n = self._length(line, self._max_bulk)
+            if n < 0:
+                return None, pos
+            end = pos + n
+            if len(buf) < end + 2:
+                raise _INCOMPLETE
+            if buf[end : end + 2] != b"\r\n":
+                raise ProtocolError("RESP bulk string not followed by CRLF")
+            value = bytes(buf[pos:end])
+            return (value[4:] if kind == 61 else value), end + 2
+        if kind in _AGGREGATES:
+            n = self._length(line, self._max_items)
+            if n < 0:
+                return None, pos
+            count = n * 2 if kind in (37, 124) else n  # % map, | attribute: pairs
+            items = []
+            for _ in range(count):
+                item, pos = self._parse(buf, pos)
+                items.append(item)
+            if kind == 124:
+                # An attribute precedes the reply it describes; nobody here
+                # asks for one, so it is skipped.
+                return _ATTRIBUTE, pos
+            return items, pos
+        if kind == 43:  # + simple string
+            return line, pos
+        if kind == 45:  # - error
+            return ReplyError(line.decode("utf-8", "replace")), pos
+        if kind == 58 or kind == 40:  # : integer, ( big number
+            try:
+                return int(line), pos
+            except ValueError:
+                raise ProtocolError(f"bad RESP integer {line[:20]!r}") from None
+        if kind == 95:  # _ null
+            return None, pos
+        if kind == 35:  # # boolean
+            return line == b"t", pos
+        if kind == 44:  # , double
+            try:
+                return float(line), pos
+            except ValueError:
+                raise ProtocolError(f"bad RESP double {line[:20]!r}") from None
+        if kind == 33:  # ! bulk error
+            n = self._length(line, self._max_bulk)
+            end = pos + n
+            if len(buf) < end + 2:
+                raise _INCOMPLETE
+            return ReplyError(bytes(buf[pos:end]).decode("utf-8", "replace")), end + 2
+        raise ProtocolError(f"unknown RESP type byte {kind!r}")
+
+
+class _Attribute:
+    __slots__ = ()
+
+
+_ATTRIBUTE = _Attribute()

@@ -1,0 +1,97 @@
+"""RESP codec vectors: what Redis sends, byte for byte, and what comes out."""
+
+from __future__ import annotations
+
+import pytest
+from channels_common.resp import ProtocolError, ReplyError, ReplyReader, pack_command
+
+
+def test_pack_command_byte_vectors():
+    assert pack_command("GET", "k") == b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+    assert pack_command("SET", "é", b"\x00\r\n", 42) == (
+        b"*4\r\n$3\r\nSET\r\n$2\r\n\xc3\xa9\r\n$3\r\n\x00\r\n\r\n$2\r\n42\r\n"
+    )
+
+
+MESSAGE = b"*3\r\n$7\r\nmessage\r\n$8\r\n/records\r\n$13\r\n{\"room\":\"a\"}\n\r\n"
+
+
+@pytest.mark.parametrize(
+    "wire, replies",
+    [
+        (b"+OK\r\n", [b"OK"]),
+        (b":42\r\n:-1\r\n", [42, -1]),
+        (b"$5\r\nhello\r\n$0\r\n\r\n$-1\r\n", [b"hello", b"", None]),
+        (b"$4\r\na\r\nb\r\n", [b"a\r\nb"]),  # CRLF inside a bulk string is data
+        (b"-ERR unknown command\r\n", [ReplyError("ERR unknown command")]),
+        (b"*2\r\n$4\r\npong\r\n$0\r\n\r\n", [[b"pong", b""]]),
+        (b"*-1\r\n*0\r\n", [None, []]),
+        (MESSAGE, [[b"message", b"/records", b'{"room":"a"}\n']]),
+        (
+            b"*4\r\n$8\r\npmessage\r\n$9\r\nchatbot/*\r\n$12\r\nchatbot/test\r\n$2\r\nhi\r\n",
+            [[b"pmessage", b"chatbot/*", b"chatbot/test", b"hi"]],
+        ),
+        (b"*3\r\n$9\r\nsubscribe\r\n$8\r\n/records\r\n:1\r\n", [[b"subscribe", b"/records", 1]]),
+        # RESP3: pushes, nulls, booleans, doubles, big numbers, maps, sets,
+        # verbatim strings, bulk errors, and an attribute that is skipped.
+        (b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nd\r\n", [[b"message", b"c", b"d"]]),
+        (b"_\r\n#t\r\n#f\r\n,1.5\r\n(12345678901234567890\r\n", [None, True, False, 1.5, 12345678901234567890]),
+        (b"%1\r\n+k\r\n:1\r\n~2\r\n+a\r\n+b\r\n", [[b"k", 1], [b"a", b"b"]]),
+        (b"=7\r\ntxt:abc\r\n", [b"abc"]),
+        (b"!9\r\nNOSCRIPT!\r\n", [ReplyError("NOSCRIPT!")]),
+        (b"|1\r\n+key\r\n+val\r\n+PONG\r\n", [b"PONG"]),
+    ],
+)
+def test_replies(wire, replies):
+    got = ReplyReader().feed(wire)
+    assert [str(r) if isinstance(r, ReplyError) else r for r in got] == [
+        str(r) if isinstance(r, ReplyError) else r for r in replies
+    ]
+    assert all(isinstance(g, ReplyError) == isinstance(r, ReplyError) for g, r in zip(got, replies))
+
+
+def test_a_reply_split_anywhere_comes_out_once_complete():
+    wire = MESSAGE * 3 + b":7\r\n"
+    for cut in range(1, len(wire)):
+        reader = ReplyReader()
+        first = reader.feed(wire[:cut])
+        second = reader.feed(wire[cut:])
+        assert first + second == [[b"message", b"/records", b'{"room":"a"}\n']] * 3 + [7], cut
+        assert reader.buffered == 0
+
+
+def test_byte_by_byte():
+    reader = ReplyReader()
+    out = []
+    for i in range(len(MESSAGE)):
+        out += reader.feed(MESSAGE[i : i + 1])
+    assert out == [[b"message", b"/records", b'{"room":"a"}\n']]
+
+
+def test_error_code():
+    (reply,) = ReplyReader().feed(b"-NOPERM this user has no permissions\r\n")
+    assert reply.code == "NOPERM"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        b"?what\r\n",  # no such type
+        b"$abc\r\n",  # length is not a number
+        b"$3\r\nabcXY",  # bulk not followed by CRLF
+        b":1.5\r\n",
+        b",nope\r\n",
+        b"$100\r\n",  # over max_bulk below
+        b"*5000000\r\n",  # over max_items
+    ],
+)
+def test_garbage_is_a_protocol_error(wire):
+    with pytest.raises(ProtocolError):
+        ReplyReader(max_bulk=64).feed(wire)
+
+
+def test_an_endless_line_is_a_protocol_error():
+    reader = ReplyReader()
+    reader.feed(b"+" + b"x" * 1000)  # incomplete so far, kept
+    with pytest.raises(ProtocolError):
+        reader.feed(b"x" * 70_000)

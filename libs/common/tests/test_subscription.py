@@ -1,0 +1,187 @@
+"""The pub/sub subscription against a real Redis: order, batches, handler
+failures, a Redis restart and a connection that goes silent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels_common.redis import Message, Subscription, create_redis
+
+
+async def until(predicate, timeout: float = 10.0, what: str = "condition"):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def test_messages_arrive_in_publish_order_with_their_channel_and_pattern(redis_url, redis):
+    got: list[Message] = []
+    sub = Subscription(url=redis_url, handler=got.append, channels=["/records"], patterns=["chatbot/*"])
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        big = b"x" * 1_000_000  # many socket reads
+        for i in range(200):
+            await redis.publish("/records", b"%d" % i)
+        await redis.publish("chatbot/matrix", big)
+        await redis.publish("elsewhere", b"not subscribed")
+        await redis.publish("/records", b"last")
+        await until(lambda: len(got) == 202, what="all messages")
+        assert [m.data for m in got[:200]] == [b"%d" % i for i in range(200)]
+        assert got[200] == Message(channel="chatbot/matrix", data=big, pattern="chatbot/*")
+        assert got[201] == Message(channel="/records", data=b"last", pattern=None)
+    finally:
+        await sub.stop()
+    assert not sub.live
+
+
+async def test_a_batch_handler_gets_every_message_once_in_order(redis_url, redis):
+    batches: list[list[Message]] = []
+    sub = Subscription(url=redis_url, batch_handler=batches.append, channels=["/records"])
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(500):
+                pipe.publish("/records", b"%d" % i)
+            await pipe.execute()
+        await until(lambda: sum(map(len, batches)) >= 500, what="all messages")
+        assert [m.data for b in batches for m in b] == [b"%d" % i for i in range(500)]
+        assert len(batches) < 500  # one pipelined burst arrives in fewer reads than messages
+    finally:
+        await sub.stop()
+
+
+async def test_a_failing_handler_is_logged_and_the_next_message_handled(redis_url, redis, caplog):
+    got = []
+
+    async def handler(message: Message):
+        if message.data == b"boom":
+            raise RuntimeError("handler bug")
+        got.append(message.data)
+
+    sub = Subscription(url=redis_url, handler=handler, channels=["/records"])
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        with caplog.at_level(logging.ERROR, logger="channels.redis"):
+            for data in (b"1", b"boom", b"2"):
+                await redis.publish("/records", data)
+            await until(lambda: got == [b"1", b"2"], what="messages after the failure")
+        assert any("handler failed" in r.getMessage() for r in caplog.records)
+        assert sub.live
+    finally:
+        await sub.stop()
+
+
+async def test_a_redis_restart_is_survived(private_redis):
+    got = []
+    lives = []
+    reconnects = []
+    sub = Subscription(
+        url=private_redis.url,
+        handler=lambda m: got.append(m.data),
+        channels=["/records"],
+        on_live=lambda: lives.append(1),
+        on_reconnect=lambda: reconnects.append(1),
+        max_backoff=0.2,
+    )
+    sub.start()
+    client = create_redis(private_redis.url)
+    try:
+        assert await sub.wait_live(10)
+        await client.publish("/records", b"before")
+        await until(lambda: got == [b"before"], what="first message")
+        private_redis.kill()
+        await until(lambda: not sub.live, what="the subscription to notice")
+        private_redis.start()
+        assert await sub.wait_live(15)
+        await client.aclose()
+        client = create_redis(private_redis.url)  # the old pool's connection died with the server
+        await client.publish("/records", b"after")
+        await until(lambda: got == [b"before", b"after"], what="message after the restart")
+        assert len(lives) == 2 and len(reconnects) == 1
+    finally:
+        await client.aclose()
+        await sub.stop()
+
+
+class FreezingProxy:
+    """A TCP proxy whose existing connections can be made to swallow all
+    traffic, as a half-open connection does; new connections pass."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.frozen: list[asyncio.Event] = []
+        self.connections = 0
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader, writer):
+        self.connections += 1
+        frozen = asyncio.Event()
+        self.frozen.append(frozen)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src, dst):
+            try:
+                while data := await src.read(65536):
+                    if not frozen.is_set():
+                        dst.write(data)
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def freeze_all(self):
+        for event in self.frozen:
+            event.set()
+
+    async def close(self):
+        self.server.close()
+
+
+async def test_a_silent_connection_is_pinged_then_replaced(redis_url, redis, caplog):
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    proxy = FreezingProxy(port)
+    proxy_port = await proxy.start()
+    got = []
+    sub = Subscription(
+        url=f"redis://127.0.0.1:{proxy_port}/0",
+        handler=lambda m: got.append(m.data),
+        channels=["/records"],
+        idle_ping_seconds=0.2,
+        max_backoff=0.2,
+    )
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        await asyncio.sleep(0.5)  # idle but answering pings: stays on its connection
+        assert sub.live and proxy.connections == 1
+        with caplog.at_level(logging.WARNING, logger="channels.redis"):
+            proxy.freeze_all()
+            await until(lambda: not sub.live, what="the silent connection to be dropped")
+        assert any("silent" in r.getMessage() for r in caplog.records)
+        assert await sub.wait_live(10)
+        assert proxy.connections == 2
+        await redis.publish("/records", b"on the new connection")
+        await until(lambda: got == [b"on the new connection"], what="message on the new connection")
+    finally:
+        await sub.stop()
+        await proxy.close()
+
+
+def test_exactly_one_handler_is_required():
+    import pytest
+
+    with pytest.raises(ValueError):
+        Subscription(url="redis://x", channels=["a"])
+    with pytest.raises(ValueError):
+        Subscription(url="redis://x", handler=print, batch_handler=print, channels=["a"])
