@@ -185,3 +185,58 @@ def test_exactly_one_handler_is_required():
         Subscription(url="redis://x", channels=["a"])
     with pytest.raises(ValueError):
         Subscription(url="redis://x", handler=print, batch_handler=print, channels=["a"])
+
+
+async def test_a_slow_async_handler_holds_the_feed_and_keeps_the_order(redis_url, redis):
+    got = []
+    running = 0
+    overlapped = False
+
+    async def handler(message: Message):
+        nonlocal running, overlapped
+        running += 1
+        overlapped = overlapped or running > 1
+        await asyncio.sleep(0.005)
+        got.append(message.data)
+        running -= 1
+
+    sub = Subscription(url=redis_url, handler=handler, channels=["/records"])
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(40):
+                pipe.publish("/records", b"%d" % i)
+            await pipe.execute()
+        await until(lambda: len(got) == 40, what="all messages")
+        assert got == [b"%d" % i for i in range(40)]
+        assert not overlapped  # one at a time
+    finally:
+        await sub.stop()
+
+
+async def test_a_batch_handler_may_hold_the_feed_with_an_awaitable(redis_url, redis):
+    batches = []
+    gate = asyncio.Event()
+
+    def handler(messages):
+        batches.append([m.data for m in messages])
+        if len(batches) == 1:
+            return gate.wait()  # e.g. the relay waiting for room
+        return None
+
+    sub = Subscription(url=redis_url, batch_handler=handler, channels=["/records"])
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        await redis.publish("/records", b"first")
+        await until(lambda: len(batches) == 1, what="the first batch")
+        for i in range(5):
+            await redis.publish("/records", b"%d" % i)
+        await asyncio.sleep(0.2)
+        assert len(batches) == 1  # held
+        gate.set()
+        await until(lambda: sum(map(len, batches)) == 6, what="the held messages")
+        assert [d for b in batches for d in b] == [b"first", b"0", b"1", b"2", b"3", b"4"]
+    finally:
+        await sub.stop()

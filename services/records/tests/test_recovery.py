@@ -206,10 +206,10 @@ async def test_concurrent_calls_are_pipelined_in_call_order(clients, redis):
     round_trips = 0
     original = a._line.run
 
-    async def counting_run(commands):
+    async def counting_run(commands, timeout=None):
         nonlocal round_trips
         round_trips += 1
-        return await original(commands)
+        return await original(commands, timeout)
 
     a._line.run = counting_run
     offs_a = await asyncio.gather(*(a.log_message(*m) for m in msgs))

@@ -110,8 +110,8 @@ async def test_a_batch_is_logged_in_one_call_and_broadcast_in_order():
     store, out = ManualStore(), Recorder()
     relay = Relay(out, Metrics(), store)
     bad = Message(channel="/records", data=b"[1]", pattern=None)
-    await relay.handle_batch([record(0), bad, record(1, room="user-9"), record(2)])
-    await relay.handle_batch([record(3)])
+    assert relay.handle_batch([record(0), bad, record(1, room="user-9"), record(2)]) is None
+    assert relay.handle_batch([record(3)]) is None
     await settle()
     assert [n for n, _ in store.calls] == [[0, 1, 2], 3]  # the bad one never reaches the log
     store.calls[1][1].set_result("9-0")
@@ -128,5 +128,5 @@ async def test_a_batch_is_logged_in_one_call_and_broadcast_in_order():
 async def test_a_batch_without_a_store_goes_out_at_once_in_order():
     out = Recorder()
     relay = Relay(out, Metrics(), None)
-    await relay.handle_batch([record(1), record(2, room="user-3")])
+    assert relay.handle_batch([record(1), record(2, room="user-3")]) is None
     assert [(room, o) for room, _, o in out.sent] == [("group-1", None), ("user-3", None)]

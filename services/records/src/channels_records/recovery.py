@@ -85,7 +85,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from channels_common.resp import ProtocolError, ReplyError, ReplyReader, pack_command
+from channels_common.redis import RespConnection
+from channels_common.resp import ProtocolError, ReplyError, pack_command
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -291,55 +292,92 @@ class _LogLine:
     one EVALSHA at a time) and there is one call per relayed message, the
     largest per-message cost of the service. The connection still comes
     from the pool, so redis-py sets it up (address, TLS, AUTH, database,
-    protocol); afterwards it carries nothing but log calls, one call or
-    pipelined batch at a time (the store sees to that), whose replies are
-    bulk strings or errors, read a chunk at a time. Any failure drops the
+    protocol); afterwards it is a RespConnection that carries nothing but
+    log calls, one call or pipelined batch at a time (the store sees to
+    that), whose replies are bulk strings or errors. Any failure drops the
     connection: the next call starts on a fresh one."""
 
     def __init__(self, redis, timeout: float | None):
         self._pool = redis.connection_pool
         self._timeout = timeout
         self._conn = None
-        self._parser = ReplyReader()
+        self._link: RespConnection | None = None
+        self._expected = 0
+        self._replies: list = []
+        self._waiter: asyncio.Future | None = None
 
-    async def run(self, commands: list[bytes]) -> list:
-        conn = self._conn
-        if conn is None:
-            conn = await self._pool.get_connection()
-            self._conn = conn
-            self._parser = ReplyReader()
+    async def run(self, commands: list[bytes], timeout: float | None = None) -> list:
+        """Replies to `commands`, in order; raises a redis error if the
+        connection fails or Redis does not answer within `timeout` (the
+        line's default if None)."""
+        timer = None
         try:
-            if not conn.is_connected:
-                await conn.connect()
-            async with asyncio.timeout(self._timeout):
-                return await self._exchange(conn._reader, conn._writer, commands)
+            link = self._link
+            if link is None or link.is_closed:
+                link = await self._open()
+            loop = asyncio.get_running_loop()
+            self._expected = len(commands)
+            self._replies = []
+            waiter = self._waiter = loop.create_future()
+            link.write(b"".join(commands))
+            limit = self._timeout if timeout is None else timeout
+            if limit is not None:
+                timer = loop.call_later(limit, _expire, waiter)
+            return self._check(await waiter)
         except BaseException as exc:
             # A reply may be half read: this connection is out of step.
-            self._conn = None
-            try:
-                await conn.disconnect(nowait=True)
-            finally:
-                await self._pool.release(conn)
+            await self._drop()
             if isinstance(exc, TimeoutError):
                 raise RedisTimeoutError("recovery log: no reply from redis") from None
-            if isinstance(exc, (EOFError, OSError)):
+            if isinstance(exc, (EOFError, OSError, ProtocolError)):
                 raise RedisConnectionError(f"recovery log: {type(exc).__name__}") from None
-            if isinstance(exc, ProtocolError):
-                raise RedisConnectionError(f"recovery log: {exc}") from None
             raise
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
-    async def _exchange(self, reader, writer, commands: list[bytes]) -> list:
-        writer.write(b"".join(commands))
-        if writer.transport.get_write_buffer_size() > 1 << 20:
-            await writer.drain()
-        parser = self._parser
-        replies: list = []
-        while len(replies) < len(commands):
-            data = await reader.read(1 << 16)
-            if not data:
-                raise EOFError
-            replies += parser.feed(data)
-        if len(replies) != len(commands) or parser.buffered:
+    async def _open(self) -> RespConnection:
+        conn = self._conn = await self._pool.get_connection()
+        try:
+            self._link = await RespConnection.open(conn, self._on_replies)
+            self._link.closed.add_done_callback(self._on_closed)
+        except BaseException:
+            self._conn = None
+            await self._pool.release(conn)
+            raise
+        return self._link
+
+    async def _drop(self) -> None:
+        link, conn, self._link, self._conn = self._link, self._conn, None, None
+        if conn is None:
+            return
+        try:
+            if link is not None:
+                await link.aclose()
+            else:
+                await conn.disconnect(nowait=True)
+        finally:
+            await self._pool.release(conn)
+
+    def _on_closed(self, closed: asyncio.Future) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(EOFError("redis closed the recovery log connection"))
+
+    def _on_replies(self, replies: list) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            # Nobody asked: the connection is out of step.
+            if self._link is not None:
+                self._link.abort(ProtocolError("recovery log: reply without a call"))
+            return
+        self._replies += replies
+        if len(self._replies) >= self._expected:
+            waiter.set_result(self._replies)
+
+    def _check(self, replies: list) -> list:
+        if len(replies) != self._expected:
             raise ProtocolError("recovery log: more replies than calls")
         for i, reply in enumerate(replies):
             if isinstance(reply, ReplyError):
@@ -348,6 +386,11 @@ class _LogLine:
             elif not isinstance(reply, bytes):
                 raise ProtocolError("recovery log: unexpected reply from redis")
         return replies
+
+
+def _expire(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 class RecoveryStore:
@@ -474,10 +517,7 @@ class RecoveryStore:
             # Nothing in flight: one exchange, no queueing machinery.
             self._busy = True
             try:
-                async with asyncio.timeout(self.log_timeout):
-                    replies = await self._send(calls)
-            except TimeoutError:
-                raise RedisTimeoutError("recovery log timed out") from None
+                replies = await self._send(calls, self.log_timeout)
             finally:
                 self._busy = False
                 if self._pending:
@@ -538,14 +578,15 @@ class RecoveryStore:
         finally:
             self._busy = False
 
-    async def _send(self, calls: list[tuple[list, list]]) -> list:
-        """Replies (or errors) of log calls, in order."""
-        results = await self._line.run(self._packed(calls))
+    async def _send(self, calls: list[tuple[list, list]], timeout: float | None = None) -> list:
+        """Replies (or errors) of log calls, in order. `timeout` bounds each
+        round trip (the line's own if None)."""
+        results = await self._line.run(self._packed(calls), timeout)
         if any(isinstance(r, NoScriptError) for r in results):
             # Redis lost its scripts (restart, SCRIPT FLUSH); the calls that
             # did run are not run twice (the serial in ARGV makes them idempotent).
             await self._log.load(self._redis)
-            results = await self._line.run(self._packed(calls))
+            results = await self._line.run(self._packed(calls), timeout)
         return results
 
     def _packed(self, calls: list[tuple[list, list]]) -> list[bytes]:

@@ -114,11 +114,15 @@ class Relay:
         self.last_offset: str | None = None
 
     async def handle(self, message) -> None:
-        await self.handle_batch([message])
+        pending = self.handle_batch([message])
+        if pending is not None:
+            await pending
 
-    async def handle_batch(self, messages) -> None:
+    def handle_batch(self, messages):
         """Messages that arrived together, in publish order: logged for
-        recovery in one Redis round trip, then broadcast in that order."""
+        recovery in one Redis round trip, then broadcast in that order.
+        Returns None, or an awaitable while too many are in flight (the
+        subscription stops reading until it is done)."""
         batch = []
         for message in messages:
             result = parse_message(message.channel, message.data)
@@ -131,17 +135,17 @@ class Relay:
             else:
                 batch.append(_Pending(result))
         if not batch:
-            return
+            return None
         if self.store is None:
             if not self._in_flight:
                 for pending in batch:
                     self._emit(pending.broadcast, None)
-                return
+                return None
             for pending in batch:
                 pending.done = True
             self._in_flight.extend(batch)
             self._drain()
-            return
+            return None
         self._in_flight.extend(batch)
         # Kept on the batch's first entry so that it is not garbage collected mid-flight.
         batch[0].task = asyncio.get_running_loop().create_task(self._log(batch))
@@ -149,7 +153,8 @@ class Relay:
             # Redis is slow: stop reading pub/sub until it catches up, so
             # that memory stays bounded (Redis buffers the rest meanwhile).
             self._room.clear()
-            await self._room.wait()
+            return self._room.wait()
+        return None
 
     async def _log(self, batch: list[_Pending]) -> None:
         messages = [(p.broadcast.room, p.broadcast.event, p.broadcast.payload.encode("utf-8")) for p in batch]
