@@ -13,18 +13,28 @@ from channels_records.relay import Relay
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 
+class Answer:
+    """One log_batch call, answered by the test."""
+
+    def __init__(self, on_done):
+        self.on_done = on_done
+
+    def set_result(self, result):
+        self.on_done(result if isinstance(result, list) else [result], None)
+
+    def set_exception(self, error):
+        self.on_done(None, error)
+
+
 class ManualStore:
     """Each call waits until the test answers it."""
 
     def __init__(self):
-        self.calls: list[tuple[str, asyncio.Future]] = []
+        self.calls: list[tuple[object, Answer]] = []
 
-    async def log_messages(self, messages):
-        future = asyncio.get_running_loop().create_future()
+    def log_batch(self, messages, on_done):
         numbers = [json.loads(data)["n"] for _, _, data in messages]
-        self.calls.append((numbers[0] if len(numbers) == 1 else numbers, future))
-        result = await future
-        return result if isinstance(result, list) else [result]
+        self.calls.append((numbers[0] if len(numbers) == 1 else numbers, Answer(on_done)))
 
 
 class Recorder:
@@ -130,3 +140,18 @@ async def test_a_batch_without_a_store_goes_out_at_once_in_order():
     relay = Relay(out, Metrics(), None)
     assert relay.handle_batch([record(1), record(2, room="user-3")]) is None
     assert [(room, o) for room, _, o in out.sent] == [("group-1", None), ("user-3", None)]
+
+
+async def test_a_store_that_answers_at_once_still_keeps_the_order():
+    class Refusing:
+        def log_batch(self, messages, on_done):
+            on_done(None, RedisConnectionError("backlog full"))
+
+    out = Recorder()
+    relay = Relay(out, Metrics(), Refusing())
+    assert relay.handle_batch([record(1), record(2)]) is None
+    assert relay.handle_batch([record(3)]) is None
+    assert [(json.loads(t[t.index("{") : t.rindex("}") + 1])["n"], o) for _, t, o in out.sent] == [
+        (1, None), (2, None), (3, None),
+    ]
+    assert not relay._in_flight

@@ -294,8 +294,10 @@ class _LogLine:
     from the pool, so redis-py sets it up (address, TLS, AUTH, database,
     protocol); afterwards it is a RespConnection that carries nothing but
     log calls, one call or pipelined batch at a time (the store sees to
-    that), whose replies are bulk strings or errors. Any failure drops the
-    connection: the next call starts on a fresh one."""
+    that), whose replies are bulk strings or errors. `start` sends and
+    answers through a callback, so that a relayed message needs no task;
+    `run` is the same as a coroutine. Any failure drops the connection: the
+    next call starts on a fresh one."""
 
     def __init__(self, redis, timeout: float | None):
         self._pool = redis.connection_pool
@@ -304,52 +306,101 @@ class _LogLine:
         self._link: RespConnection | None = None
         self._expected = 0
         self._replies: list = []
-        self._waiter: asyncio.Future | None = None
+        self._on_done: Callable[[list | None, BaseException | None], None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._dropping: set[asyncio.Task] = set()
+
+    @property
+    def ready(self) -> bool:
+        """Connected, with no exchange in flight: `start` may be called."""
+        return self._link is not None and not self._link.is_closed and self._on_done is None
+
+    def start(
+        self,
+        commands: list[bytes],
+        timeout: float | None,
+        on_done: Callable[[list | None, BaseException | None], None],
+    ) -> None:
+        """Send `commands` (only when `ready`); `on_done(replies, None)` or
+        `on_done(None, error)` follows, exactly once."""
+        self._expected = len(commands)
+        self._replies = []
+        self._on_done = on_done
+        try:
+            self._link.write(b"".join(commands))
+        except RedisConnectionError as exc:
+            self._finish(None, exc)
+            return
+        limit = self._timeout if timeout is None else timeout
+        if limit is not None:
+            self._timer = asyncio.get_running_loop().call_later(limit, self._expire)
 
     async def run(self, commands: list[bytes], timeout: float | None = None) -> list:
         """Replies to `commands`, in order; raises a redis error if the
         connection fails or Redis does not answer within `timeout` (the
         line's default if None)."""
-        timer = None
+        if self._link is None or self._link.is_closed:
+            try:
+                await self._open()
+            except BaseException as exc:  # noqa: BLE001 - failed or cancelled: the connection goes back to the pool
+                await self._drop()
+                raise _as_redis_error(exc) from None
+        future = asyncio.get_running_loop().create_future()
+
+        def done(replies, error):
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(replies)
+
+        self.start(commands, timeout, done)
         try:
-            link = self._link
-            if link is None or link.is_closed:
-                link = await self._open()
-            loop = asyncio.get_running_loop()
-            self._expected = len(commands)
-            self._replies = []
-            waiter = self._waiter = loop.create_future()
-            link.write(b"".join(commands))
-            limit = self._timeout if timeout is None else timeout
-            if limit is not None:
-                timer = loop.call_later(limit, _expire, waiter)
-            return self._check(await waiter)
-        except BaseException as exc:
-            # A reply may be half read: this connection is out of step.
-            await self._drop()
-            if isinstance(exc, TimeoutError):
-                raise RedisTimeoutError("recovery log: no reply from redis") from None
-            if isinstance(exc, (EOFError, OSError, ProtocolError)):
-                raise RedisConnectionError(f"recovery log: {type(exc).__name__}") from None
+            return await future
+        except asyncio.CancelledError:
+            # Abandoned mid-exchange: the connection is out of step.
+            self._finish(None, RedisTimeoutError("recovery log: call abandoned"))
             raise
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _finish(self, replies: list | None, error: BaseException | None) -> None:
+        on_done, self._on_done = self._on_done, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if error is None:
+            try:
+                replies = self._check(replies)
+            except ProtocolError as exc:
+                error = exc
+        if error is not None:
+            error = _as_redis_error(error)
+            # A reply may be half read: this connection is out of step. It
+            # is detached now, so that the next call opens a fresh one.
+            link, conn, self._link, self._conn = self._link, self._conn, None, None
+            if link is not None:
+                link.abort(error)
+            task = asyncio.get_running_loop().create_task(self._release(link, conn))
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
+        if on_done is not None:
+            on_done(None if error is not None else replies, error)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._on_done is not None:
+            self._finish(None, TimeoutError())
 
     async def _open(self) -> RespConnection:
         conn = self._conn = await self._pool.get_connection()
-        try:
-            self._link = await RespConnection.open(conn, self._on_replies)
-            self._link.closed.add_done_callback(self._on_closed)
-        except BaseException:
-            self._conn = None
-            await self._pool.release(conn)
-            raise
+        self._link = await RespConnection.open(conn, self._on_replies)
+        self._link.closed.add_done_callback(self._on_closed)
         return self._link
 
     async def _drop(self) -> None:
         link, conn, self._link, self._conn = self._link, self._conn, None, None
+        await self._release(link, conn)
+
+    async def _release(self, link: RespConnection | None, conn) -> None:
         if conn is None:
             return
         try:
@@ -361,20 +412,18 @@ class _LogLine:
             await self._pool.release(conn)
 
     def _on_closed(self, closed: asyncio.Future) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(EOFError("redis closed the recovery log connection"))
+        if self._on_done is not None and self._link is not None and self._link.closed is closed:
+            self._finish(None, EOFError("redis closed the recovery log connection"))
 
     def _on_replies(self, replies: list) -> None:
-        waiter = self._waiter
-        if waiter is None or waiter.done():
+        if self._on_done is None:
             # Nobody asked: the connection is out of step.
             if self._link is not None:
                 self._link.abort(ProtocolError("recovery log: reply without a call"))
             return
         self._replies += replies
         if len(self._replies) >= self._expected:
-            waiter.set_result(self._replies)
+            self._finish(self._replies, None)
 
     def _check(self, replies: list) -> list:
         if len(replies) != self._expected:
@@ -388,9 +437,37 @@ class _LogLine:
         return replies
 
 
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())
+def _as_redis_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
+        return RedisTimeoutError("recovery log: no reply from redis")
+    if isinstance(exc, (EOFError, ProtocolError)) or (
+        isinstance(exc, OSError) and not isinstance(exc, (RedisConnectionError, RedisTimeoutError))
+    ):
+        return RedisConnectionError(f"recovery log: {type(exc).__name__}")
+    return exc
+
+
+class _Queued:
+    """Log calls waiting for the exchange in flight, and who to tell."""
+
+    __slots__ = ("calls", "on_done", "timer")
+
+    def __init__(self, calls: list, on_done: Callable[[list | None, BaseException | None], None]):
+        self.calls = calls
+        self.on_done = on_done
+        self.timer: asyncio.TimerHandle | None = None
+
+    def answer(self, results: list | None, error: BaseException | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        on_done, self.on_done = self.on_done, None
+        if on_done is not None:
+            on_done(results, error)
+
+    def expire(self) -> None:
+        self.timer = None
+        self.answer(None, RedisTimeoutError("recovery log timed out"))
 
 
 class RecoveryStore:
@@ -436,7 +513,7 @@ class RecoveryStore:
         # absorbs skew between the two.
         self._start_ms = self._now_local() - _START_GRACE_MS
         self._serial = 0
-        self._pending: list[tuple[list, asyncio.Future]] = []  # (calls, future), in call order
+        self._pending: list[_Queued] = []  # in call order
         self._pending_calls = 0
         self._flusher: asyncio.Task | None = None
         self._busy = False  # a log call or batch is in flight
@@ -502,8 +579,30 @@ class RecoveryStore:
         """log_message for several messages, in order, in one round trip:
         each result is the message's offset or the Redis error of its call.
         Raises a redis error (for all of them) when Redis cannot answer in time."""
+        future = asyncio.get_running_loop().create_future()
+
+        def done(results, error):
+            if not future.done():
+                if error is not None:
+                    future.set_exception(error)
+                else:
+                    future.set_result(results)
+
+        self.log_batch(messages, done)
+        return await future
+
+    def log_batch(
+        self,
+        messages: list[tuple[str, str, bytes]],
+        on_done: Callable[[list | None, BaseException | None], None],
+    ) -> None:
+        """log_messages with a callback, for the relay's hot path (no task
+        per batch): `on_done(results, None)` with an offset or a Redis error
+        per message, or `on_done(None, error)` when Redis cannot answer within
+        the log timeout. Called exactly once, possibly before this returns."""
         if self._pending_calls + len(messages) > self.max_pending:
-            raise RedisTimeoutError("recovery log backlog is full")
+            on_done(None, RedisTimeoutError("recovery log backlog is full"))
+            return
         calls = []
         for room, event, data in messages:
             self._serial += 1
@@ -513,31 +612,45 @@ class RecoveryStore:
                 "" if self._clock is None else self._now_local(), 64,
             ]
             calls.append((keys, args))
-        if not self._busy and not self._pending:
-            # Nothing in flight: one exchange, no queueing machinery.
+        if not self._busy and not self._pending and self._line.ready:
+            # Nothing in flight and a connection at hand: one exchange,
+            # answered in the connection's read callback.
             self._busy = True
-            try:
-                replies = await self._send(calls, self.log_timeout)
-            finally:
-                self._busy = False
-                if self._pending:
-                    self._start_flusher()
-            return self._results(replies)
-        future = asyncio.get_running_loop().create_future()
-        # A caller that timed out no longer reads the outcome; mark it read.
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._line.start(
+                self._packed(calls), self.log_timeout, lambda replies, error: self._direct_done(calls, on_done, replies, error)
+            )
+            return
+        self._queue(_Queued(calls, on_done))
+
+    def _direct_done(self, calls, on_done, replies, error) -> None:
+        self._busy = False
+        if error is None and any(isinstance(r, NoScriptError) for r in replies):
+            # Redis lost its scripts (restart, SCRIPT FLUSH): the flusher
+            # loads them and sends these calls again, ahead of the rest.
+            self._queue(_Queued(calls, on_done), first=True)
+            return
+        if self._pending:
+            self._start_flusher()
+        if error is not None:
+            on_done(None, error)
+        else:
+            on_done(self._results(replies), None)
+
+    def _queue(self, entry: _Queued, first: bool = False) -> None:
         # Queued in call order, sent in that order after the exchange in
-        # flight: offsets follow call order.
-        self._pending.append((calls, future))
-        self._pending_calls += len(calls)
+        # flight: offsets follow call order. The caller hears back within
+        # the log timeout even if the calls are still queued; they are
+        # still sent, so that every instance's occurrence count stays
+        # aligned with the others'.
+        if first:
+            self._pending.insert(0, entry)
+        else:
+            self._pending.append(entry)
+        self._pending_calls += len(entry.calls)
+        if self.log_timeout is not None:
+            entry.timer = asyncio.get_running_loop().call_later(self.log_timeout, entry.expire)
         if not self._busy:
             self._start_flusher()
-        try:
-            async with asyncio.timeout(self.log_timeout):
-                replies = await asyncio.shield(future)
-        except TimeoutError:
-            raise RedisTimeoutError("recovery log timed out") from None
-        return self._results(replies)
 
     def _results(self, replies: list) -> list[str | Exception]:
         return [reply if isinstance(reply, BaseException) else self._noted(reply) for reply in replies]
@@ -554,26 +667,28 @@ class RecoveryStore:
         self._flusher = asyncio.create_task(self._flush(), name="recovery-log-flush")
 
     async def _flush(self) -> None:
-        # Calls that time out stay queued and are still sent, so that every
-        # instance's occurrence count stays aligned with the others'.
         try:
             while self._pending:
                 # Whole callers' batches, up to _MAX_BATCH calls (at least one batch).
                 taken, calls = 0, []
-                while taken < len(self._pending) and (not calls or len(calls) + len(self._pending[taken][0]) <= _MAX_BATCH):
-                    calls += self._pending[taken][0]
+                while taken < len(self._pending) and (
+                    not calls or len(calls) + len(self._pending[taken].calls) <= _MAX_BATCH
+                ):
+                    calls += self._pending[taken].calls
                     taken += 1
                 entries, self._pending = self._pending[:taken], self._pending[taken:]
                 self._pending_calls -= len(calls)
                 try:
-                    results = await self._send(calls)
+                    results, error = await self._send(calls), None
                 except Exception as exc:  # noqa: BLE001 - Redis down or worse: every waiter must hear of it
-                    results = [exc] * len(calls)
+                    results, error = None, exc
                 start = 0
-                for entry_calls, future in entries:
-                    end = start + len(entry_calls)
-                    if not future.done():
-                        future.set_result(results[start:end])
+                for entry in entries:
+                    end = start + len(entry.calls)
+                    if error is not None:
+                        entry.answer(None, error)
+                    else:
+                        entry.answer(self._results(results[start:end]), None)
                     start = end
         finally:
             self._busy = False

@@ -9,8 +9,6 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from redis.exceptions import RedisError
-
 from .protocol import encode_event
 from .rooms import NOTICE_ROOM
 
@@ -77,17 +75,14 @@ def parse_message(channel: str, data: bytes) -> Broadcast | Dropped:
 
 
 class _Pending:
-    """A validated message waiting for its recovery offset; the task that
-    logs its batch is kept on the batch's first message so that it is not
-    garbage collected mid-flight."""
+    """A validated message waiting for its recovery offset."""
 
-    __slots__ = ("broadcast", "done", "offset", "task")
+    __slots__ = ("broadcast", "done", "offset")
 
     def __init__(self, broadcast: Broadcast):
         self.broadcast = broadcast
         self.offset: str | None = None
         self.done = False
-        self.task: asyncio.Task | None = None
 
 
 class Relay:
@@ -147,8 +142,13 @@ class Relay:
             self._drain()
             return None
         self._in_flight.extend(batch)
-        # Kept on the batch's first entry so that it is not garbage collected mid-flight.
-        batch[0].task = asyncio.get_running_loop().create_task(self._log(batch))
+        messages = [(p.broadcast.room, p.broadcast.event, p.broadcast.payload.encode("utf-8")) for p in batch]
+        try:
+            # The store answers within its log timeout, maybe at once.
+            self.store.log_batch(messages, lambda results, error: self._settle(batch, results, error))
+        except Exception as exc:
+            log.exception("logging messages for recovery failed")
+            self._settle(batch, None, exc)
         if len(self._in_flight) >= self.max_in_flight:
             # Redis is slow: stop reading pub/sub until it catches up, so
             # that memory stays bounded (Redis buffers the rest meanwhile).
@@ -156,33 +156,25 @@ class Relay:
             return self._room.wait()
         return None
 
-    async def _log(self, batch: list[_Pending]) -> None:
-        messages = [(p.broadcast.room, p.broadcast.event, p.broadcast.payload.encode("utf-8")) for p in batch]
-        try:
-            # The store bounds the wait itself (and raises a Redis error).
-            results = await self.store.log_messages(messages)
-        except (TimeoutError, RedisError, OSError) as exc:
-            # Live delivery never waits on the log longer than that: sent
-            # without an offset, the events just cannot be replayed.
-            results = [exc] * len(batch)
-        except asyncio.CancelledError:
-            self._settle(batch, [None] * len(batch))
-            raise
-        except Exception as exc:
-            log.exception("logging messages for recovery failed")
-            results = [exc] * len(batch)
-        self._settle(batch, results)
-
-    def _settle(self, batch: list[_Pending], results: list) -> None:
-        failed = None
-        for pending, result in zip(batch, results):
-            if isinstance(result, str):
-                pending.offset = result
-            elif result is not None:
-                failed = result
-            pending.done = True
-        if failed is not None:
-            log.warning("message not logged for recovery", extra={"error": type(failed).__name__})
+    def _settle(self, batch: list[_Pending], results: list | None, error: BaseException | None) -> None:
+        if batch[0].done:
+            return  # already settled (a store answering twice would be a bug)
+        if error is not None:
+            # Live delivery never waits on the log longer than the store's
+            # timeout: sent without an offset, the events cannot be replayed.
+            log.warning("message not logged for recovery", extra={"error": type(error).__name__})
+            for pending in batch:
+                pending.done = True
+        else:
+            failed = None
+            for pending, result in zip(batch, results):
+                if isinstance(result, str):
+                    pending.offset = result
+                else:
+                    failed = result
+                pending.done = True
+            if failed is not None:
+                log.warning("message not logged for recovery", extra={"error": type(failed).__name__})
         self._drain()
 
     def _drain(self) -> None:
