@@ -150,7 +150,7 @@ def test_websocket_sockets_get_one_shared_frame_written_to_their_transport():
     assert t0.writes[0] is t1.writes[0]  # framed once for everybody
     assert engine.sockets["e0"].queue.empty()
     assert drain(engine.sockets["e2"]) == ['42["records",{"a":1}]']  # polling: queued
-    assert b.direct == 2
+    assert b.counters.direct == 2
 
 
 def test_transport_buffer_past_the_limit_evicts_instead_of_writing():

@@ -78,8 +78,7 @@ class RecordsService:
             self.sio.manager,
             limit_bytes=settings.max_client_buffer_bytes,
             on_overflow=self._evict,
-            on_delivered=self.metrics.deliveries.inc,
-            on_direct=self.metrics.direct.inc,
+            counters=self.metrics.hot,
             order_key=offset_key,
         )
         self.sio.on("disconnect", self._disconnect)

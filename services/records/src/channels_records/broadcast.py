@@ -20,6 +20,7 @@ from collections.abc import Callable
 
 from engineio import packet as eio_packet
 
+from .metrics import HotCounters
 from .wsframe import text_frame
 
 log = logging.getLogger("channels.records.broadcast")
@@ -107,17 +108,15 @@ class Broadcaster:
         *,
         limit_bytes: int,
         on_overflow: Callable[[str], None],
-        on_delivered: Callable[[int], None] = lambda n: None,
-        on_direct: Callable[[int], None] = lambda n: None,
+        counters: HotCounters | None = None,
         order_key: Callable[[str], object] | None = None,
     ):
         self.sockets = engine.sockets  # eio_sid -> engine.io socket
         self.manager = manager
         self.limit = limit_bytes
         self.on_overflow = on_overflow
-        self.on_delivered = on_delivered
-        self.on_direct = on_direct
-        self.direct = 0  # deliveries written straight to a transport
+        # Deliveries, and those written straight to a transport, for /metrics.
+        self.counters = counters if counters is not None else HotCounters()
         self.held: dict[str, Held] = {}
         # eio_sid -> order key of the newest event a recovery replayed to it,
         # set only when this instance had not relayed that far yet: its live
@@ -166,10 +165,9 @@ class Broadcaster:
                 # Over the limit or closing: deliver() decides (evicts or skips).
                 for eio_sid in late:
                     delivered += self.deliver(eio_sid, out, offset, key)
-        if written:
-            self.direct += written
-            self.on_direct(written)
-        self.on_delivered(delivered)
+        counters = self.counters
+        counters.direct += written
+        counters.deliveries += delivered
         return delivered
 
     def _route(self, members) -> _Route:
@@ -236,7 +234,7 @@ class Broadcaster:
                 self.on_overflow(eio_sid)
                 return False
             transport.write(frame)
-            self.direct += 1
+            self.counters.direct += 1
             return True
         queue = sock.queue
         if queue.bytes + out.size > self.limit:

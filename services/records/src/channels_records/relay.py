@@ -192,4 +192,4 @@ class Relay:
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
         if offset is not None:
             self.last_offset = offset
-        self.metrics.relayed.labels(result.event).inc()
+        self.metrics.hot.relayed_one(result.event)
