@@ -62,21 +62,23 @@ class ByteCountingQueue(asyncio.Queue):
 
 
 class Outgoing:
-    """One broadcast as every recipient gets it: the engine.io packet for
-    send queues and, made on first use, the websocket frame."""
+    """One broadcast as every recipient gets it: the websocket frame and,
+    made on first use (polling clients, sockets mid-upgrade), the engine.io
+    packet for send queues."""
 
-    __slots__ = ("_frame", "pkt", "size")
+    __slots__ = ("_pkt", "frame", "size", "text")
 
     def __init__(self, text: str):
-        self.pkt = eio_packet.Packet(eio_packet.MESSAGE, text)
+        self.text = text
         self.size = len(text) + 1
-        self._frame: bytes | None = None
+        self.frame = text_frame(("4" + text).encode("utf-8"))
+        self._pkt = None
 
     @property
-    def frame(self) -> bytes:
-        if self._frame is None:
-            self._frame = text_frame(("4" + self.pkt.data).encode("utf-8"))
-        return self._frame
+    def pkt(self):
+        if self._pkt is None:
+            self._pkt = eio_packet.Packet(eio_packet.MESSAGE, self.text)
+        return self._pkt
 
 
 class Held:
@@ -93,10 +95,11 @@ class Held:
 class _Route:
     """One room's members as a broadcast reaches them (see Broadcaster._route)."""
 
-    __slots__ = ("direct", "others")
+    __slots__ = ("others", "sids", "transports")
 
     def __init__(self) -> None:
-        self.direct: list[tuple[object, str]] = []  # (transport, eio_sid)
+        self.transports: list = []  # written to directly
+        self.sids: dict = {}  # transport -> eio_sid, for the few that cannot be
         self.others: list[str] = []
 
 
@@ -143,19 +146,18 @@ class Broadcaster:
         frame = out.frame
         # Past this, the frame would take the transport's buffer over the limit.
         fits = self.limit - len(frame)
-        written = 0
         late = None
         # The common case, and most of the service's CPU: sockets on an open
         # websocket, their transports looked up once per room (see _route),
         # so that each costs two checks and the write.
-        for transport, eio_sid in route.direct:
+        for transport in route.transports:
             if transport.get_write_buffer_size() <= fits and not transport.is_closing():
                 transport.write(frame)
-                written += 1
             elif late is None:
-                late = [eio_sid]
+                late = [route.sids[transport]]
             else:
-                late.append(eio_sid)
+                late.append(route.sids[transport])
+        written = len(route.transports) - (len(late) if late else 0)
         delivered = written
         if route.others or late:
             key = self.order_key(offset) if self.floors and offset is not None else None
@@ -186,7 +188,8 @@ class Broadcaster:
                 and not sock.closing
                 and not sock.closed
             ):
-                route.direct.append((transport, eio_sid))
+                route.transports.append(transport)
+                route.sids[transport] = eio_sid
             else:
                 route.others.append(eio_sid)
         return route
