@@ -7,8 +7,8 @@ import asyncio
 import os
 import types
 
-from channels_records import wsframe
-from channels_records.wsserver import MAX_INBOX, LeanWebSocketProtocol
+from channels_common import wsframe
+from channels_common.wsserver import MAX_INBOX, LeanWebSocketProtocol
 
 REQUEST = (
     b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -160,7 +160,7 @@ async def test_bad_upgrade_request_is_refused_without_running_the_app():
 
 
 async def test_a_detached_app_is_served_by_callbacks_without_its_task():
-    from channels_records.wsserver import DETACH
+    from channels_common.wsserver import DETACH
 
     got, closed = [], []
 
