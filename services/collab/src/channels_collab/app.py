@@ -29,6 +29,7 @@ from .store import DraftStore
 
 log = logging.getLogger("channels.collab")
 
+INTERNAL_ERROR = 1011
 # Bytes queued for one client that does not read; past this it is closed
 # with 4205 and resyncs on reconnect (CRDT state loses nothing).
 MAX_CLIENT_BUFFER_BYTES = 32 * 1024 * 1024
@@ -203,7 +204,7 @@ class CollabService:
         protocol = getattr(send, "__self__", None)
         if DETACH not in scope.get("extensions", {}) or not hasattr(protocol, "close"):
             log.error("collab runs on channels_common's lean websocket protocol only; refusing the socket")
-            await send({"type": "websocket.close", "code": 1011})
+            await send({"type": "websocket.close", "code": INTERNAL_ERROR})
             return
         await send({"type": "websocket.accept"})
         conn: Connection | None = None
@@ -217,11 +218,16 @@ class CollabService:
         self.sockets.add(conn)
 
         def on_message(data) -> None:
-            if type(data) is bytes:
-                conn.receive(data)
-            elif not conn.closed:
-                log.warning("text frame on the collab socket; closing it")
-                conn.close(UNSUPPORTED_DATA, "Binary frames only")
+            try:
+                if type(data) is bytes:
+                    conn.receive(data)
+                elif not conn.closed:
+                    log.warning("text frame on the collab socket; closing it")
+                    conn.close(UNSUPPORTED_DATA, "Binary frames only")
+            except Exception:
+                # A fault of ours: this socket's state is unknown, the others carry on.
+                log.exception("frame handling failed; closing the socket")
+                conn.close(INTERNAL_ERROR, "Internal Error")
 
         def on_close(_code: int) -> None:
             # Also after our own close: the client answered or was cut off.
