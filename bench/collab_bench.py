@@ -77,7 +77,8 @@ async def run_collab(
         log(
             f"  {server.name}: {edited['sent']} updates, p50 {edited['p50'] or 0:.1f} ms, "
             f"p99 {edited['p99'] or 0:.1f} ms, {result['edit']['cpu_us_per_update'] or 0:.0f} µs CPU/update, "
-            f"{result['memory']['per_doc_loaded_bytes'] / 1024:.1f} KiB/doc loaded"
+            f"{result['memory']['per_doc_loaded_bytes'] / 1024:.1f} KiB/doc loaded, "
+            f"load generator GC {(edited.get('gc') or {}).get('totalMs', 0):.0f} ms"
         )
         big = await asyncio.to_thread(
             driver.call,

@@ -41,6 +41,10 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: a burst of auth connections (one
+    # per provider opening at once) overflowed it and waited out the 1 s SYN
+    # retransmit. Rails behind puma has the kernel's default (4096).
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):
         # Clients closing kept-alive connections at shutdown are not news.

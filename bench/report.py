@@ -143,6 +143,11 @@ def collab_rows(ours: dict, ref: dict) -> list:
          _seconds(_get(ref, "load", "ms")), ".1f", None),
         ("other processes on the machine (cores)", _get(ours, "edit", "other_processes_cores"),
          _get(ref, "edit", "other_processes_cores"), ".2f", NO_RATIO),
+        # The load generator's own GC pauses every update in flight to it: the
+        # floor under the p99 whichever server runs.
+        ("load generator GC pauses during edits (ms)", _get(ours, "edit", "gc", "totalMs"),
+         _get(ref, "edit", "gc", "totalMs"), ".0f", NO_RATIO),
+        ("  longest (ms)", _get(ours, "edit", "gc", "maxMs"), _get(ref, "edit", "gc", "maxMs"), ".1f", NO_RATIO),
     ]
 
 

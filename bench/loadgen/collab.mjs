@@ -12,6 +12,7 @@
 //   {"cmd":"close"}
 import { createInterface } from "node:readline";
 import { now } from "./clock.mjs";
+import { PerformanceObserver } from "node:perf_hooks";
 import { HocuspocusProvider } from "@hocuspocus/provider";
 import WebSocket from "ws";
 import * as Y from "yjs";
@@ -109,9 +110,29 @@ function edit(pair) {
   pair.sent++;
 }
 
+// This process's own garbage collection pauses every update in flight to
+// it, whichever server is measured: its pauses during the edit phase are
+// reported beside the latencies, as the floor under their tail.
+function gcPauses() {
+  const pauses = [];
+  const observer = new PerformanceObserver((list) => {
+    for (const entry of list.getEntries()) pauses.push(entry.duration);
+  });
+  observer.observe({ entryTypes: ["gc"] });
+  return () => {
+    observer.disconnect();
+    return {
+      count: pauses.length,
+      totalMs: pauses.reduce((a, b) => a + b, 0),
+      maxMs: pauses.length ? Math.max(...pauses) : 0,
+    };
+  };
+}
+
 async function editPhase({ rate = 1, seconds = 10, drainMs = 3000 }) {
   latencies = [];
   for (const p of pairs) p.sent = 0;
+  const stopGc = gcPauses();
   const periodMs = 1000 / rate;
   const timers = [];
   // Stagger the editors over one period so the server sees a steady stream.
@@ -132,6 +153,7 @@ async function editPhase({ rate = 1, seconds = 10, drainMs = 3000 }) {
   const sent = pairs.reduce((n, p) => n + p.sent, 0);
   const deadline = now() + drainMs;
   while (latencies.length < sent && now() < deadline) await sleep(20);
+  const gc = stopGc();
   const sorted = Float64Array.from(latencies).sort();
   const pct = (q) => (sorted.length ? sorted[Math.min(sorted.length - 1, Math.ceil(q * sorted.length) - 1)] : null);
   out({
@@ -143,6 +165,7 @@ async function editPhase({ rate = 1, seconds = 10, drainMs = 3000 }) {
     max: sorted.length ? sorted[sorted.length - 1] : null,
     seconds,
     errors,
+    gc,
   });
 }
 

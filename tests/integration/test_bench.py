@@ -54,6 +54,8 @@ def check_collab(result: dict) -> None:
     assert edit["sent"] >= 5 and edit["received"] == edit["sent"] and edit["lost"] == 0
     assert 0 < edit["p50"] <= edit["p99"] <= edit["max"]
     assert edit["cpu_us_per_update"] >= 0
+    gc = edit["gc"]
+    assert gc["count"] >= 0 and gc["totalMs"] >= gc["maxMs"] >= 0 and (gc["count"] > 0) == (gc["totalMs"] > 0)
     assert result["memory"]["loaded_rss"] > 0
     big = result["bigsync"]
     assert big["failed"] == 0 and len(big["times"]) == 1 and big["median"] > 0

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 
 from channels_common.observability import health_routes, setup_logging, setup_sentry
 from channels_common.server import serve
 from channels_common.settings import CollabSettings
+from channels_common.wsframe import binary_frame
+from channels_common.wsserver import DETACH, LeanWebSocketProtocol
 from starlette.applications import Starlette
-from starlette.routing import WebSocketRoute
-from starlette.websockets import WebSocket
 
 from .connection import RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
 from .documents import DocumentRegistry
@@ -28,71 +29,74 @@ from .store import DraftStore
 
 log = logging.getLogger("channels.collab")
 
+INTERNAL_ERROR = 1011
 # Bytes queued for one client that does not read; past this it is closed
 # with 4205 and resyncs on reconnect (CRDT state loses nothing).
 MAX_CLIENT_BUFFER_BYTES = 32 * 1024 * 1024
 AWARENESS_SWEEP_SECONDS = 3.0
 DRAFT_SWEEP_SECONDS = 30.0
+# Sockets or documents a sweep handles per turn of the event loop: a sweep
+# over thousands must not hold up the updates arriving meanwhile.
+SWEEP_BATCH = 200
 
 
-class WebSocketTransport:
-    """Frames go through one writer task per socket, so `send` never blocks
-    the caller (a broadcast loop) and frames keep their order."""
+async def _in_batches(items: list, handle: Callable[[list], object]) -> None:
+    for start in range(0, len(items), SWEEP_BATCH):
+        if start:
+            await asyncio.sleep(0)
+        handle(items[start:start + SWEEP_BATCH])
 
-    def __init__(self, websocket: WebSocket, on_overflow):
-        self.websocket = websocket
+
+class SocketTransport:
+    """A client's frames go straight onto its socket's transport, in the
+    order they are sent: no queue, no writer task, nothing awaited, so an
+    update reaches every peer within the callback that received it."""
+
+    __slots__ = ("closed", "on_overflow", "protocol", "transport")
+
+    def __init__(self, protocol, on_overflow: Callable[[], None]):
+        self.protocol = protocol
+        self.transport = protocol.transport
         self.on_overflow = on_overflow
-        self.queue: deque[bytes] = deque()
-        self.buffered = 0
-        self.wakeup = asyncio.Event()
-        self.close_with: tuple[int, str] | None = None
-        self.done = False
-        self.writer = asyncio.get_running_loop().create_task(self._write())
+        self.closed = False
 
     def send(self, frame: bytes) -> None:
-        if self.close_with is not None:
+        if self.closed:
             return
-        self.queue.append(frame)
-        self.buffered += len(frame)
-        if self.buffered > MAX_CLIENT_BUFFER_BYTES:
-            log.warning("client does not read its frames; closing it", extra={"buffered": self.buffered})
-            self.queue.clear()
-            self.buffered = 0
+        transport = self.transport
+        if transport.is_closing():
+            self.closed = True
+            return
+        transport.write(binary_frame(frame))
+        buffered = transport.get_write_buffer_size()
+        if buffered > MAX_CLIENT_BUFFER_BYTES:
+            log.warning("client does not read its frames; closing it", extra={"buffered": buffered})
+            self.closed = True
             # Not from inside the caller's broadcast loop.
             asyncio.get_running_loop().call_soon(self.on_overflow)
-        self.wakeup.set()
 
     def close(self, code: int, reason: str) -> None:
-        if self.close_with is None:
-            self.close_with = (code, reason)
-            self.wakeup.set()
+        if not self.transport.is_closing():
+            self.protocol.close(code, reason)
+        self.closed = True
 
-    async def _write(self) -> None:
-        ws = self.websocket
-        try:
-            while True:
-                await self.wakeup.wait()
-                self.wakeup.clear()
-                while self.queue:
-                    frame = self.queue.popleft()
-                    self.buffered -= len(frame)
-                    await ws.send_bytes(frame)
-                if self.close_with is not None:
-                    await ws.close(*self.close_with)
-                    return
-                if self.done:
-                    return
-        except Exception:  # noqa: BLE001 - the client went away mid-write, whatever the server raised
-            self.queue.clear()
-            self.close_with = self.close_with or (1006, "gone")
 
-    async def finish(self, timeout: float = 2.0) -> None:
-        """Flush what is queued (and the close frame, if any), then stop."""
-        self.done = True
-        self.wakeup.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(asyncio.shield(self.writer), timeout)
-        self.writer.cancel()
+class CollabApp:
+    """Every WebSocket, whatever its path (providers connect to the base
+    URL), goes to the service with the server's own `send`: the lean
+    protocol's detach needs it, and Starlette's middleware would wrap it.
+    Everything else (health, metrics, lifespan) goes to Starlette."""
+
+    def __init__(self, service: CollabService, http: Starlette):
+        self.service = service
+        self.http = http
+        self.state = http.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket":
+            await self.service.endpoint(scope, receive, send)
+        else:
+            await self.http(scope, receive, send)
 
 
 class CollabService:
@@ -129,6 +133,11 @@ class CollabService:
         self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=s.auth_timeout_seconds)
         self._tasks.append(loop.create_task(self._sweep()))
         self.ready = True
+        # What is loaded by now lives as long as the process: out of every
+        # later collection, whose pause (a full one over it ~30 ms) would
+        # otherwise hold up every update in flight.
+        gc.collect()
+        gc.freeze()
         log.info(
             "collab ready",
             extra={"rails": s.rails_base_url, "timeout_ms": s.timeout_ms, "debounce_ms": s.debounce_ms,
@@ -142,14 +151,13 @@ class CollabService:
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            for conn in list(self.sockets):
-                try:
-                    conn.check(now)
-                except Exception:
-                    log.exception("socket check failed")
+            await _in_batches(list(self.sockets), lambda conns, now=now: self._check_sockets(conns, now))
             if now - last_awareness >= AWARENESS_SWEEP_SECONDS:
                 last_awareness = now
-                self.registry.expire_awareness()
+                now_ms = time.time() * 1000
+                await _in_batches(
+                    list(self.registry.docs.values()), lambda docs, at=now_ms: self.registry.expire_awareness(at, docs)
+                )
             if now - last_drafts >= DRAFT_SWEEP_SECONDS:
                 last_drafts = now
                 self.store.sweep()
@@ -157,6 +165,14 @@ class CollabService:
                 if self.store.evicted > reported_evictions:
                     self.metrics.drafts_evicted.inc(self.store.evicted - reported_evictions)
                     reported_evictions = self.store.evicted
+
+    @staticmethod
+    def _check_sockets(conns: list[Connection], now: float) -> None:
+        for conn in conns:
+            try:
+                conn.check(now)
+            except Exception:
+                log.exception("socket check failed")
 
     async def drain(self) -> None:
         """SIGTERM: store every loaded document, then ask every provider to
@@ -169,10 +185,8 @@ class CollabService:
         closing = list(self.sockets)
         for conn in closing:
             conn.close(RESET_CONNECTION, "Reset Connection")
+        # Close frames are flushed by the transports as the server shuts them.
         log.info("shutting down: documents stored, sockets closed", extra={"documents": saved, "sockets": len(closing)})
-        writers = [c.transport.finish() for c in closing]
-        if writers:
-            await asyncio.gather(*writers, return_exceptions=True)
 
     async def stop(self) -> None:
         await self.drain()
@@ -181,43 +195,51 @@ class CollabService:
         if self.authenticator:
             await self.authenticator.aclose()
 
-    async def endpoint(self, websocket: WebSocket) -> None:
-        if self.stopping:
-            await websocket.close(RESET_CONNECTION)
+    async def endpoint(self, scope, receive, send) -> None:
+        if (await receive())["type"] != "websocket.connect":
             return
-        await websocket.accept()
+        if self.stopping:
+            await send({"type": "websocket.close", "code": RESET_CONNECTION})
+            return
+        protocol = getattr(send, "__self__", None)
+        if DETACH not in scope.get("extensions", {}) or not hasattr(protocol, "close"):
+            log.error("collab runs on channels_common's lean websocket protocol only; refusing the socket")
+            await send({"type": "websocket.close", "code": INTERNAL_ERROR})
+            return
+        await send({"type": "websocket.accept"})
         conn: Connection | None = None
 
         def overflow():
             if conn is not None:
                 conn.close(RESET_CONNECTION, "Reset Connection")
 
-        transport = WebSocketTransport(websocket, overflow)
-        conn = Connection(transport, self.registry, self.authenticator, self.limits, self.metrics)
+        conn = Connection(SocketTransport(protocol, overflow), self.registry, self.authenticator, self.limits,
+                          self.metrics)
         self.sockets.add(conn)
-        try:
-            # Read until the client is gone, even after we closed: the close
-            # handshake cannot complete while unread frames back up.
-            while True:
-                message = await websocket.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("bytes")
-                if data is None:
-                    if not conn.closed:
-                        log.warning("text frame on the collab socket; closing it")
-                        conn.close(UNSUPPORTED_DATA, "Binary frames only")
-                    continue
-                conn.receive(data)
-        except Exception:
-            log.exception("socket loop failed")
-        finally:
+
+        def on_message(data) -> None:
+            try:
+                if type(data) is bytes:
+                    conn.receive(data)
+                elif not conn.closed:
+                    log.warning("text frame on the collab socket; closing it")
+                    conn.close(UNSUPPORTED_DATA, "Binary frames only")
+            except Exception:
+                # A fault of ours: this socket's state is unknown, the others carry on.
+                log.exception("frame handling failed; closing the socket")
+                conn.close(INTERNAL_ERROR, "Internal Error")
+
+        def on_close(_code: int) -> None:
+            # Also after our own close: the client answered or was cut off.
+            conn.transport.closed = True
             conn.disconnected()
             self.sockets.discard(conn)
-            await transport.finish()
+
+        # From here the protocol calls us per message; this coroutine ends.
+        await send({"type": DETACH, "on_message": on_message, "on_close": on_close})
 
 
-def create_app(settings: CollabSettings | None = None) -> Starlette:
+def create_app(settings: CollabSettings | None = None) -> CollabApp:
     settings = settings or CollabSettings()
     service = CollabService(settings)
 
@@ -233,10 +255,9 @@ def create_app(settings: CollabSettings | None = None) -> Starlette:
         lambda: (service.ready, {"documents": len(service.registry.docs) if service.registry else 0,
                                  "sockets": len(service.sockets)}),
     )
-    routes.append(WebSocketRoute("/{path:path}", service.endpoint))
-    app = Starlette(routes=routes, lifespan=lifespan)
-    app.state.service = service
-    return app
+    http = Starlette(routes=routes, lifespan=lifespan)
+    http.state.service = service
+    return CollabApp(service, http)
 
 
 def _forward_signals_through(service: CollabService) -> None:
@@ -273,7 +294,9 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         ws_max_size=settings.max_frame_bytes,
-        ws="websockets-sansio",
+        # Frames are handled in the callback that reads them and written
+        # straight to the peers' transports (see SocketTransport).
+        ws=LeanWebSocketProtocol,
     )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from pycrdt import Awareness, Doc, get_state
@@ -257,12 +257,13 @@ class DocumentRegistry:
         payload = doc.awareness.encode_awareness_update(clients)
         peer.send(p.encode_awareness(peer.address, payload))
 
-    def expire_awareness(self, now_ms: float | None = None) -> int:
+    def expire_awareness(self, now_ms: float | None = None, docs: Iterable[LiveDocument] | None = None) -> int:
         """Remove clients whose awareness was not renewed in time (their
-        provider vanished without a word), as y-protocols does."""
+        provider vanished without a word), as y-protocols does; in `docs`
+        only, when given (a sweep takes them a batch at a time)."""
         now_ms = time.time() * 1000 if now_ms is None else now_ms
         removed = 0
-        for doc in list(self.docs.values()):
+        for doc in list(self.docs.values()) if docs is None else docs:
             meta = doc.awareness.meta
             stale = [
                 client for client in doc.awareness.states

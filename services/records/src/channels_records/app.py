@@ -15,6 +15,7 @@ from channels_common.observability import health_routes, setup_logging, setup_se
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import serve
 from channels_common.settings import RecordsSettings
+from channels_common.wsserver import LeanWebSocketProtocol
 from starlette.applications import Starlette
 
 from .broadcast import Broadcaster
@@ -24,7 +25,6 @@ from .metrics import Metrics
 from .playground import playground_routes
 from .recovery import RecoveryStore, offset_key
 from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
-from .wsserver import LeanWebSocketProtocol
 
 log = logging.getLogger("channels.records")
 

@@ -18,10 +18,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from channels_common.wsframe import text_frame
 from engineio import packet as eio_packet
 
 from .metrics import HotCounters
-from .wsframe import text_frame
 
 log = logging.getLogger("channels.records.broadcast")
 

@@ -20,6 +20,8 @@ import time
 
 import engineio
 import socketio
+from channels_common.wsframe import binary_frame, text_frame
+from channels_common.wsserver import DETACH
 from engineio import exceptions as eio_exceptions
 from engineio import packet as eio_packet
 from engineio.async_drivers.asgi import WebSocket
@@ -28,8 +30,6 @@ from engineio.async_socket import AsyncSocket
 from socketio import packet as sio_packet
 
 from .broadcast import ByteCountingQueue
-from .wsframe import binary_frame, text_frame
-from .wsserver import DETACH
 
 log = logging.getLogger("channels.records.engine")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from channels_records.wshandshake import (
+from channels_common.wshandshake import (
     Refusal,
     Upgrade,
     accept_response,

@@ -17,7 +17,7 @@ from urllib.parse import unquote
 from . import wsframe
 from .wshandshake import MAX_REQUEST_BYTES, Refusal, accept_response, parse_upgrade, refusal_response
 
-log = logging.getLogger("channels.records.websocket")
+log = logging.getLogger("channels.websocket")
 
 CLOSE_TIMEOUT = 5.0
 # Messages a client may have waiting before its socket stops being read.
@@ -28,7 +28,8 @@ _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
 # An ASGI extension of this protocol: once accepted, an application may send
 # {"type": DETACH, "on_message": f(str | bytes), "on_close": f(code)} and
 # return; the connection stays open and is served by those callbacks, so an
-# idle client keeps no task or coroutine stack.
+# idle client keeps no task or coroutine stack. The protocol is `send.__self__`:
+# its `transport` takes frames (wsframe.py) and `close(code, reason)` ends it.
 DETACH = "channels.websocket.detach"
 _EXTENSIONS = {DETACH: {}}
 
@@ -221,6 +222,20 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         self.transport.write(refusal_response(refusal.status, refusal.reason, refusal.extra_headers))
         self.transport.close()
 
+    def close(self, code: int, reason: str = "") -> None:
+        """Start the closing handshake. A detached application calls this
+        directly (no ASGI message, no coroutine); its `on_close` still runs
+        once the client answers or is cut off, so it can let go of the socket."""
+        if self._state != _OPEN:
+            return
+        self.transport.write(wsframe.close_frame(code, reason))
+        self._state = _CLOSING
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        # The client answers with its close frame; a silent one is cut off.
+        self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
     # -- ASGI ------------------------------------------------------------------
 
     async def _run_asgi(self) -> None:
@@ -293,14 +308,8 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         elif kind == "websocket.close":
             code = message.get("code", wsframe.NORMAL)
             reason = message.get("reason") or ""
-            self.transport.write(wsframe.close_frame(code, reason))
-            self._state = _CLOSING
             self._on_message = self._on_close = None
+            self.close(code, reason)
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
-            if self.read_paused:
-                self.read_paused = False
-                self.transport.resume_reading()
-            # The client answers with its close frame; a silent one is cut off.
-            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on an open websocket")

@@ -4,7 +4,7 @@ length encodings of 5.2)."""
 from __future__ import annotations
 
 import pytest
-from channels_records.wsframe import OP_TEXT, frame_header, text_frame
+from channels_common.wsframe import OP_TEXT, frame_header, text_frame
 
 
 def test_rfc_example_single_frame_unmasked_text():
@@ -42,7 +42,7 @@ def test_utf8_payload_length_counts_bytes_not_characters():
 
 # -- client frames -------------------------------------------------------------
 
-from channels_records.wsframe import (
+from channels_common.wsframe import (
     Close,
     FrameParser,
     Message,

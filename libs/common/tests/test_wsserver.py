@@ -7,8 +7,8 @@ import asyncio
 import os
 import types
 
-from channels_records import wsframe
-from channels_records.wsserver import MAX_INBOX, LeanWebSocketProtocol
+from channels_common import wsframe
+from channels_common.wsserver import MAX_INBOX, LeanWebSocketProtocol
 
 REQUEST = (
     b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -160,7 +160,7 @@ async def test_bad_upgrade_request_is_refused_without_running_the_app():
 
 
 async def test_a_detached_app_is_served_by_callbacks_without_its_task():
-    from channels_records.wsserver import DETACH
+    from channels_common.wsserver import DETACH
 
     got, closed = [], []
 
@@ -183,3 +183,28 @@ async def test_a_detached_app_is_served_by_callbacks_without_its_task():
     assert closed == [1006]
     proto.data_received(masked(0x81, b"late"))
     assert got == ["2probe", b"\x01"]
+
+
+async def test_a_detached_app_closes_by_the_protocol_and_still_hears_the_end():
+    from channels_common.wsserver import DETACH
+
+    got, closed = [], []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.accept"})
+        await send({"type": DETACH, "on_message": got.append, "on_close": closed.append})
+
+    proto, t, state = make(app)
+    proto.data_received(REQUEST)
+    await settle()
+    t.take()
+    proto.close(4408, "Connection Timeout")
+    assert t.take() == wsframe.close_frame(4408, "Connection Timeout") and not t.closed
+    proto.close(4205, "again")  # once only
+    # Data after our close frame is dropped; the client's close ends it, unechoed.
+    proto.data_received(masked(0x82, b"\x01") + masked(0x88, b"\x0f\xf8"))
+    assert got == [] and t.take() == b"" and t.closed
+    assert closed == [4088]
+    proto.connection_lost(None)
+    assert closed == [4088] and not state.connections

@@ -1,6 +1,6 @@
 """RFC 6455 server frames, sans I/O.
 
-A server frame is never masked (section 5.1) and the records service turns
+A server frame is never masked (section 5.1) and the services turn
 per-message compression off, so one broadcast has the same wire bytes for
 every websocket recipient: it is framed once and that buffer is written to
 each socket's transport as is.
