@@ -220,3 +220,100 @@ def test_routes_follow_room_changes_and_socket_state_with_the_real_engine_and_ma
     del sio.eio.sockets["e2"]
     assert b.to_room("g", "2[8]") == 0 and len(t[2].writes) == 5
     assert evicted == []
+
+
+# -- the raw descriptor path, over real loopback TCP connections -------------------
+
+import asyncio
+import socket
+
+from channels_common.wsframe import text_frame
+from channels_records.broadcast import raw_fd
+
+
+async def tcp_pair():
+    """A server-side transport on a real TCP connection, and the client's
+    blocking socket (which reads only when the test says so)."""
+    loop = asyncio.get_running_loop()
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # small kernel buffers
+    client.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    accepted.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.close()
+    accepted.setblocking(False)
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, accepted)
+    return transport, client
+
+
+def read_all(client, until: int) -> bytes:
+    client.settimeout(5)
+    got = bytearray()
+    while len(got) < until:
+        got += client.recv(1 << 20)
+    return bytes(got)
+
+
+async def test_a_plain_tcp_transport_with_nothing_queued_is_written_through_its_descriptor():
+    engine, b, _ = make({"g": ["e0"]})
+    transport, client = await tcp_pair()
+    try:
+        engine.sockets["e0"].transport = transport
+        assert raw_fd(transport) >= 0
+        payload = b'42["records",{"a":1}]'
+        assert b.to_room("g", '2["records",{"a":1}]') == 1
+        assert transport.get_write_buffer_size() == 0  # went straight to the kernel
+        assert read_all(client, len(payload) + 2) == bytes([0x81, len(payload)]) + payload
+        assert b.counters.direct == 1
+    finally:
+        transport.abort()
+        client.close()
+
+
+async def test_what_the_kernel_does_not_take_waits_in_the_transport_in_order():
+    # The client does not read: the kernel's buffers fill, the rest of a
+    # frame and every later frame queue in the transport, and once the
+    # client reads, the bytes arrive whole and in publish order.
+    engine, b, evicted = make({"g": ["e0"]}, limit=64 * 1024 * 1024)
+    transport, client = await tcp_pair()
+    try:
+        engine.sockets["e0"].transport = transport
+        texts = [f'2["records",{{"n":{n},"pad":"{"x" * 60_000}"}}]' for n in range(60)]
+        for text in texts:
+            assert b.to_room("g", text) == 1
+        assert transport.get_write_buffer_size() > 0  # some of it is queued
+        expected = b"".join(text_frame(("4" + t).encode()) for t in texts)
+        loop = asyncio.get_running_loop()
+        got = await loop.run_in_executor(None, read_all, client, len(expected))
+        assert got == expected and not evicted
+    finally:
+        transport.abort()
+        client.close()
+
+
+async def test_a_closing_transport_is_never_written_through_its_descriptor():
+    engine, b, _ = make({"g": ["e0"]})
+    transport, client = await tcp_pair()
+    try:
+        engine.sockets["e0"].transport = transport
+        b.to_room("g", "2[1]")  # builds the route with the descriptor
+        transport.close()
+        assert b.to_room("g", "2[2]") == 0
+        await asyncio.sleep(0.05)
+        client.settimeout(2)
+        data = b""
+        while chunk := client.recv(4096):
+            data += chunk
+        assert data == bytes([0x81, 5]) + b"42[1]"  # the first frame only
+    finally:
+        client.close()
+
+
+def test_tls_and_foreign_transports_have_no_raw_descriptor():
+    class Tls:
+        def get_extra_info(self, name):
+            return object() if name == "sslcontext" else None
+
+    assert raw_fd(Tls()) == -1
+    assert raw_fd(FakeTransport()) == -1

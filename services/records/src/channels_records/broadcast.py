@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 
 from channels_common.wsframe import text_frame
@@ -92,13 +94,29 @@ class Held:
         self.bytes = 0
 
 
+def raw_fd(transport) -> int:
+    """The descriptor under a transport when bytes written to it go to the
+    peer as they are (plain TCP, not TLS), else -1."""
+    info = getattr(transport, "get_extra_info", None)
+    if info is None or info("sslcontext") is not None or info("ssl_object") is not None:
+        return -1
+    sock = info("socket")
+    if sock is None or getattr(sock, "family", None) not in (socket.AF_INET, socket.AF_INET6):
+        return -1
+    try:
+        return sock.fileno()
+    except (OSError, ValueError):
+        return -1
+
+
 class _Route:
     """One room's members as a broadcast reaches them (see Broadcaster._route)."""
 
-    __slots__ = ("others", "sids", "transports")
+    __slots__ = ("fds", "others", "sids", "transports")
 
     def __init__(self) -> None:
         self.transports: list = []  # written to directly
+        self.fds: list[int] = []  # their raw descriptors (see raw_fd), -1 if none
         self.sids: dict = {}  # transport -> eio_sid, for the few that cannot be
         self.others: list[str] = []
 
@@ -147,13 +165,35 @@ class Broadcaster:
         # Past this, the frame would take the transport's buffer over the limit.
         fits = self.limit - len(frame)
         late = None
+        size = len(frame)
+        write = os.write
         # The common case, and most of the service's CPU: sockets on an open
-        # websocket, their transports looked up once per room (see _route),
-        # so that each costs two checks and the write.
-        for transport in route.transports:
-            if transport.get_write_buffer_size() <= fits and not transport.is_closing():
+        # websocket, their transports looked up once per room (see _route).
+        # A transport with nothing queued gets the frame straight from
+        # os.write: uvloop's write would do the same system call after
+        # buffering work of its own (measured ~0.4 µs per recipient). The
+        # descriptor is trusted only while the transport is not closing:
+        # uvloop flags that before it closes the descriptor, so a number
+        # reused by a new connection is never written to.
+        for transport, fd in zip(route.transports, route.fds):
+            if transport.is_closing():
+                pass
+            elif fd >= 0 and not transport.get_write_buffer_size():
+                try:
+                    sent = write(fd, frame)
+                except BlockingIOError:
+                    sent = 0
+                except OSError:
+                    sent = -1
+                if sent != size:
+                    # The rest waits in the transport's buffer, in order; an
+                    # error is met again there and closes the transport.
+                    transport.write(frame if sent <= 0 else memoryview(frame)[sent:])
+                continue
+            elif transport.get_write_buffer_size() <= fits:
                 transport.write(frame)
-            elif late is None:
+                continue
+            if late is None:
                 late = [route.sids[transport]]
             else:
                 late.append(route.sids[transport])
@@ -189,6 +229,7 @@ class Broadcaster:
                 and not sock.closed
             ):
                 route.transports.append(transport)
+                route.fds.append(raw_fd(transport))
                 route.sids[transport] = eio_sid
             else:
                 route.others.append(eio_sid)
