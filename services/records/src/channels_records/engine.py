@@ -149,7 +149,12 @@ async def translate_request(scope, receive, send):
     environ = await asgi_translate_request(scope, receive, send)
     if scope.get("type") != "websocket" or not environ:
         return environ
-    return {key: environ[key] for key in _WEBSOCKET_ENVIRON_KEYS if key in environ}
+    kept = {key: environ[key] for key in _WEBSOCKET_ENVIRON_KEYS if key in environ}
+    # python-engineio and TrackedWebSocket read only these two of the ASGI
+    # scope; keeping the whole scope would keep every header and the
+    # request line for the life of the connection (~1.5 KiB each).
+    kept["asgi.scope"] = {"type": scope["type"], "extensions": scope.get("extensions")}
+    return kept
 
 
 class _NoQueue:
