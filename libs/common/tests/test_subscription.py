@@ -17,6 +17,14 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition"):
         await asyncio.sleep(0.02)
 
 
+async def publish_burst(redis, n: int) -> None:
+    """n messages b"0".. in one pipelined write, so that they arrive together."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for i in range(n):
+            pipe.publish("/records", b"%d" % i)
+        await pipe.execute()
+
+
 async def test_messages_arrive_in_publish_order_with_their_channel_and_pattern(redis_url, redis):
     got: list[Message] = []
     sub = Subscription(url=redis_url, handler=got.append, channels=["/records"], patterns=["chatbot/*"])
@@ -44,10 +52,7 @@ async def test_a_batch_handler_gets_every_message_once_in_order(redis_url, redis
     sub.start()
     try:
         assert await sub.wait_live(10)
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in range(500):
-                pipe.publish("/records", b"%d" % i)
-            await pipe.execute()
+        await publish_burst(redis, 500)
         await until(lambda: sum(map(len, batches)) >= 500, what="all messages")
         assert [m.data for b in batches for m in b] == [b"%d" % i for i in range(500)]
         assert len(batches) < 500  # one pipelined burst arrives in fewer reads than messages
@@ -204,10 +209,7 @@ async def test_a_slow_async_handler_holds_the_feed_and_keeps_the_order(redis_url
     sub.start()
     try:
         assert await sub.wait_live(10)
-        async with redis.pipeline(transaction=False) as pipe:
-            for i in range(40):
-                pipe.publish("/records", b"%d" % i)
-            await pipe.execute()
+        await publish_burst(redis, 40)
         await until(lambda: len(got) == 40, what="all messages")
         assert got == [b"%d" % i for i in range(40)]
         assert not overlapped  # one at a time

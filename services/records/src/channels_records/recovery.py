@@ -346,15 +346,7 @@ class _LogLine:
                 await self._drop()
                 raise _as_redis_error(exc) from None
         future = asyncio.get_running_loop().create_future()
-
-        def done(replies, error):
-            if not future.done():
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(replies)
-
-        self.start(commands, timeout, done)
+        self.start(commands, timeout, _settles(future))
         try:
             return await future
         except asyncio.CancelledError:
@@ -435,6 +427,19 @@ class _LogLine:
             elif not isinstance(reply, bytes):
                 raise ProtocolError("recovery log: unexpected reply from redis")
         return replies
+
+
+def _settles(future: asyncio.Future) -> Callable[[object, BaseException | None], None]:
+    """An (outcome, error) callback that settles `future`, once."""
+
+    def done(outcome, error):
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(outcome)
+
+    return done
 
 
 def _as_redis_error(exc: BaseException) -> BaseException:
@@ -580,15 +585,7 @@ class RecoveryStore:
         each result is the message's offset or the Redis error of its call.
         Raises a redis error (for all of them) when Redis cannot answer in time."""
         future = asyncio.get_running_loop().create_future()
-
-        def done(results, error):
-            if not future.done():
-                if error is not None:
-                    future.set_exception(error)
-                else:
-                    future.set_result(results)
-
-        self.log_batch(messages, done)
+        self.log_batch(messages, _settles(future))
         return await future
 
     def log_batch(
