@@ -158,3 +158,42 @@ def run_node(script: str, *args: str, timeout: float = 60.0, env: dict | None = 
     if done.returncode != 0:
         raise AssertionError(f"node {script} failed ({done.returncode}):\n{done.stderr[-4000:]}")
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+class ScriptedRedis:
+    """A TCP server that speaks just enough RESP to stand in for a Redis
+    that misbehaves: every command is answered by `answer(command)` (a list
+    of bytes arguments -> the raw bytes to send back), and `connections`
+    holds the writer of each connection so a test can push bytes of its own
+    (garbage, a message) at any time."""
+
+    def __init__(self, answer):
+        self.answer = answer
+        self.connections: list = []
+        self.commands: list[list[bytes]] = []
+
+    async def start(self) -> str:
+        import asyncio
+
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def _serve(self, reader, writer):
+        from channels_common.resp import ReplyReader
+
+        self.connections.append(writer)
+        parser = ReplyReader()
+        try:
+            while data := await reader.read(65536):
+                for command in parser.feed(data):
+                    self.commands.append(command)
+                    writer.write(self.answer(command))
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def close(self):
+        self.server.close()
+        for writer in self.connections:
+            writer.close()

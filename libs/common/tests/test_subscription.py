@@ -242,3 +242,34 @@ async def test_a_batch_handler_may_hold_the_feed_with_an_awaitable(redis_url, re
         assert [d for b in batches for d in b] == [b"first", b"0", b"1", b"2", b"3", b"4"]
     finally:
         await sub.stop()
+
+
+def _plain_redis(command: list[bytes]) -> bytes:
+    name = command[0].upper()
+    if name == b"SUBSCRIBE":
+        return b"".join(b"*3\r\n$9\r\nsubscribe\r\n$%d\r\n%s\r\n:1\r\n" % (len(c), c) for c in command[1:])
+    if name == b"PING":
+        return b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"
+    return b"+OK\r\n"  # CLIENT SETINFO and whatever else redis-py sends on connect
+
+
+async def test_garbage_from_redis_drops_that_connection_and_the_next_one_carries_on(caplog):
+    from tests.support import ScriptedRedis
+
+    fake = ScriptedRedis(_plain_redis)
+    url = await fake.start()
+    got = []
+    sub = Subscription(url=url, handler=lambda m: got.append(m.data), channels=["/records"], max_backoff=0.2)
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        with caplog.at_level(logging.WARNING, logger="channels.redis"):
+            fake.connections[-1].write(b"?this is not RESP\r\n")
+            await until(lambda: len(fake.connections) == 2 and sub.live, what="a fresh connection")
+        assert any("redis subscription lost" in r.getMessage() for r in caplog.records)
+        message = b"*3\r\n$7\r\nmessage\r\n$8\r\n/records\r\n$2\r\nok\r\n"
+        fake.connections[-1].write(message)
+        await until(lambda: got == [b"ok"], what="a message on the fresh connection")
+    finally:
+        await sub.stop()
+        await fake.close()

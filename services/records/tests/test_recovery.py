@@ -601,3 +601,33 @@ async def test_room_names_outside_ascii_and_empty_room_lists(clients, redis):
     empty, _ = await a.create_session("sid-2", None, [])
     restored = await a.restore(empty, None, None)
     assert restored.rooms == [] and restored.missed == []
+
+
+async def test_a_garbled_log_reply_fails_that_call_and_the_next_one_gets_a_fresh_connection():
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from tests.support import ScriptedRedis
+
+    evals = []
+
+    def answer(command):
+        if command[0].upper() == b"PING":
+            return b"+PONG\r\n"  # redis-py's health check
+        if command[0].upper() != b"EVALSHA":
+            return b"+OK\r\n"
+        evals.append(command)
+        return b"?garbage\r\n" if len(evals) == 1 else b"$15\r\n1700000000000-0\r\n"
+
+    fake = ScriptedRedis(answer)
+    url = await fake.start()
+    client = create_redis(url)
+    store = RecoveryStore(client, window_seconds=WINDOW, instance_id="x")
+    try:
+        with pytest.raises(RedisConnectionError):
+            await store.log_message("group-1", "records", b"{}")
+        assert await store.log_message("group-1", "records", b"{}") == "1700000000000-0"
+        assert len(fake.connections) == 2  # the garbled one was dropped
+        assert await store.log_message("group-1", "records", b"{}") == "1700000000000-0"
+        assert len(fake.connections) == 2  # and the fresh one kept
+    finally:
+        await client.aclose()
+        await fake.close()
