@@ -605,6 +605,7 @@ async def test_room_names_outside_ascii_and_empty_room_lists(clients, redis):
 
 async def test_a_garbled_log_reply_fails_that_call_and_the_next_one_gets_a_fresh_connection():
     from redis.exceptions import ConnectionError as RedisConnectionError
+
     from tests.support import ScriptedRedis
 
     evals = []
