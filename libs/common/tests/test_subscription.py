@@ -273,3 +273,67 @@ async def test_garbage_from_redis_drops_that_connection_and_the_next_one_carries
     finally:
         await sub.stop()
         await fake.close()
+
+
+async def test_messages_already_read_survive_a_reconnect_while_a_handler_holds_the_feed(private_redis):
+    got = []
+    gate = asyncio.Event()
+
+    async def handler(message: Message):
+        if message.data == b"0":
+            await gate.wait()
+        got.append(message.data)
+
+    sub = Subscription(url=private_redis.url, handler=handler, channels=["/records"], max_backoff=0.2)
+    sub.start()
+    client = create_redis(private_redis.url)
+    try:
+        assert await sub.wait_live(10)
+        await publish_burst(client, 5)  # one read: "0" holds, "1".."4" wait behind it
+        await asyncio.sleep(0.2)
+        assert got == []
+        private_redis.kill()
+        await until(lambda: not sub.live, what="the subscription to notice")
+        private_redis.start()
+        assert await sub.wait_live(15)
+        await client.aclose()
+        client = create_redis(private_redis.url)
+        await client.publish("/records", b"after")
+        await asyncio.sleep(0.2)
+        assert got == []  # still held, and "after" queues behind
+        gate.set()
+        await until(lambda: len(got) == 6, what="every message")
+        assert got == [b"0", b"1", b"2", b"3", b"4", b"after"]
+    finally:
+        await client.aclose()
+        await sub.stop()
+
+
+async def test_reading_pauses_past_the_hold_limit_and_nothing_is_lost(redis_url, redis, monkeypatch):
+    import channels_common.redis as redis_module
+
+    monkeypatch.setattr(redis_module, "_HOLD_LIMIT_BYTES", 1000)
+    got = []
+    gate = asyncio.Event()
+
+    async def handler(message: Message):
+        if message.data == b"first":
+            await gate.wait()
+        got.append(message.data)
+
+    sub = Subscription(url=redis_url, handler=handler, channels=["/records"])
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        await redis.publish("/records", b"first")
+        await asyncio.sleep(0.1)
+        for i in range(200):
+            await redis.publish("/records", b"%d" % i + b"x" * 100)
+        await until(lambda: sub._link.paused, what="reading to pause")
+        assert len(sub._held) < 200  # the rest waits in Redis
+        gate.set()
+        await until(lambda: len(got) == 201, what="every message")
+        assert got == [b"first"] + [b"%d" % i + b"x" * 100 for i in range(200)]
+        assert not sub._link.paused
+    finally:
+        await sub.stop()

@@ -85,6 +85,7 @@ class RespConnection(asyncio.Protocol):
         self.parser = parser
         self.transport = None
         self._inner = None
+        self.paused = False
         # Done when the connection ends: with an exception saying why,
         # unless closed on purpose. Waiting on it is optional.
         self.closed: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -110,6 +111,17 @@ class RespConnection(asyncio.Protocol):
     @property
     def is_closed(self) -> bool:
         return self.closed.done()
+
+    def pause(self) -> None:
+        """Stop reading (idempotent; uvloop's pause_reading is not)."""
+        if not self.paused and not self.closed.done():
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and not self.closed.done():
+            self.paused = False
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         if self.closed.done():
@@ -193,6 +205,7 @@ class Subscription:
     # While an awaitable from the handler runs: messages read meanwhile.
     _held: list[Message] | None = field(default=None, init=False, repr=False)
     _holder: asyncio.Task | None = field(default=None, init=False, repr=False)
+    _held_bytes: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.handler is None) == (self.batch_handler is None):
@@ -212,6 +225,9 @@ class Subscription:
 
     async def stop(self) -> None:
         self._stopping = True
+        if self._holder is not None:
+            self._holder.cancel()
+            self._holder = self._held = None
         if self._task:
             self._task.cancel()
             try:
@@ -249,7 +265,11 @@ class Subscription:
                         asyncio.create_task(result)
                 watchdog = asyncio.create_task(self._watch(link), name="redis-subscription-watchdog")
                 early, self._early = self._early, None
-                if early:
+                if self._holder is not None:
+                    # A handler still holds the previous connection's
+                    # messages: these queue behind them.
+                    self._held += early
+                elif early:
                     self._dispatch(early)
                 await link.closed
                 raise RedisConnectionError("redis subscription closed")
@@ -267,9 +287,8 @@ class Subscription:
                 self._early = self._pong = None
                 if watchdog is not None:
                     watchdog.cancel()
-                if self._holder is not None:
-                    self._holder.cancel()
-                    self._holder = self._held = None
+                # A handler still holding the feed carries on: what this
+                # connection delivered was accepted and is still handled.
                 try:
                     if link is not None:
                         await link.aclose()
@@ -325,6 +344,9 @@ class Subscription:
             self._early += messages
         elif self._held is not None:
             self._held += messages
+            self._held_bytes += sum(len(m.data) for m in messages)
+            if self._held_bytes > _HOLD_LIMIT_BYTES and self._link is not None:
+                self._link.pause()
         else:
             self._dispatch(messages)
 
@@ -351,9 +373,10 @@ class Subscription:
         return result if inspect.isawaitable(result) else None
 
     def _hold(self, pending, rest: list[Message]) -> None:
+        # Reading goes on (so that a dead connection is still noticed) until
+        # the held messages pass _HOLD_LIMIT_BYTES; then Redis buffers.
         self._held = rest
-        if self._link is not None:
-            self._link.transport.pause_reading()
+        self._held_bytes = sum(len(m.data) for m in rest)
         self._holder = asyncio.get_running_loop().create_task(self._release(pending))
 
     async def _release(self, pending) -> None:
@@ -365,8 +388,8 @@ class Subscription:
         link = self._link
         if held:
             self._dispatch(held)
-        if self._held is None and link is not None and not link.is_closed:
-            link.transport.resume_reading()
+        if self._held is None and link is not None:
+            link.resume()
 
     async def _watch(self, link: RespConnection) -> None:
         """Ping a silent connection; drop it if the ping goes unanswered
@@ -375,8 +398,8 @@ class Subscription:
         while True:
             self._heard = False
             await asyncio.sleep(self.idle_ping_seconds)
-            if self._heard:
-                pinged = False
+            if self._heard or link.paused:
+                pinged = False  # a paused feed is silent on purpose
             elif link.is_closed:
                 return
             elif not pinged:
@@ -389,6 +412,8 @@ class Subscription:
 
 
 _SUBSCRIBE_TIMEOUT = 10.0
+# Messages read while a handler holds the feed, at most (then reading pauses).
+_HOLD_LIMIT_BYTES = 8 * 1024 * 1024
 # The largest message a subscriber accepts; Redis itself allows 512 MB.
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _PING = pack_command("PING")

@@ -117,7 +117,7 @@ class Relay:
         """Messages that arrived together, in publish order: logged for
         recovery in one Redis round trip, then broadcast in that order.
         Returns None, or an awaitable while too many are in flight (the
-        subscription stops reading until it is done)."""
+        subscription holds what it reads next until it is done)."""
         batch = []
         for message in messages:
             result = parse_message(message.channel, message.data)
@@ -150,8 +150,9 @@ class Relay:
             log.exception("logging messages for recovery failed")
             self._settle(batch, None, exc)
         if len(self._in_flight) >= self.max_in_flight:
-            # Redis is slow: stop reading pub/sub until it catches up, so
-            # that memory stays bounded (Redis buffers the rest meanwhile).
+            # Redis is slow: hold the feed until it catches up, so that
+            # memory stays bounded (the subscription stops reading past its
+            # limit, and Redis buffers the rest meanwhile).
             self._room.clear()
             return self._room.wait()
         return None
