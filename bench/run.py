@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=positive_int,
                    help="rounds of ours and reference, first one then the other, the best round of each "
                         "counts (default 2, quick 1): on a shared machine one disturbed round should not decide")
+    p.add_argument("--collab-repeat", type=positive_int,
+                   help="collab: rounds, as --repeat (default: --repeat if given, else 3; quick 1): its p99 "
+                        "sits on the load generator's GC pauses, so one more round per server steadies it")
     p.add_argument("--ws-client", choices=("raw", "ws"), default="raw",
                    help="records: the load generator's websocket client (raw: leanest; ws: the npm package)")
     p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 4)")
@@ -107,6 +110,9 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
     if args.rates:
         rec.rates = args.rates
     rec.client = args.ws_client
+    if args.collab_repeat is None:
+        # An explicit --repeat sets both scenarios; by default collab gets one more round.
+        args.collab_repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 2
     args.repeat = max(1, args.repeat)
@@ -156,12 +162,14 @@ def best_collab_run(runs: list[dict]) -> dict:
 
 
 async def run_rounds(scenario, targets, args, out, stamp, log, best, run_one) -> dict:
-    """`args.repeat` rounds of one scenario, the servers taking turns to go
-    first; each server's best round counts. Only our first round is profiled."""
+    """`args.repeat` rounds of one scenario (`args.collab_repeat` for
+    collab), the servers taking turns to go first; each server's best round
+    counts. Only our first round is profiled."""
     runs: dict[str, list[dict]] = {who: [] for who in targets}
-    for round_no in range(args.repeat):
-        if args.repeat > 1:
-            log(f" round {round_no + 1} of {args.repeat}")
+    rounds = args.collab_repeat if scenario == "collab" else args.repeat
+    for round_no in range(rounds):
+        if rounds > 1:
+            log(f" round {round_no + 1} of {rounds}")
         for who in round_order(targets, round_no):
             profiler = None
             if args.profile and who == "ours" and round_no == 0:
