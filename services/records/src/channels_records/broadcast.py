@@ -112,11 +112,11 @@ def raw_fd(transport) -> int:
 class _Route:
     """One room's members as a broadcast reaches them (see Broadcaster._route)."""
 
-    __slots__ = ("fds", "others", "sids", "transports")
+    __slots__ = ("direct", "others", "sids")
 
     def __init__(self) -> None:
-        self.transports: list = []  # written to directly
-        self.fds: list[int] = []  # their raw descriptors (see raw_fd), -1 if none
+        # (transport, its raw descriptor (see raw_fd) or -1): written to directly
+        self.direct: list[tuple[object, int]] = []
         self.sids: dict = {}  # transport -> eio_sid, for the few that cannot be
         self.others: list[str] = []
 
@@ -175,7 +175,7 @@ class Broadcaster:
         # descriptor is trusted only while the transport is not closing:
         # uvloop flags that before it closes the descriptor, so a number
         # reused by a new connection is never written to.
-        for transport, fd in zip(route.transports, route.fds):
+        for transport, fd in route.direct:
             if transport.is_closing():
                 pass
             elif fd >= 0 and not transport.get_write_buffer_size():
@@ -197,7 +197,7 @@ class Broadcaster:
                 late = [route.sids[transport]]
             else:
                 late.append(route.sids[transport])
-        written = len(route.transports) - (len(late) if late else 0)
+        written = len(route.direct) - (len(late) if late else 0)
         delivered = written
         if route.others or late:
             key = self.order_key(offset) if self.floors and offset is not None else None
@@ -228,8 +228,7 @@ class Broadcaster:
                 and not sock.closing
                 and not sock.closed
             ):
-                route.transports.append(transport)
-                route.fds.append(raw_fd(transport))
+                route.direct.append((transport, raw_fd(transport)))
                 route.sids[transport] = eio_sid
             else:
                 route.others.append(eio_sid)
