@@ -632,3 +632,29 @@ async def test_a_garbled_log_reply_fails_that_call_and_the_next_one_gets_a_fresh
     finally:
         await client.aclose()
         await fake.close()
+
+
+async def test_a_log_connection_that_dies_while_idle_goes_back_to_the_pool(private_redis):
+    client = create_redis(private_redis.url, max_connections=2, pool_timeout=3.0)
+    store = RecoveryStore(client, window_seconds=WINDOW, instance_id="x")
+
+    async def log_once_redis_answers() -> str:
+        # Right after a restart a call may fail (the script is gone, pooled
+        # connections are stale): the relay then emits without an offset.
+        for _ in range(20):
+            try:
+                return await store.log_message("group-1", "records", b"{}")
+            except RedisError:
+                await asyncio.sleep(0.1)
+        raise AssertionError("the log never worked again")
+
+    try:
+        for _ in range(4):  # more outages than the pool has connections
+            await log_once_redis_answers()
+            private_redis.kill()
+            private_redis.start()
+            await asyncio.sleep(0.2)  # the idle log connection sees its end
+        assert await log_once_redis_answers()
+        assert len(client.connection_pool._in_use_connections) <= 1
+    finally:
+        await client.aclose()

@@ -340,6 +340,8 @@ class _LogLine:
         connection fails or Redis does not answer within `timeout` (the
         line's default if None)."""
         if self._link is None or self._link.is_closed:
+            # A connection that died while idle goes back to the pool first.
+            await self._drop()
             try:
                 await self._open()
             except BaseException as exc:  # noqa: BLE001 - failed or cancelled: the connection goes back to the pool
