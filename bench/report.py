@@ -66,9 +66,9 @@ def _get(d, *path):
     return d
 
 
-def common_step(ours: dict, ref: dict) -> int | None:
-    """The highest offered load at which both servers met the latency bar, so
-    CPU per delivery is compared at the same load."""
+def common_steps(ours: dict, ref: dict) -> set[int]:
+    """The offered loads at which both servers met the latency bar (p99
+    under the limit, nothing lost or misrouted)."""
     from bench.records_bench import P99_LIMIT_MS
 
     def passed(result):
@@ -78,12 +78,30 @@ def common_step(ours: dict, ref: dict) -> int | None:
             if s["lost"] == 0 and s["misrouted"] == 0 and s["p99_ms"] is not None and s["p99_ms"] < P99_LIMIT_MS
         }
 
-    both = passed(ours) & passed(ref)
+    return passed(ours) & passed(ref)
+
+
+def common_step(ours: dict, ref: dict) -> int | None:
+    """The highest offered load at which both servers met the latency bar, so
+    CPU per delivery is compared at the same load."""
+    both = common_steps(ours, ref)
     return max(both) if both else None
+
+
+def median_cpu(result: dict, steps: set[int]):
+    values = sorted(
+        s["cpu_us_per_delivery"] for s in result.get("steps", [])
+        if s["step"] in steps and s.get("cpu_us_per_delivery") is not None
+    )
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
 def records_rows(ours: dict, ref: dict) -> list:
     step = common_step(ours, ref)
+    both = common_steps(ours, ref)
 
     def at(result, key):
         if step is None:
@@ -104,6 +122,8 @@ def records_rows(ours: dict, ref: dict) -> list:
         ("  p99 at that rate (ms)", _get(ours, "headline", "p99_ms"), _get(ref, "headline", "p99_ms"), ".1f", None),
         (f"CPU per delivery (µs) at {at(ref, 'target_per_s') or '-'}/s offered", at(ours, "cpu_us_per_delivery"),
          at(ref, "cpu_us_per_delivery"), ".1f", ("<=", 0.7)),
+        (f"  same, median over the {len(both)} loads both sustained", median_cpu(ours, both),
+         median_cpu(ref, both), ".1f", None),
         ("memory per idle connection (KiB)", kib(ours), kib(ref), ".1f", ("<=", 0.5)),
         ("highest delivery rate reached, any latency", max_rate(ours), max_rate(ref), ".0f", None),
         ("connect all clients (s)", _seconds(_get(ours, "connect", "ms")), _seconds(_get(ref, "connect", "ms")),

@@ -54,6 +54,22 @@ def test_cpu_is_compared_at_the_highest_load_both_servers_met_the_bar():
     assert report.common_step(ours, {"steps": [step(0, 1000, 300)]}) is None
 
 
+def test_cpu_is_also_shown_as_the_median_over_every_load_both_sustained():
+    ours = {"steps": [step(0, 1000, 5), step(1, 2000, 5), step(2, 4000, 5), step(3, 8000, 5)]}
+    ref = {"steps": [step(0, 1000, 5), step(1, 2000, 50), step(2, 4000, 60), step(3, 8000, 300)]}
+    for result, cpus in ((ours, [10.0, 9.0, 8.0, 1.0]), (ref, [30.0, 20.0, 10.0, 5.0])):
+        for s, cpu in zip(result["steps"], cpus):
+            s["cpu_us_per_delivery"] = cpu
+    both = report.common_steps(ours, ref)
+    assert both == {0, 1, 2}
+    assert report.median_cpu(ours, both) == 9.0
+    assert report.median_cpu(ref, both) == 20.0
+    assert report.median_cpu(ours, {0, 1}) == 9.5
+    assert report.median_cpu(ours, set()) is None
+    row = next(r for r in report.records_rows(ours, ref) if "median over the 3 loads" in r[0])
+    assert row[1:3] == (9.0, 20.0) and row[4] is None  # shown, not a bar
+
+
 def test_tables_show_both_servers_the_ratio_and_whether_the_bar_is_met():
     rows = [("rate", 30000.0, 20000.0, ".0f", (">=", 1.25)), ("cpu", 20.0, 25.0, ".1f", ("<=", 0.7)),
             ("info", None, 3.0, ".1f", None), ("busy", 0.5, 0.1, ".2f", report.NO_RATIO)]
