@@ -176,23 +176,23 @@ class Broadcaster:
         # uvloop flags that before it closes the descriptor, so a number
         # reused by a new connection is never written to.
         for transport, fd in route.direct:
-            if transport.is_closing():
-                pass
-            elif fd >= 0 and not transport.get_write_buffer_size():
-                try:
-                    sent = write(fd, frame)
-                except BlockingIOError:
-                    sent = 0
-                except OSError:
-                    sent = -1
-                if sent != size:
-                    # The rest waits in the transport's buffer, in order; an
-                    # error is met again there and closes the transport.
-                    transport.write(frame if sent <= 0 else memoryview(frame)[sent:])
-                continue
-            elif transport.get_write_buffer_size() <= fits:
-                transport.write(frame)
-                continue
+            if not transport.is_closing():
+                queued = transport.get_write_buffer_size()
+                if not queued and fd >= 0:
+                    try:
+                        sent = write(fd, frame)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError:
+                        sent = -1
+                    if sent != size:
+                        # The rest waits in the transport's buffer, in order; an
+                        # error is met again there and closes the transport.
+                        transport.write(frame if sent <= 0 else memoryview(frame)[sent:])
+                    continue
+                if queued <= fits:
+                    transport.write(frame)
+                    continue
             if late is None:
                 late = [route.sids[transport]]
             else:
