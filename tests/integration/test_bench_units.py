@@ -54,6 +54,24 @@ def test_cpu_is_compared_at_the_highest_load_both_servers_met_the_bar():
     assert report.common_step(ours, {"steps": [step(0, 1000, 300)]}) is None
 
 
+def test_cpu_at_the_compared_load_is_the_mean_over_every_round_that_ran_it():
+    def run(cpus):
+        steps = [step(0, 1000, 5), step(1, 2000, 5)]
+        for s, cpu in zip(steps, cpus):
+            s["cpu_us_per_delivery"] = cpu
+        return {"steps": steps}
+
+    ours = dict(run([10.0, 8.0]), rounds=[run([10.0, 8.0]), run([12.0, 6.0])])
+    ref = dict(run([30.0, 20.0]), rounds=[run([30.0, 20.0]), run([40.0, 22.0])])
+    assert report.cpu_at(ours, 2000) == (7.0, 2)
+    assert report.cpu_at(ref, 1000) == (35.0, 2)
+    assert report.cpu_at(ours, 4000) == (None, 0)
+    assert report.cpu_at(run([10.0, 8.0]), 2000) == (8.0, 1)  # a single round
+    row = next(r for r in report.records_rows(ours, ref) if r[0].startswith("CPU per delivery"))
+    assert row[0] == "CPU per delivery (µs) at 2000/s offered, mean of 2+2 rounds"
+    assert row[1:3] == (7.0, 21.0) and row[4] == ("<=", 0.7)
+
+
 def test_cpu_is_also_shown_as_the_median_over_every_load_both_sustained():
     ours = {"steps": [step(0, 1000, 5), step(1, 2000, 5), step(2, 4000, 5), step(3, 8000, 5)]}
     ref = {"steps": [step(0, 1000, 5), step(1, 2000, 50), step(2, 4000, 60), step(3, 8000, 300)]}

@@ -370,6 +370,8 @@ class Subscription:
         except Exception:
             log.exception("handler failed for redis messages", extra=extra)
             return None
+        if result is None:
+            return None  # the usual answer, so checked before isawaitable
         return result if inspect.isawaitable(result) else None
 
     def _hold(self, pending, rest: list[Message]) -> None:
