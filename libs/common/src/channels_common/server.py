@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Callable
@@ -11,6 +12,16 @@ from collections.abc import Awaitable, Callable
 import uvicorn
 
 log = logging.getLogger("channels.server")
+
+
+def freeze_startup_objects() -> None:
+    """Call once a service is ready. What is loaded by then (modules,
+    settings, clients) lives as long as the process; frozen, it is left out
+    of every later full collection, whose pause holds up every message in
+    flight (measured here: 64-95 ms with 2,000 records clients, of which
+    74,000 objects were startup objects; ~30 ms for collab)."""
+    gc.collect()
+    gc.freeze()
 
 
 class _Server(uvicorn.Server):

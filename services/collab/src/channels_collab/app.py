@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import signal
 import threading
@@ -15,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from channels_common.observability import health_routes, setup_logging, setup_sentry
-from channels_common.server import serve
+from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.wsframe import binary_frame
 from channels_common.wsserver import DETACH, LeanWebSocketProtocol
@@ -133,11 +132,7 @@ class CollabService:
         self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=s.auth_timeout_seconds)
         self._tasks.append(loop.create_task(self._sweep()))
         self.ready = True
-        # What is loaded by now lives as long as the process: out of every
-        # later collection, whose pause (a full one over it ~30 ms) would
-        # otherwise hold up every update in flight.
-        gc.collect()
-        gc.freeze()
+        freeze_startup_objects()
         log.info(
             "collab ready",
             extra={"rails": s.rails_base_url, "timeout_ms": s.timeout_ms, "debounce_ms": s.debounce_ms,

@@ -13,7 +13,7 @@ import secrets
 import socketio
 from channels_common.observability import health_routes, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
-from channels_common.server import serve
+from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import RecordsSettings
 from channels_common.wsserver import LeanWebSocketProtocol
 from starlette.applications import Starlette
@@ -131,6 +131,7 @@ class RecordsService:
         )
         self.subscription.start()
         self._tasks.append(asyncio.create_task(self.connections.touch_forever()))
+        freeze_startup_objects()
         try:
             yield
         finally:
