@@ -9,7 +9,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from bench.processes import NodeDriver, Server
+from bench.processes import NodeDriver, Server, end_run
 from bench.procstat import OtherLoad, cpu_seconds, settled_rss
 
 
@@ -92,12 +92,5 @@ async def run_collab(
         result["error"] = str(exc)
         log(f"  {server.name}: FAILED: {exc}")
     finally:
-        if profiler is not None:
-            profiler.stop()
-        if driver is not None:
-            driver.close()
-        alive = server.alive()
-        server.stop()
-        if not alive and "error" not in result:
-            result["error"] = "server exited during the run"
+        end_run(server, driver, profiler, result)
     return result

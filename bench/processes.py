@@ -155,3 +155,17 @@ class NodeDriver:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def end_run(server: Server, driver: NodeDriver | None, profiler, result: dict) -> None:
+    """A scenario's teardown, whatever happened: stop the profiler and the
+    load generator, then the server; a server found dead by then is an
+    error of the run unless one is already recorded."""
+    if profiler is not None:
+        profiler.stop()
+    if driver is not None:
+        driver.close()
+    alive = server.alive()
+    server.stop()
+    if not alive and "error" not in result:
+        result["error"] = "server exited during the run"

@@ -19,7 +19,7 @@ from channels_common.auth import current_user_key
 from channels_common.publish import RECORDS_CHANNEL
 from channels_common.redis import create_redis
 
-from bench.processes import NodeDriver, Server
+from bench.processes import NodeDriver, Server, end_run
 from bench.procstat import OtherLoad, cpu_seconds, settled_rss
 
 P99_LIMIT_MS = 100.0
@@ -227,14 +227,7 @@ async def run_records(
         result["error"] = str(exc)
         log(f"  {server.name}: FAILED: {exc}")
     finally:
-        if profiler is not None:
-            profiler.stop()
-        if driver is not None:
-            driver.close()
-        alive = server.alive()
-        server.stop()
-        if not alive and "error" not in result:
-            result["error"] = "server exited during the run"
+        end_run(server, driver, profiler, result)
         await redis.aclose()
     best = headline(result["steps"])
     result["headline"] = best
