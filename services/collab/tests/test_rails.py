@@ -11,9 +11,12 @@ class FakeRails:
     """Answers each request with the next scripted reply: (status, body),
     "drop" (close without answering) or "hang"."""
 
-    def __init__(self, replies):
+    def __init__(self, replies, delay=0.0):
         self.replies = list(replies)
         self.requests = []
+        self.delay = delay
+        self.connections = 0
+        self.in_flight = self.most_in_flight = 0
 
     async def __aenter__(self):
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
@@ -24,6 +27,7 @@ class FakeRails:
         self.server.close()
 
     async def handle(self, reader, writer):
+        self.connections += 1
         while True:
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -33,6 +37,10 @@ class FakeRails:
             length = int(next(line.split(b":")[1] for line in lines if line.lower().startswith(b"content-length")))
             body = await reader.readexactly(length)
             self.requests.append((lines[0].decode(), json.loads(body)))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            await asyncio.sleep(self.delay)
+            self.in_flight -= 1
             reply = self.replies.pop(0) if self.replies else (200, b"")
             if reply == "drop":
                 writer.close()
@@ -83,6 +91,31 @@ async def test_timeout_denies():
 async def test_a_dropped_connection_is_retried():
     decision, requests = await decide(["drop", (200, b"")])
     assert decision.allowed and len(requests) == 2
+
+
+async def test_a_burst_shares_a_bounded_set_of_kept_alive_connections():
+    async with FakeRails([], delay=0.01) as rails:
+        auth = RailsAuthenticator(rails.url, timeout_seconds=5, max_concurrent=4)
+        try:
+            decisions = await asyncio.gather(*(auth.authenticate("1,s", f"comment-{i}") for i in range(60)))
+        finally:
+            await auth.aclose()
+    assert all(d.allowed for d in decisions)
+    assert len(rails.requests) == 60
+    assert rails.most_in_flight == 4
+    assert rails.connections == 4
+
+
+async def test_a_call_waiting_for_a_busy_connection_is_denied_at_its_deadline():
+    async with FakeRails(["hang", "hang"]) as rails:
+        auth = RailsAuthenticator(rails.url, timeout_seconds=0.3, max_concurrent=1)
+        try:
+            first, second = await asyncio.gather(
+                auth.authenticate("1,s", "comment-1"), auth.authenticate("1,s", "comment-2")
+            )
+        finally:
+            await auth.aclose()
+    assert first.detail == second.detail == "timeout"
 
 
 async def test_unreachable_denies():
