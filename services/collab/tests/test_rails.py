@@ -133,3 +133,10 @@ async def test_no_url_or_no_token_denies_without_asking():
     auth = RailsAuthenticator(None, timeout_seconds=1)
     assert not (await auth.authenticate("1,s", "comment-1")).allowed
     await auth.aclose()
+
+
+def test_tls_is_verified_unless_rails_is_plain_http():
+    for url, verified in (("https://rails.example", True), ("HTTPS://rails.example", True),
+                          ("http://rails:3000", False), ("HTTP://rails:3000", False)):
+        auth = RailsAuthenticator(url, timeout_seconds=1)
+        assert (auth._verify is not False) is verified, url

@@ -75,9 +75,11 @@ class RailsAuthenticator:
         self._clients: list[httpx.AsyncClient] = []
         self._idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         # One TLS context for every client, made here: loading the CA bundle
-        # takes ~3 MB and a moment. A plain-HTTP Rails (the usual internal
-        # PRIVATE_APP_URL) needs none, and redirects are not followed.
-        self._verify = httpx.create_ssl_context() if self.url and self.url.startswith("https:") else False
+        # takes ~3 MB and a moment. Only a plain-HTTP Rails (the usual
+        # internal PRIVATE_APP_URL) goes without; redirects are not followed,
+        # so it never reaches TLS. Any other scheme verifies.
+        plain_http = self.url is not None and httpx.URL(self.url).scheme == "http"
+        self._verify = False if plain_http else httpx.create_ssl_context()
         if self.url is not None:
             # The first one now, so that startup pays for what it loads.
             self._idle.put_nowait(self._new_client())
