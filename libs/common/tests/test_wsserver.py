@@ -159,13 +159,15 @@ async def test_bad_upgrade_request_is_refused_without_running_the_app():
     assert t.take().startswith(b"HTTP/1.1 426 ") and t.closed and not state.tasks
 
 
-async def test_a_detached_app_is_served_by_callbacks_without_its_task():
+async def detached_connection():
+    """An accepted connection whose app handed it to callbacks and returned;
+    the scope offered the hand-over."""
     from channels_common.wsserver import DETACH
 
-    got, closed = [], []
+    got, closed, offered = [], [], []
 
     async def app(scope, receive, send):
-        assert DETACH in scope["extensions"]
+        offered.append(DETACH in scope["extensions"])
         await receive()
         await send({"type": "websocket.accept"})
         await send({"type": DETACH, "on_message": got.append, "on_close": closed.append})
@@ -174,6 +176,12 @@ async def test_a_detached_app_is_served_by_callbacks_without_its_task():
     proto.data_received(REQUEST)
     await settle()
     t.take()
+    assert offered == [True]
+    return proto, t, state, got, closed
+
+
+async def test_a_detached_app_is_served_by_callbacks_without_its_task():
+    proto, t, state, got, closed = await detached_connection()
     assert not state.tasks and not t.closed  # the app returned, the connection stays
     proto.data_received(masked(0x81, b"2probe") + masked(0x82, b"\x01") + masked(0x89, b""))
     assert got == ["2probe", b"\x01"] and t.take() == wsframe.pong_frame(b"")
@@ -186,19 +194,7 @@ async def test_a_detached_app_is_served_by_callbacks_without_its_task():
 
 
 async def test_a_detached_app_closes_by_the_protocol_and_still_hears_the_end():
-    from channels_common.wsserver import DETACH
-
-    got, closed = [], []
-
-    async def app(scope, receive, send):
-        await receive()
-        await send({"type": "websocket.accept"})
-        await send({"type": DETACH, "on_message": got.append, "on_close": closed.append})
-
-    proto, t, state = make(app)
-    proto.data_received(REQUEST)
-    await settle()
-    t.take()
+    proto, t, state, got, closed = await detached_connection()
     proto.close(4408, "Connection Timeout")
     assert t.take() == wsframe.close_frame(4408, "Connection Timeout") and not t.closed
     proto.close(4205, "again")  # once only
