@@ -25,6 +25,20 @@ async def publish_burst(redis, n: int) -> None:
         await pipe.execute()
 
 
+def held_at(first: bytes):
+    """A handler that records each message's data and holds the feed at
+    `first` until the gate is set."""
+    got: list[bytes] = []
+    gate = asyncio.Event()
+
+    async def handler(message: Message):
+        if message.data == first:
+            await gate.wait()
+        got.append(message.data)
+
+    return got, gate, handler
+
+
 async def test_messages_arrive_in_publish_order_with_their_channel_and_pattern(redis_url, redis):
     got: list[Message] = []
     sub = Subscription(url=redis_url, handler=got.append, channels=["/records"], patterns=["chatbot/*"])
@@ -276,13 +290,7 @@ async def test_garbage_from_redis_drops_that_connection_and_the_next_one_carries
 
 
 async def test_messages_already_read_survive_a_reconnect_while_a_handler_holds_the_feed(private_redis):
-    got = []
-    gate = asyncio.Event()
-
-    async def handler(message: Message):
-        if message.data == b"0":
-            await gate.wait()
-        got.append(message.data)
+    got, gate, handler = held_at(b"0")
 
     sub = Subscription(url=private_redis.url, handler=handler, channels=["/records"], max_backoff=0.2)
     sub.start()
@@ -313,13 +321,7 @@ async def test_reading_pauses_past_the_hold_limit_and_nothing_is_lost(redis_url,
     import channels_common.redis as redis_module
 
     monkeypatch.setattr(redis_module, "_HOLD_LIMIT_BYTES", 1000)
-    got = []
-    gate = asyncio.Event()
-
-    async def handler(message: Message):
-        if message.data == b"first":
-            await gate.wait()
-        got.append(message.data)
+    got, gate, handler = held_at(b"first")
 
     sub = Subscription(url=redis_url, handler=handler, channels=["/records"])
     sub.start()
