@@ -7,7 +7,7 @@ from prometheus_client import generate_latest
 
 def test_hot_counters_are_exposed_as_prometheus_counters():
     m = Metrics()
-    m.hot.delivered(5)
+    m.hot.deliveries += 5
     m.hot.direct += 4
     m.hot.relayed_one("records")
     m.hot.relayed_one("records")

@@ -20,9 +20,6 @@ class HotCounters:
         self.direct = 0
         self.relayed: dict[str, int] = {}
 
-    def delivered(self, n: int) -> None:
-        self.deliveries += n
-
     def relayed_one(self, event: str) -> None:
         self.relayed[event] = self.relayed.get(event, 0) + 1
 
