@@ -80,12 +80,12 @@ class RailsAuthenticator:
         # so it never reaches TLS. Any other scheme verifies.
         plain_http = self.url is not None and httpx.URL(self.url).scheme == "http"
         self._verify = False if plain_http else httpx.create_ssl_context()
-        if self.url is not None:
-            # The first one now, so that startup pays for what it loads.
-            self._idle.put_nowait(self._new_client())
         if self.url is None:
             log.warning("no Rails URL configured (PRIVATE_APP_URL, APP_URL, PUBLIC_APP_URL, CANONICAL_HOST): "
                         "every document will be denied")
+        else:
+            # The first one now, so that startup pays for what it loads.
+            self._idle.put_nowait(self._new_client())
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, []
