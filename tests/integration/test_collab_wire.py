@@ -34,16 +34,16 @@ def rails():
 
 
 @pytest.fixture(scope="module")
-def collab(rails):
-    service = start_collab(rails.url, COLLAB_MAX_FRAME_BYTES=str(1024 * 1024))
+def collab(rails, redis_url):
+    service = start_collab(rails.url, redis_url, COLLAB_MAX_FRAME_BYTES=str(1024 * 1024))
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="module")
-def short(rails):
+def short(rails, redis_url):
     """A service with a 2 s timeout, for the deadlines."""
-    service = start_collab(rails.url, COLLAB_TIMEOUT_MS="2000")
+    service = start_collab(rails.url, redis_url, COLLAB_TIMEOUT_MS="2000")
     yield service
     service.stop()
 
