@@ -43,6 +43,8 @@ class LocalRedis:
     binary: str
     directory: str
     process: subprocess.Popen | None = None
+    # Append-only file in `directory`: a restart keeps the data (outage tests).
+    appendonly: bool = False
 
     @property
     def url(self) -> str:
@@ -52,7 +54,7 @@ class LocalRedis:
         self.process = subprocess.Popen(
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-                "--save", "", "--appendonly", "no", "--dir", self.directory,
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always", "--dir", self.directory,
                 "--protected-mode", "no",
             ],
             stdout=subprocess.DEVNULL,

@@ -47,6 +47,9 @@ AWARENESS_TTL_MS = 120_000
 # an outage may drop some, the providers renew their state every 15 s).
 MAX_QUEUED_AWARENESS = 10_000
 LEASE_MS = 2000
+# A compaction waits this long for the reader to pass this instance's own
+# appends, and comes back after as long when it could not.
+CATCH_UP_SECONDS = 0.5
 # Refresh the TTL of an open document's keys at most this often per document.
 TTL_REFRESH_SECONDS = 60.0
 
@@ -125,11 +128,15 @@ class Cluster:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tracked: dict[str, _Tracked] = {}
+        # Id of this instance's last append per open document: a compaction
+        # waits for the reader to pass it, so that it covers its own edits.
+        self._appended: dict[str, str] = {}
         self._changed = asyncio.Event()
         self._reader_id: int | None = None
         self._reading = False
         self._unblock_sent = False
         self._compacting: set[str] = set()
+        self._again: dict[str, Callable[[], bytes | None]] = {}
         self._compactions: set[asyncio.Task] = set()
         self._tasks: list[asyncio.Task] = []
         self.append_ok = True
@@ -240,6 +247,7 @@ class Cluster:
         self._set_changed()
 
     def untrack(self, name: str) -> None:
+        self._appended.pop(name, None)
         if self._tracked.pop(name, None) is not None:
             self._set_changed()
 
@@ -334,11 +342,13 @@ class Cluster:
         k = self.keys
         now = time.monotonic()
         written = 0
+        positions: list[tuple[int, str]] = []
         for entry in batch:
             if entry.update is None:
                 continue
             written += 1
             log_key = k.log(entry.name)
+            positions.append((len(pipe), entry.name))
             pipe.xadd(log_key, {b"i": self._instance_b, b"u": entry.update})
             tracked = self._tracked.get(entry.name)
             if tracked is None or now - tracked.ttl_refreshed > TTL_REFRESH_SECONDS or written == 1:
@@ -352,7 +362,10 @@ class Cluster:
             pipe.xadd(key, {b"i": self._instance_b, kind: update}, maxlen=AWARENESS_MAXLEN, approximate=True)
             pipe.pexpire(key, AWARENESS_TTL_MS)
         if len(pipe):
-            await pipe.execute()
+            results = await pipe.execute()
+            for index, name in positions:
+                if name in self._tracked:
+                    self._appended[name] = id_text(results[index])
         if written:
             self.metrics.updates_appended.inc(written)
 
@@ -387,6 +400,7 @@ class Cluster:
         Without, the state is taken now (the document is being unloaded)."""
         if lease:
             if name in self._compacting:
+                self._again[name] = snapshot  # once this one is done
                 return
             task = asyncio.get_running_loop().create_task(self._compact_leased(name, snapshot))
         else:
@@ -400,25 +414,60 @@ class Cluster:
         self._compactions.add(task)
         task.add_done_callback(self._compactions.discard)
 
-    async def _compact_leased(self, name: str, snapshot: Callable[[], bytes | None]) -> None:
+    async def _compact_leased(self, name: str, snapshot: Callable[[], bytes | None], retry: bool = True) -> None:
         self._compacting.add(name)
+        lease = self.keys.lease(name)
         try:
             try:
-                got = await self.redis.set(self.keys.lease(name), self._instance_b, nx=True, px=LEASE_MS)
+                got = await self.redis.set(lease, self._instance_b, nx=True, px=LEASE_MS)
+                if not got and await self.redis.get(lease) == self._instance_b:
+                    got = True
             except (RedisError, OSError) as exc:
                 log.debug("compaction lease failed", extra={"document": name, "error": str(exc)})
                 self.metrics.compactions.labels("failed").inc()
                 return
             if not got:
                 self.metrics.compactions.labels("leased_elsewhere").inc()
+                if retry:
+                    # The holder compacts up to its own position; what came
+                    # after is ours to compact once its lease has gone.
+                    loop = asyncio.get_running_loop()
+                    loop.call_later(LEASE_MS / 1000, lambda: self._retry(name, snapshot))
                 return
+            await self._caught_up(name)
             covers = self.cursor(name)
             state = snapshot() if covers is not None else None
             if state is None:
                 return
             await self._compact(name, state, covers)
+            appended = self._appended.get(name)
+            if self._unacked_by_doc.get(name) or (appended is not None and parse_id(appended) > parse_id(covers)):
+                # Our own later edits are (or will be) in the log only; nothing
+                # else would bring them into a snapshot if nobody types again.
+                asyncio.get_running_loop().call_later(CATCH_UP_SECONDS, lambda: self._retry(name, snapshot))
         finally:
             self._compacting.discard(name)
+            again = self._again.pop(name, None)
+            if again is not None and name in self._tracked:
+                self.compact(name, again)
+
+    def _retry(self, name: str, snapshot: Callable[[], bytes | None]) -> None:
+        if name in self._tracked:
+            if name in self._compacting:
+                self._again[name] = snapshot
+                return
+            task = asyncio.get_running_loop().create_task(self._compact_leased(name, snapshot, retry=False))
+            self._compactions.add(task)
+            task.add_done_callback(self._compactions.discard)
+
+    async def _caught_up(self, name: str, timeout: float = CATCH_UP_SECONDS) -> None:
+        """Until the reader has passed this instance's last append (briefly)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            appended, cursor = self._appended.get(name), self.cursor(name)
+            if appended is None or cursor is None or parse_id(cursor) >= parse_id(appended):
+                return
+            await asyncio.sleep(0.005)
 
     async def _compact(self, name: str, state: bytes, covers: str) -> None:
         try:
