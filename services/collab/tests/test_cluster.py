@@ -242,3 +242,14 @@ async def test_without_redis_acks_wait_and_the_bound_pauses(cluster_factory):
     c.append(doc, b"y" * 600, lambda: acked.append(2))
     assert c.backpressured and c.listener.pressure == [True]
     assert c.pending_updates(doc) == [b"x" * 600, b"y" * 600]
+
+
+async def test_scripts_survive_an_emptied_script_cache(cluster_factory, redis):
+    c = cluster_factory(start=False)
+    doc = name()
+    _, ups = edits("kept")
+    entry = await xadd(redis, c.keys, doc, ups[0])
+    await c.load(doc)
+    await redis.script_flush()  # as after a Redis restart
+    assert await c.compact_to(doc, ups[0], entry)
+    assert (await c.load(doc)).state == ups[0]

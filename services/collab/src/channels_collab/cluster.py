@@ -24,7 +24,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from channels_common.redis import create_redis
 
@@ -208,9 +208,7 @@ class Cluster:
             setattr(self, attr, sha)
         try:
             return await self.redis.evalsha(sha, len(keys), *keys, *args)
-        except RedisError as exc:
-            if "NOSCRIPT" not in str(exc):
-                raise
+        except NoScriptError:
             # Redis restarted or was flushed: the script cache is empty.
             sha = await self.redis.script_load(source)
             setattr(self, attr, sha)
