@@ -186,6 +186,23 @@ def test_a_client_moving_to_an_instance_without_the_document_sees_the_latest_sta
     assert got.count("moved") == 1 and got == expected + "moved"
     time.sleep(0.3)
     assert writer.read(name)["text"] == expected + "moved"
+    written, read = three[0].metrics(), three[1].metrics()
+    assert written["collab_updates_appended_total"] >= 20
+    assert written["collab_receive_lag_seconds_count"] >= 1  # "moved", from the other instance
+    assert read["collab_documents_loaded_total"] >= 1
+    assert written["collab_unacked_updates"] == 0 and written["collab_redis_up"] == 1
+
+
+def test_redis_that_may_lose_drafts_is_warned_about_once(three, redis_url):
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        policy = client.config_get("maxmemory-policy")["maxmemory-policy"]
+        persistent = client.config_get("appendonly")["appendonly"] == "yes" or client.config_get("save")["save"]
+    finally:
+        client.close()
+    expected = 0 if policy == "noeviction" and persistent else 1
+    for service in three:
+        assert service.logs().count("redis can lose collab drafts") == expected
 
 
 def test_many_clients_on_three_instances_open_a_document_each_instance_loading_it_once(three, open_provider):
@@ -292,6 +309,8 @@ def test_redis_stopped_and_restarted_during_editing_loses_no_word(rails, open_pr
         for tab in (ann, amy, bob):
             settled(tab, name)
         wait_for(lambda: httpx.get(a_svc.url + "/readyz").status_code == 200, 15, what="readyz 200")
+        # Append-only and noeviction: nothing to warn about.
+        assert "redis can lose collab drafts" not in a_svc.logs()
     finally:
         a_svc.stop()
         b_svc.stop()

@@ -253,3 +253,81 @@ async def test_scripts_survive_an_emptied_script_cache(cluster_factory, redis):
     await redis.script_flush()  # as after a Redis restart
     assert await c.compact_to(doc, ups[0], entry)
     assert (await c.load(doc)).state == ups[0]
+
+
+class Peer:
+    """A registry peer that records frames and read pauses."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.readonly = False
+        self.frames: list[bytes] = []
+        self.paused: set[str] = set()
+
+    def send(self, frame: bytes) -> None:
+        self.frames.append(frame)
+
+    def pause(self, reason: str) -> None:
+        self.paused.add(reason)
+
+    def resume(self, reason: str) -> None:
+        self.paused.discard(reason)
+
+
+async def test_redis_down_acks_wait_sockets_pause_past_the_bound_and_all_resume(private_redis):
+    from channels_collab import protocol as p
+
+    c = Cluster(private_redis.url, prefix="bp:", max_unacked_bytes=2000)
+    registry = DocumentRegistry(DraftStore(0, 60), debounce_seconds=5, max_debounce_seconds=30, history=c)
+    c.start()
+    try:
+        doc = name()
+        await registry.prepare(doc)
+        writer, reader = Peer(doc), Peer(doc)
+        live = registry.open(doc, writer)
+        registry.open(doc, reader)
+        await until(lambda: c.healthy)
+        private_redis.kill()
+        _, ups = edits(*[f"word{i:03d} " * 20 for i in range(20)])
+        for u in ups:
+            registry.sync(live, writer, p.Sync(doc, p.SyncStep.UPDATE, u))
+        acked = [f for f in writer.frames if f == p.encode_sync_status(doc, True)]
+        # The co-editor here got every change at once; nothing is acknowledged.
+        assert len([f for f in reader.frames if f.startswith(p.encode_update(doc, b"")[:-1])]) >= 20
+        assert acked == [] and c.unacked_updates == 20
+        assert writer.paused == {"unacked"} and reader.paused == {"unacked"}
+        await until(lambda: not c.healthy)
+        private_redis.start()
+        await until(lambda: c.unacked_updates == 0, timeout=15)
+        assert len([f for f in writer.frames if f == p.encode_sync_status(doc, True)]) == 20
+        assert writer.paused == set() and reader.paused == set()
+        loaded = await c.load(doc)
+        assert text_of(loaded.state, *loaded.updates) == "".join(f"word{i:03d} " * 20 for i in range(20))
+    finally:
+        await c.stop()
+
+
+def test_the_old_idle_setting_is_an_alias_of_the_ttl():
+    from channels_common.settings import CollabSettings
+
+    assert CollabSettings().draft_ttl_seconds == 86400
+    assert CollabSettings(COLLAB_DRAFT_MAX_IDLE_SECONDS="60").draft_ttl_seconds == 60
+    assert CollabSettings(COLLAB_DRAFT_MAX_IDLE_SECONDS="60", COLLAB_DRAFT_TTL_SECONDS="90").draft_ttl_seconds == 90
+
+
+async def test_the_old_idle_setting_logs_its_deprecation(redis_url, caplog):
+    import gc
+    import logging
+
+    from channels_collab.app import CollabService
+    from channels_common.settings import CollabSettings
+
+    service = CollabService(CollabSettings(REDIS_URL=redis_url, COLLAB_DRAFT_MAX_IDLE_SECONDS="60"))
+    with caplog.at_level(logging.WARNING, logger="channels.collab"):
+        await service.start()
+    try:
+        assert "COLLAB_DRAFT_MAX_IDLE_SECONDS is deprecated" in caplog.text
+        assert service.cluster.ttl_ms == 60_000
+    finally:
+        await service.stop()
+        gc.unfreeze()
