@@ -14,9 +14,9 @@ import time
 import httpx
 import pytest
 import redis as redis_sync
+from channels_common.redis_server import LocalRedis, free_port, server_binary
 from pycrdt import Doc, Text
 
-from channels_common.redis_server import LocalRedis, free_port, server_binary
 from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
 from tests.support import wait_for
 

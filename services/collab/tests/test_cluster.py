@@ -101,7 +101,7 @@ async def xadd(redis, keys: Keys, doc: str, update: bytes, instance: bytes = b"o
 async def test_load_returns_snapshot_and_the_tail_after_it(cluster_factory, redis):
     c = cluster_factory(start=False)
     doc = name()
-    full, ups = edits("one ", "two ", "three")
+    _, ups = edits("one ", "two ", "three")
     ids = [await xadd(redis, c.keys, doc, u) for u in ups]
     loaded = await c.load(doc)
     assert loaded.state is None and loaded.cursor == ids[-1]
@@ -115,7 +115,7 @@ async def test_load_returns_snapshot_and_the_tail_after_it(cluster_factory, redi
     assert text_of(loaded.state, *loaded.updates) == "one two three"
     # Trimmed up to the snapshot, plus one marker saying so.
     entries = await redis.xrange(c.keys.log(doc))
-    assert [e[0].decode() for e in entries][0] == ids[2]
+    assert entries[0][0].decode() == ids[2]
     assert entries[-1][1] == {b"t": ids[1].encode()}
     assert 0 < await redis.pttl(c.keys.snap(doc)) <= 600_000
 

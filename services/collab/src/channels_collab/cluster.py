@@ -24,12 +24,21 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from channels_common.redis import create_redis
 from redis.exceptions import NoScriptError, RedisError
 
-from channels_common.redis import create_redis
-
 from .metrics import CollabMetrics
-from .snapshot import COMPACT_SCRIPT, LOAD_SCRIPT, ZERO_ID, Keys, Loaded, fields_of, id_text, parse_id, parse_loaded
+from .snapshot import (
+    COMPACT_SCRIPT,
+    LOAD_SCRIPT,
+    ZERO_ID,
+    Keys,
+    Loaded,
+    fields_of,
+    id_text,
+    parse_id,
+    parse_loaded,
+)
 
 log = logging.getLogger("channels.collab.cluster")
 
@@ -79,13 +88,15 @@ class _Append:
 class _Tracked:
     """An open document: where this instance's reader is in its log."""
 
-    __slots__ = ("aw_cursor", "cursor", "needs_load", "ttl_refreshed")
+    __slots__ = ("aw_cursor", "cursor", "gap", "needs_load", "ttl_refreshed")
 
     def __init__(self, cursor: str | None, aw_cursor: str):
         self.cursor = cursor
         self.aw_cursor = aw_cursor
-        # Not loaded yet (Redis was down) or behind the trimmed history.
+        # Not loaded yet (Redis was down), back after an outage, or behind
+        # the trimmed history (`gap`).
         self.needs_load = cursor is None
+        self.gap = False
         self.ttl_refreshed = time.monotonic()
 
 
@@ -155,10 +166,8 @@ class Cluster:
 
     @property
     def healthy(self) -> bool:
-        return self.append_ok and self.reader_live and not self._queue_stuck()
-
-    def _queue_stuck(self) -> bool:
-        return self.backpressured
+        """Appends and reads work, and the unacknowledged bound is not hit."""
+        return self.append_ok and self.reader_live and not self.backpressured
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -586,10 +595,9 @@ class Cluster:
         t = self._tracked.get(name)
         if t is None:
             return
-        first = t.cursor is None
-        t.cursor, t.aw_cursor, t.needs_load = loaded.cursor, loaded.aw_cursor, False
-        if not first:
+        if t.gap:
             self.metrics.gap_reloads.inc()
+        t.cursor, t.aw_cursor, t.needs_load, t.gap = loaded.cursor, loaded.aw_cursor, False, False
         if self.listener is not None:
             self.listener.reload(name, loaded)
 
@@ -635,7 +643,7 @@ class Cluster:
                 if behind:
                     # Entries between our position and the snapshot were trimmed unread.
                     log.info("reader behind the trimmed history; reloading", extra={"document": name})
-                    t.needs_load = True
+                    t.needs_load = t.gap = True
                     break
                 t.cursor = entry_id
                 continue
