@@ -226,10 +226,15 @@ class Cluster:
     async def load(self, name: str) -> Loaded:
         """Snapshot and the log after it, in one atomic read."""
         k = self.keys
+        # Our own appends in flight now may land after the script ran and
+        # leave the queue before the caller looks (the reader skips our own
+        # entries): they come with the result.
+        ours = self.pending_updates(name)
         reply = await self._script(
             "_load_sha", LOAD_SCRIPT, [k.snap(name), k.log(name), k.aw(name)], [AWARENESS_MAXLEN * 2]
         )
         loaded = parse_loaded(reply, self._instance_b)
+        loaded.updates += ours
         self.metrics.documents_loaded.inc()
         return loaded
 
