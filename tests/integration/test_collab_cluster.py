@@ -14,6 +14,7 @@ import time
 import httpx
 import pytest
 import redis as redis_sync
+from channels_collab.snapshot import APPEND_SCRIPT
 from channels_common.redis_server import LocalRedis, free_port, server_binary
 from pycrdt import Doc, Text
 
@@ -230,7 +231,8 @@ def test_the_same_stream_entry_twice_shows_once(three, open_provider, redis_url,
     client = redis_sync.Redis.from_url(redis_url)
     try:
         for _ in range(2):  # as a writer that retried its pipeline
-            client.xadd(f"{prefix}{{{name}}}:log", {"i": "elsewhere", "u": update})
+            client.eval(APPEND_SCRIPT, 2, f"{prefix}{{{name}}}:log", f"{prefix}feed", "elsewhere", update, 60_000,
+                        1000, name)
     finally:
         client.close()
     tab.wait_content(name, lambda c: c["text"] == "twice?")

@@ -9,7 +9,7 @@ import secrets
 import pytest
 from channels_collab.cluster import Cluster
 from channels_collab.documents import DocumentRegistry
-from channels_collab.snapshot import Keys, parse_id
+from channels_collab.snapshot import APPEND_SCRIPT, Keys, parse_id
 from channels_collab.store import DraftStore
 from channels_common.redis_server import free_port
 from pycrdt import Doc, Text
@@ -95,7 +95,9 @@ def name() -> str:
 
 
 async def xadd(redis, keys: Keys, doc: str, update: bytes, instance: bytes = b"other") -> str:
-    return (await redis.xadd(keys.log(doc), {"i": instance, "u": update})).decode()
+    """Append as another instance would: to the log, and the feed."""
+    entry = await redis.eval(APPEND_SCRIPT, 2, keys.log(doc), keys.feed(), instance, update, 600_000, 1000, doc)
+    return entry.decode()
 
 
 async def test_load_returns_snapshot_and_the_tail_after_it(cluster_factory, redis):
@@ -209,25 +211,43 @@ async def test_the_same_entry_twice_changes_the_document_once(cluster_factory, r
     await until(lambda: str(live.ydoc.get("body", type=Text)) == "once")
     await asyncio.sleep(0.2)
     assert str(live.ydoc.get("body", type=Text)) == "once"
-    # And one reply handed to the reader twice is applied once.
-    reply = [[c.keys.log(doc).encode(), [(b"9999999999999-0", {b"i": b"x", b"u": edits("!")[1][0]})]]]
-    c._deliver(reply)
-    c._deliver(reply)
+    # And one feed entry handed to the reader twice is applied once.
+    entries = [(b"9999999999999-0", {b"d": doc.encode(), b"e": b"9999999999999-0", b"i": b"x",
+                                     b"u": edits("!")[1][0]})]
+    c._deliver_feed(entries)
+    c._deliver_feed(entries)
     assert registry.docs[doc].ydoc.get("body", type=Text).to_py() in ("once!", "!once")
 
 
-async def test_awareness_travels_on_its_own_capped_stream(cluster_factory, redis):
-    a, b = cluster_factory(), cluster_factory()
+async def test_awareness_travels_on_the_capped_feed_never_in_the_history(cluster_factory, redis):
+    a, b = cluster_factory(feed_maxlen=100), cluster_factory()
     doc = name()
     b.track(doc, await b.load(doc))
-    for i in range(200):
+    await until(lambda: not b._tracked[doc].catch_up)
+    for i in range(300):
         a.publish_awareness(doc, bytes([1, i % 100 + 1, 1, 2]) + b"{}")
     await until(lambda: len(b.listener.awareness) >= 1)
-    assert await redis.xlen(a.keys.aw(doc)) <= 200
-    assert await redis.xlen(a.keys.log(doc)) == 0  # never in the document's history
     await until(lambda: not a._aw_queue)
-    assert await redis.xlen(a.keys.aw(doc)) < 200  # capped
-    assert 0 < await redis.pttl(a.keys.aw(doc)) <= 120_000
+    assert await redis.exists(a.keys.log(doc)) == 0  # never in the document's history
+    assert await redis.xlen(a.keys.feed()) < 300  # capped
+
+
+async def test_a_reader_behind_the_capped_feed_catches_up_from_the_logs(cluster_factory, redis):
+    reader = cluster_factory(start=False)
+    doc = name()
+    reader.track(doc, await reader.load(doc))
+    reader._tracked[doc].catch_up = False
+    _, ups = edits("seed", *[f"{i} " for i in range(60)])
+    await xadd(redis, reader.keys, doc, ups[0])
+    reader._feed_cursor = (await redis.xrevrange(reader.keys.feed(), count=1))[0][0].decode()
+    writer = cluster_factory(feed_maxlen=10)
+    for u in ups[1:]:
+        writer.append(doc, u, None)
+    await until(lambda: writer.unacked_updates == 0)
+    assert await redis.xlen(writer.keys.feed()) < 60  # what the reader would have read is gone
+    reader.start()
+    await until(lambda: len(reader.listener.updates) >= 61)
+    assert text_of(*[u for _, u in reader.listener.updates]) == "seed" + "".join(f"{i} " for i in range(60))
 
 
 async def test_without_redis_acks_wait_and_the_bound_pauses(cluster_factory):

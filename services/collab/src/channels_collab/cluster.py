@@ -1,6 +1,7 @@
 """This instance's view of Redis: append client updates (acknowledged only
-once appended), one blocking reader over the documents open here, gap
-detection and reloads, compaction, awareness across instances.
+once appended), one blocking reader of the shared feed for the documents
+open here, catch-up and gap reloads from the documents' logs, compaction,
+awareness across instances.
 
 Pure bookkeeping is synchronous; the I/O is three tasks: the appender
 (pipelined XADDs), the reader (XREAD BLOCK on its own connection) and
@@ -29,6 +30,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from .metrics import CollabMetrics
 from .snapshot import (
+    APPEND_SCRIPT,
     COMPACT_SCRIPT,
     LOAD_SCRIPT,
     ZERO_ID,
@@ -42,16 +44,16 @@ from .snapshot import (
 
 log = logging.getLogger("channels.collab.cluster")
 
-# XREAD blocks this long at most; the read is re-issued (or cut short with
-# CLIENT UNBLOCK) when the set of open documents changes.
+# XREAD blocks this long at most; cut short with CLIENT UNBLOCK when a
+# document opened here needs loading or catching up.
 READ_BLOCK_MS = 2000
 READ_COUNT = 1000
+# Entries the feed keeps (about): a reader further behind catches up from
+# the documents' logs.
+FEED_MAXLEN = 10_000
 # One pipeline carries at most this many appends / bytes.
 APPEND_BATCH = 512
 APPEND_BATCH_BYTES = 4 * 1024 * 1024
-# Awareness: a capped stream per document, expiring when nobody is there.
-AWARENESS_MAXLEN = 64
-AWARENESS_TTL_MS = 120_000
 # Awareness updates waiting for Redis, at most (awareness is a live view:
 # an outage may drop some, the providers renew their state every 15 s).
 MAX_QUEUED_AWARENESS = 10_000
@@ -86,17 +88,19 @@ class _Append:
 
 
 class _Tracked:
-    """An open document: where this instance's reader is in its log."""
+    """An open document: how far this instance has applied its log."""
 
-    __slots__ = ("aw_cursor", "cursor", "gap", "needs_load", "ttl_refreshed")
+    __slots__ = ("catch_up", "cursor", "gap", "needs_load", "ttl_refreshed")
 
-    def __init__(self, cursor: str | None, aw_cursor: str):
+    def __init__(self, cursor: str | None):
         self.cursor = cursor
-        self.aw_cursor = aw_cursor
         # Not loaded yet (Redis was down), back after an outage, or behind
         # the trimmed history (`gap`).
         self.needs_load = cursor is None
         self.gap = False
+        # Its log after `cursor` is to be read before the feed is applied to it:
+        # the feed may have passed its entries before it was opened here.
+        self.catch_up = True
         self.ttl_refreshed = time.monotonic()
 
 
@@ -115,9 +119,12 @@ class Cluster:
         metrics: CollabMetrics | None = None,
         instance_id: str | None = None,
         redis=None,
+        feed_maxlen: int = FEED_MAXLEN,
     ):
         self.url = url
         self.keys = Keys(prefix)
+        self.feed_maxlen = feed_maxlen
+        self._feed_cursor: str | None = None
         self.ttl_ms = max(1000, int(ttl_seconds * 1000))
         self.max_unacked_bytes = max_unacked_bytes
         self.metrics = metrics or CollabMetrics()
@@ -128,6 +135,7 @@ class Cluster:
         self.listener: Listener | None = None
         self._load_sha: str | None = None
         self._compact_sha: str | None = None
+        self._append_script = self.redis.register_script(APPEND_SCRIPT)
         # Appends in order; acknowledged (and removed) once in Redis.
         self._queue: deque[_Append] = deque()
         self._unacked_by_doc: dict[str, int] = {}
@@ -199,8 +207,8 @@ class Cluster:
             await asyncio.wait(tasks, timeout=2.0)
         if self._own_redis:
             try:
-                await self.redis.aclose()
-            except Exception as exc:  # noqa: BLE001 - closing a dead connection may fail
+                await asyncio.wait_for(self.redis.aclose(), 2.0)
+            except (Exception, TimeoutError) as exc:  # noqa: BLE001 - closing a dead connection may fail
                 log.debug("closing redis failed", extra={"error": str(exc)})
 
     def _failed(self, what: str, exc: BaseException) -> None:
@@ -230,10 +238,8 @@ class Cluster:
         # leave the queue before the caller looks (the reader skips our own
         # entries): they come with the result.
         ours = self.pending_updates(name)
-        reply = await self._script(
-            "_load_sha", LOAD_SCRIPT, [k.snap(name), k.log(name), k.aw(name)], [AWARENESS_MAXLEN * 2]
-        )
-        loaded = parse_loaded(reply, self._instance_b)
+        reply = await self._script("_load_sha", LOAD_SCRIPT, [k.snap(name), k.log(name)], [])
+        loaded = parse_loaded(reply)
         loaded.updates += ours
         self.metrics.documents_loaded.inc()
         return loaded
@@ -252,10 +258,7 @@ class Cluster:
     def track(self, name: str, loaded: Loaded | None) -> None:
         """`name` is open here; read its log after `loaded.cursor`, or load
         it first when it could not be loaded (None)."""
-        if loaded is None:
-            self._tracked[name] = _Tracked(None, ZERO_ID)
-        else:
-            self._tracked[name] = _Tracked(loaded.cursor, loaded.aw_cursor)
+        self._tracked[name] = _Tracked(None if loaded is None else loaded.cursor)
         self._set_changed()
 
     def untrack(self, name: str) -> None:
@@ -352,34 +355,36 @@ class Cluster:
     async def _write(self, batch: list[_Append], aw: list[tuple[str, bytes, bytes]]) -> None:
         pipe = self.redis.pipeline(transaction=False)
         k = self.keys
+        feed = k.feed()
         now = time.monotonic()
-        written = 0
         positions: list[tuple[int, str]] = []
         for entry in batch:
             if entry.update is None:
                 continue
-            written += 1
-            log_key = k.log(entry.name)
-            positions.append((len(pipe), entry.name))
-            pipe.xadd(log_key, {b"i": self._instance_b, b"u": entry.update})
             tracked = self._tracked.get(entry.name)
-            if tracked is None or now - tracked.ttl_refreshed > TTL_REFRESH_SECONDS or written == 1:
+            ttl = 0
+            if tracked is None or now - tracked.ttl_refreshed > TTL_REFRESH_SECONDS or not positions:
                 # A key written here must never outlive the TTL (a crash
                 # before the next compaction must not leave it forever).
-                pipe.pexpire(log_key, self.ttl_ms)
+                ttl = self.ttl_ms
                 if tracked is not None:
                     tracked.ttl_refreshed = now
+            positions.append((len(pipe), entry.name))
+            await self._append_script(
+                keys=[k.log(entry.name), feed],
+                args=[self._instance_b, entry.update, ttl, self.feed_maxlen, entry.name],
+                client=pipe,
+            )
         for name, kind, update in aw:
-            key = k.aw(name)
-            pipe.xadd(key, {b"i": self._instance_b, kind: update}, maxlen=AWARENESS_MAXLEN, approximate=True)
-            pipe.pexpire(key, AWARENESS_TTL_MS)
+            pipe.xadd(feed, {b"d": name, b"i": self._instance_b, kind: update},
+                      maxlen=self.feed_maxlen, approximate=True)
         if len(pipe):
             results = await pipe.execute()
             for index, name in positions:
                 if name in self._tracked:
                     self._appended[name] = id_text(results[index])
-        if written:
-            self.metrics.updates_appended.inc(written)
+        if positions:
+            self.metrics.updates_appended.inc(len(positions))
 
     def _done(self, batch: list[_Append]) -> None:
         for entry in batch:
@@ -559,32 +564,91 @@ class Cluster:
             if not self.reader_live:
                 self._back_online()
             self.reader_live = True
+            if self._feed_cursor is not None:
+                await self._check_feed_gap(client, self._feed_cursor)
             if not self._warned:
                 self._warned = True
                 await self._check_redis_config()
+        if self._feed_cursor is None and self._tracked:
+            # Before any catch-up: what is appended after it is then after this.
+            self._feed_cursor = await self._feed_end(client)
         for name in [n for n, t in self._tracked.items() if t.needs_load]:
             await self._reload(name)
-        streams: dict[str, str] = {}
-        for name, t in self._tracked.items():
-            if t.needs_load:
-                continue
-            streams[self.keys.log(name)] = t.cursor
-            streams[self.keys.aw(name)] = t.aw_cursor
+        for name in [n for n, t in self._tracked.items() if t.catch_up and not t.needs_load]:
+            await self._catch_up(client, name)
         self._changed.clear()
         self._unblock_sent = False
-        if not streams:
+        if not self._tracked:
+            # Nothing open here: no need to follow the feed meanwhile (what
+            # is opened next catches up from its log).
+            self._feed_cursor = None
             try:
                 await asyncio.wait_for(self._changed.wait(), READ_BLOCK_MS / 1000)
             except TimeoutError:
                 await client.ping()
             return
+        if self._feed_cursor is None:
+            return  # a document was opened meanwhile: start over
         self._reading = True
         try:
-            reply = await client.xread(streams, count=READ_COUNT, block=READ_BLOCK_MS)
+            reply = await client.xread({self.keys.feed(): self._feed_cursor}, count=READ_COUNT,
+                                       block=READ_BLOCK_MS)
         finally:
             self._reading = False
-        if reply:
-            self._deliver(reply)
+        if not reply:
+            return
+        before = self._feed_cursor
+        entries = _stream_entries(reply)
+        self._deliver_feed(entries)
+        if len(entries) >= READ_COUNT:
+            # Behind: entries after `before` may have gone with the cap.
+            await self._check_feed_gap(client, before)
+
+    async def _feed_end(self, client) -> str:
+        last = await client.xrevrange(self.keys.feed(), count=1)
+        return id_text(last[0][0]) if last else ZERO_ID
+
+    async def _check_feed_gap(self, client, position: str) -> None:
+        try:
+            info = await client.xinfo_stream(self.keys.feed())
+        except RedisError as exc:
+            if "no such key" in str(exc).lower():
+                return
+            raise
+        # The cap trims the oldest entries (XINFO's max-deleted-entry-id
+        # counts XDEL only): anything after `position` may be gone when the
+        # first entry left is past it. Wrongly true at worst costs a catch-up.
+        first = info.get("recorded-first-entry-id") or info.get(b"recorded-first-entry-id")
+        if first is None:
+            entry = info.get("first-entry") or info.get(b"first-entry")
+            first = entry[0] if entry else None
+        try:
+            behind = first is not None and parse_id(id_text(first)) > parse_id(position)
+        except ValueError:
+            behind = True
+        if behind:
+            log.info("reader behind the feed's cap; catching up from the documents' logs")
+            for t in self._tracked.values():
+                t.catch_up = True
+
+    async def _catch_up(self, client, name: str) -> None:
+        """Apply `name`'s log after our position (a trim marker there means
+        a gap: reload)."""
+        while True:
+            t = self._tracked.get(name)
+            if t is None or t.needs_load:
+                return
+            entries = await client.xrange(self.keys.log(name), min="(" + t.cursor, max="+", count=READ_COUNT)
+            t = self._tracked.get(name)
+            if t is None:
+                return
+            self._deliver_log(name, t, entries, time.time() * 1000)
+            if t.needs_load:
+                await self._reload(name)
+                continue
+            if len(entries) < READ_COUNT:
+                t.catch_up = False
+                return
 
     def _back_online(self) -> None:
         if not self.ever_failed:
@@ -602,31 +666,52 @@ class Cluster:
             return
         if t.gap:
             self.metrics.gap_reloads.inc()
-        t.cursor, t.aw_cursor, t.needs_load, t.gap = loaded.cursor, loaded.aw_cursor, False, False
+        t.cursor, t.needs_load, t.gap, t.catch_up = loaded.cursor, False, False, True
         if self.listener is not None:
             self.listener.reload(name, loaded)
 
-    def _deliver(self, reply) -> None:
-        items = reply.items() if isinstance(reply, dict) else reply
+    def _deliver_feed(self, entries) -> None:
         now_ms = time.time() * 1000
         lag = self.metrics.receive_lag
-        for key, entries in items:
-            parsed = self.keys.parse(key)
-            if parsed is None:
+        updates: dict[str, list[bytes]] = {}
+        listener = self.listener
+        for raw_id, raw in entries:
+            self._feed_cursor = entry_id = id_text(raw_id)
+            fields = fields_of(raw)
+            doc = fields.get(b"d")
+            t = self._tracked.get(doc.decode("utf-8", "replace")) if doc else None
+            if t is None or t.needs_load or t.catch_up:
+                continue  # not open here, or its log is read first
+            name = doc.decode("utf-8", "replace")
+            position = fields.get(b"e")
+            if position is not None:
+                try:
+                    if parse_id(position) <= parse_id(t.cursor):
+                        continue  # delivered twice, or already read from the log
+                except ValueError:
+                    log.warning("feed entry with a bad log id skipped", extra={"document": name})
+                    continue
+                t.cursor = id_text(position)
+                if fields.get(b"i") == self._instance_b:
+                    continue  # applied here before it was appended
+                update = fields.get(b"u")
+                if update:
+                    updates.setdefault(name, []).append(update)
+                    try:
+                        lag.observe(max(0.0, now_ms - parse_id(entry_id)[0]) / 1000)
+                    except ValueError:
+                        pass
+            elif fields.get(b"i") == self._instance_b or listener is None:
                 continue
-            name, kind = parsed
-            t = self._tracked.get(name)
-            if t is None or t.needs_load:
-                continue
-            if isinstance(entries, list) and entries and isinstance(entries[0], list) and len(entries) == 1 \
-                    and entries[0] and isinstance(entries[0][0], list):
-                entries = entries[0]  # RESP3 shape
-            if kind == "log":
-                self._deliver_log(name, t, entries, now_ms, lag)
-            elif kind == "aw":
-                self._deliver_awareness(name, t, entries)
+            elif b"a" in fields:
+                listener.remote_awareness(name, fields[b"a"])
+            elif b"q" in fields:
+                listener.awareness_query(name)
+        if listener is not None:
+            for name, batch in updates.items():
+                listener.remote_updates(name, batch)
 
-    def _deliver_log(self, name: str, t: _Tracked, entries, now_ms: float, lag) -> None:
+    def _deliver_log(self, name: str, t: _Tracked, entries, now_ms: float) -> None:
         updates: list[bytes] = []
         for raw_id, raw in entries:
             entry_id = id_text(raw_id)
@@ -658,29 +743,10 @@ class Cluster:
             update = fields.get(b"u")
             if update:
                 updates.append(update)
-                lag.observe(max(0.0, now_ms - position[0]) / 1000)
+                self.metrics.receive_lag.observe(max(0.0, now_ms - position[0]) / 1000)
         if updates and self.listener is not None:
             self.listener.remote_updates(name, updates)
-        if t.needs_load:
-            self._set_changed()
 
-    def _deliver_awareness(self, name: str, t: _Tracked, entries) -> None:
-        for raw_id, raw in entries:
-            entry_id = id_text(raw_id)
-            try:
-                if parse_id(entry_id) <= parse_id(t.aw_cursor):
-                    continue
-            except ValueError:
-                continue
-            t.aw_cursor = entry_id
-            fields = fields_of(raw)
-            if fields.get(b"i") == self._instance_b or self.listener is None:
-                continue
-            update = fields.get(b"a")
-            if update:
-                self.listener.remote_awareness(name, update)
-            elif b"q" in fields:
-                self.listener.awareness_query(name)
 
     # ------------------------------------------------------------- startup
 
@@ -712,3 +778,13 @@ class Cluster:
                 " (acknowledged edits are only as durable as that Redis).",
                 extra={"maxmemory_policy": policy, "appendonly": aof},
             )
+
+
+def _stream_entries(reply) -> list:
+    """The entries of a one-stream XREAD reply (RESP2 list or RESP3 map)."""
+    if isinstance(reply, dict):
+        for entries in reply.values():
+            return entries[0] if entries and isinstance(entries[0], list) and entries[0] \
+                and isinstance(entries[0][0], list) else entries
+        return []
+    return reply[0][1] if reply else []

@@ -196,8 +196,6 @@ class DocumentRegistry:
             except BadUpdate as exc:
                 log.warning("update from redis could not be applied; skipped",
                             extra={"document": doc.name, "error": str(exc)})
-        for _instance, update in loaded.awareness:
-            self._apply_remote_awareness(doc, update)
 
     def leave(self, doc: LiveDocument, peer: Peer) -> None:
         clients = doc.peers.pop(peer, None)

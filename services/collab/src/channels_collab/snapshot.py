@@ -1,15 +1,20 @@
 """A document's durable home in Redis: its keys, and the two scripts that
 read and compact it.
 
-Per document (the name in a hash tag, so a cluster keeps them in one slot):
+Per document (the name in a hash tag, so its keys share a cluster slot):
 - `{prefix}{name}:log`: append-only stream of raw client updates, fields
   `i` (writing instance) and `u` (update bytes), plus trim markers (field
   `t`, the snapshot id the trim went up to);
 - `{prefix}{name}:snap`: hash of `state` (merged Yjs update) and `id`, the
   last stream id whose update the state contains;
-- `{prefix}{name}:aw`: capped stream of awareness updates (`i`, `a`) and
-  queries (`i`, `q`); never part of the document's history;
 - `{prefix}{name}:lease`: who compacts right now (only saves duplicate work).
+
+And one `{prefix}feed`, a capped stream every instance reads (one key per
+XREAD however many documents are open): each appended update again, with
+its document (`d`) and log id (`e`), in log order (one script writes both),
+and awareness (`a`) and awareness queries (`q`), which are never part of any
+document's history. Its cap bounds it; a reader that falls behind it catches
+up from the documents' logs.
 
 Invariant: the snapshot's state contains every update with id <= its `id`,
 and the log holds every update with a greater id. Compaction moves the
@@ -23,7 +28,7 @@ from dataclasses import dataclass, field
 
 ZERO_ID = "0-0"
 
-# Returns {state|false, snapshot id|false, tail entries, awareness entries}.
+# Returns {state|false, snapshot id|false, tail entries}.
 LOAD_SCRIPT = """
 local snap = redis.call('HMGET', KEYS[1], 'state', 'id')
 local tail
@@ -32,8 +37,18 @@ if snap[2] then
 else
   tail = redis.call('XRANGE', KEYS[2], '-', '+')
 end
-local aw = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', tonumber(ARGV[1]))
-return {snap[1] or false, snap[2] or false, tail, aw}
+return {snap[1] or false, snap[2] or false, tail}
+"""
+
+# KEYS: log, feed. ARGV: instance, update, ttl ms (0: leave the TTL), feed
+# cap, document name. Returns the log id.
+APPEND_SCRIPT = """
+local id = redis.call('XADD', KEYS[1], '*', 'i', ARGV[1], 'u', ARGV[2])
+if ARGV[3] ~= '0' then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'd', ARGV[5], 'e', id, 'i', ARGV[1], 'u', ARGV[2])
+return id
 """
 
 # KEYS: snap, log. ARGV: state, id, ttl ms. Returns 1 written, 0 stale.
@@ -92,8 +107,8 @@ class Keys:
     def snap(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}:snap"
 
-    def aw(self, name: str) -> str:
-        return f"{self.prefix}{{{name}}}:aw"
+    def feed(self) -> str:
+        return f"{self.prefix}feed"
 
     def lease(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}:lease"
@@ -118,8 +133,6 @@ class Loaded:
     snapshot_id: str | None
     updates: list[bytes] = field(default_factory=list)
     cursor: str = ZERO_ID
-    awareness: list[tuple[str, bytes]] = field(default_factory=list)  # (instance, update)
-    aw_cursor: str = ZERO_ID
 
 
 def fields_of(raw) -> dict[bytes, bytes]:
@@ -130,22 +143,14 @@ def fields_of(raw) -> dict[bytes, bytes]:
     return {k: v for k, v in zip(it, it, strict=False)}
 
 
-def parse_loaded(reply, instance: bytes | None = None) -> Loaded:
-    """The load script's reply. Trim markers and malformed entries are skipped."""
-    state, snap_id, tail, aw = reply
+def parse_loaded(reply) -> Loaded:
+    """The load script's reply. Trim markers are skipped."""
+    state, snap_id, tail = reply
     snap_id = id_text(snap_id) if snap_id else None
     loaded = Loaded(state=state or None, snapshot_id=snap_id, cursor=snap_id or ZERO_ID)
     for entry_id, raw in tail or ():
-        fields = fields_of(raw)
-        update = fields.get(b"u")
+        update = fields_of(raw).get(b"u")
         if update:
             loaded.updates.append(update)
         loaded.cursor = id_text(entry_id)
-    for entry_id, raw in aw or ():
-        fields = fields_of(raw)
-        update = fields.get(b"a")
-        who = fields.get(b"i", b"")
-        if update and who != instance:
-            loaded.awareness.append((who.decode("utf-8", "replace"), update))
-        loaded.aw_cursor = id_text(entry_id)
     return loaded
