@@ -135,7 +135,7 @@ class Cluster:
         self.listener: Listener | None = None
         self._load_sha: str | None = None
         self._compact_sha: str | None = None
-        self._append_script = self.redis.register_script(APPEND_SCRIPT)
+        self._append_sha: str | None = None
         # Appends in order; acknowledged (and removed) once in Redis.
         self._queue: deque[_Append] = deque()
         self._unacked_by_doc: dict[str, int] = {}
@@ -353,6 +353,8 @@ class Cluster:
             self._done(batch)
 
     async def _write(self, batch: list[_Append], aw: list[tuple[str, bytes, bytes]]) -> None:
+        if self._append_sha is None:
+            self._append_sha = await self.redis.script_load(APPEND_SCRIPT)
         pipe = self.redis.pipeline(transaction=False)
         k = self.keys
         feed = k.feed()
@@ -370,16 +372,19 @@ class Cluster:
                 if tracked is not None:
                     tracked.ttl_refreshed = now
             positions.append((len(pipe), entry.name))
-            await self._append_script(
-                keys=[k.log(entry.name), feed],
-                args=[self._instance_b, entry.update, ttl, self.feed_maxlen, entry.name],
-                client=pipe,
-            )
+            # EVALSHA straight into the pipeline: redis-py's Script objects
+            # would ask SCRIPT EXISTS on every execute.
+            pipe.evalsha(self._append_sha, 2, k.log(entry.name), feed, self._instance_b, entry.update, ttl,
+                         self.feed_maxlen, entry.name)
         for name, kind, update in aw:
             pipe.xadd(feed, {b"d": name, b"i": self._instance_b, kind: update},
                       maxlen=self.feed_maxlen, approximate=True)
         if len(pipe):
-            results = await pipe.execute()
+            try:
+                results = await pipe.execute()
+            except NoScriptError:
+                self._append_sha = None  # Redis restarted or was flushed: load it, then retry
+                raise
             for index, name in positions:
                 if name in self._tracked:
                     self._appended[name] = id_text(results[index])
