@@ -74,7 +74,7 @@ class RecordsService:
         self.engine.on_close = self.gateway.on_close
         self.engine.connected = self.gateway.connecting_or_connected
         cors = Cors(origin, credentials=True)
-        self.polling = Polling(self.engine, cors, MAX_CLIENT_PACKET_BYTES)
+        self.polling = Polling(self.engine, cors)
         self.websockets = WebSockets(self.engine, cors)
         self.redis = None
         self.store = None

@@ -78,10 +78,10 @@ async def respond(send, status: int, body: bytes, content_type: bytes, extra=())
 
 
 class Polling:
-    def __init__(self, engine: Engine, cors: Cors, max_payload: int):
+    def __init__(self, engine: Engine, cors: Cors):
         self.engine = engine
         self.cors = cors
-        self.max_payload = max_payload
+        self.max_payload = engine.max_payload
 
     async def __call__(self, scope, receive, send) -> None:
         method = scope["method"]

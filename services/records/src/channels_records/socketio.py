@@ -3,9 +3,8 @@ the packets the server answers with on the default namespace.
 
 The text after the Engine.IO MESSAGE type is
 `<type>[<attachments>-][/<nsp>,][<ack id>][<json>]`. Parsing follows the
-reference parser's rules and raises `ParseError` with its messages; unlike
-it, a few laxities are refused (an empty packet is not a CONNECT, JSON must
-be standard JSON). Binary attachments are never accepted: Loomio's clients
+reference parser's rules and raises `ParseError` with its messages (an
+empty packet, as there, is a CONNECT). Binary attachments are never accepted: Loomio's clients
 send none, and accepting them means buffering client bytes for nothing.
 Broadcast EVENTs and CONNECT replies are built in protocol.py.
 """
@@ -63,10 +62,10 @@ def decode(data: str | bytes) -> Packet:
     if not isinstance(data, str):
         raise ParseError("got binary data when not reconstructing a packet")
     if not data:
-        raise ParseError("unknown packet type")
+        return Packet(CONNECT)  # as the reference parser reads it
     first = data[0]
     if not ("0" <= first <= "6"):
-        raise ParseError(f"unknown packet type {first}")
+        raise ParseError(f"unknown packet type {first if first.isdigit() and first.isascii() else 'NaN'}")
     kind = int(first)
     i = 1
     if kind in (BINARY_EVENT, BINARY_ACK):

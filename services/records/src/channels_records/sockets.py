@@ -245,8 +245,8 @@ class Engine:
 
     def transport_of(self, sid: str) -> str | None:
         sock = self.sockets.get(sid)
-        if sock is None or sock.closing:
-            return None
+        if sock is None or sock.closed:
+            return None  # a closing polling session still hands out its CLOSE
         return sock.transport_name
 
     def forget(self, sock: EngineSocket) -> None:
