@@ -107,7 +107,10 @@ class RecordsService:
         s = self.settings
         self.redis = create_redis(s.redis_url, max_connections=s.redis_pool_size)
         self.store = RecoveryStore(
-            self.redis, window_seconds=s.recovery_window_seconds, instance_id=secrets.token_hex(6)
+            self.redis,
+            window_seconds=s.recovery_window_seconds,
+            instance_id=secrets.token_hex(6),
+            max_events_per_room=s.recovery_max_events_per_room,
         )
         relay = Relay(self.broadcaster, self.metrics, self.store)
         self.connections = Connections(

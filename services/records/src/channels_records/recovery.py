@@ -12,10 +12,13 @@ Keys (the prefix defaults to ``recovery:``)
   rooms and instances. No TTL: it is one small value and must never go back.
 - ``recovery:room:{room}`` (stream): the events of one room, entry id = the
   event's offset, fields ``e`` (event name) and ``d`` (the JSON argument).
-  Trimmed by age on every append (``XADD MINID ~ now-window``) and expiring a
-  window after its last append, so idle rooms vanish and memory stays about
-  window x traffic (approximate trimming leaves at most one stream node,
-  ~100 entries, of slack per room).
+  Trimmed on every append by age (``XADD MINID ~ now-window``) and by count
+  (``XTRIM MAXLEN ~ max_events_per_room``), and expiring a window after its
+  last append, so idle rooms vanish and memory stays below both window x
+  traffic and rooms x cap (approximate trimming leaves at most one stream
+  node, ~100 entries, of slack per room).
+- ``recovery:trim:{room}`` (string, TTL = window): the first entry the
+  per-room cap kept at its last trim (see "What survives what").
 - ``recovery:dedup:{hash}`` (hash, TTL ``dedup_seconds`` from the last use):
   who logged which occurrence of one payload (see "Dedup" below).
 - ``recovery:session:{sha256(pid)}`` (hash, TTL = window, extended by
@@ -53,14 +56,18 @@ What survives what. Everything lives in Redis: a process restart or a move
 to another instance loses nothing. An entry is removed only when it is
 older than the window, and a session lives only while it was connected
 within the window (its TTL is refreshed while live and on disconnect), so
-every event a live session could have missed is still in its rooms' streams
-when it comes back; restore therefore needs no check for trimmed events.
+every event a live session could have missed by age is still in its rooms'
+streams when it comes back. The count cap can remove events a session
+missed: each count trim leaves ``recovery:trim:{room}`` = the first entry
+kept, and restore refuses the whole recovery (``trimmed``) when the
+client's offset is older than that mark in any of its rooms, rather than
+replay with a hole (a client refused so missed at least what the log holds).
 An offset older than the session's connect offset (socket.io-client keeps
 its last offset across a fresh connection) counts from the connect offset:
 events from before the session are not the session's. A Redis restart
 without persistence loses sessions and logs: clients then get a fresh
-connection. Redis must not evict these keys under memory pressure (use
-``maxmemory-policy noeviction``): an evicted stream would be missed silently.
+connection. An evicted stream (``allkeys-lru``) loses its trim history with
+it: the cap keeps the log small enough that LRU should pick colder keys.
 While Redis is down ``log_message`` raises and the caller emits live without
 an offset.
 
@@ -156,8 +163,8 @@ local function now_ms(arg)
 end
 """
 
-# KEYS: last-offset, room stream, dedup hash
-# ARGV: me, start_ms, serial, event, data, window_ms, dedup_ms, now_ms|'', keep
+# KEYS: last-offset, room stream, dedup hash, room trim mark
+# ARGV: me, start_ms, serial, event, data, window_ms, dedup_ms, now_ms|'', keep, max per room (0: no cap)
 _LOG_SCRIPT = _NOW + """
 local now = now_ms(ARGV[8])
 local fc, fs = 'c:' .. ARGV[1], 's:' .. ARGV[1]
@@ -202,6 +209,12 @@ local window = tonumber(ARGV[6])
 local minid = now - window
 if minid < 0 then minid = 0 end
 redis.call('XADD', KEYS[2], 'MINID', '~', string.format('%d', minid), id, 'e', ARGV[4], 'd', ARGV[5])
+local cap = tonumber(ARGV[10] or '0')
+if cap > 0 and redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', cap) > 0 then
+  -- entries before the first one kept may have been missed by someone
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1][1]
+  redis.call('SET', KEYS[4], first, 'PX', window)
+end
 redis.call('PEXPIRE', KEYS[2], window)
 redis.call('SET', KEYS[1], id)
 redis.call('HSET', KEYS[3], 'n', c, 'o:' .. c, id, 't:' .. c, string.format('%d', now), fc, c, fs, ARGV[3])
@@ -220,7 +233,7 @@ return off
 """
 
 # KEYS: session, last-offset
-# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix
+# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix, trim mark prefix
 # Returns a status string, or {sid, rooms json, id, event, data, id, event, data, ...}
 # with each room's entries in id order, rooms one after the other.
 _RESTORE_SCRIPT = """
@@ -246,7 +259,14 @@ end
 local max = tonumber(ARGV[4])
 local out = {s[1], s[2]}
 local total = 0
-for _, room in ipairs(cjson.decode(s[2])) do
+local rooms = cjson.decode(s[2])
+for _, room in ipairs(rooms) do
+  -- the per-room cap removed entries up to the mark: one after the offset
+  -- may be among them, and a replay with a hole is no recovery
+  local mark = redis.call('GET', ARGV[6] .. room)
+  if mark and less(off, mark) then return 'trimmed' end
+end
+for _, room in ipairs(rooms) do
   local entries = redis.call('XRANGE', ARGV[5] .. room, '(' .. off, '+', 'COUNT', max + 1 - total)
   total = total + #entries
   if total > max then return 'too_many' end
@@ -495,6 +515,7 @@ class RecoveryStore:
         prefix: str = "recovery:",
         dedup_seconds: float = 10.0,
         max_replay: int = 10_000,
+        max_events_per_room: int = 1000,
         log_timeout_seconds: float | None = 2.0,
         max_pending: int = 10_000,
         clock: Callable[[], int] | None = None,
@@ -507,11 +528,13 @@ class RecoveryStore:
         self.prefix = prefix
         self.dedup_ms = max(1, int(dedup_seconds * 1000))
         self.max_replay = max_replay
+        self.max_events_per_room = max_events_per_room
         self.log_timeout = log_timeout_seconds
         self.max_pending = max_pending
         self._clock = clock
         self._last_key = prefix + "last"
         self._room_prefix = prefix + "room:"
+        self._trim_prefix = prefix + "trim:"
         self._log = _Script(_LOG_SCRIPT)
         self._line = _LogLine(redis, _LOG_LINE_TIMEOUT)
         self._create = _Script(_CREATE_SCRIPT)
@@ -605,10 +628,10 @@ class RecoveryStore:
         calls = []
         for room, event, data in messages:
             self._serial += 1
-            keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data)]
+            keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data), self._trim_prefix + room]
             args = [
                 self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
-                "" if self._clock is None else self._now_local(), 64,
+                "" if self._clock is None else self._now_local(), 64, self.max_events_per_room,
             ]
             calls.append((keys, args))
         if not self._busy and not self._pending and self._line.ready:
@@ -750,7 +773,7 @@ class RecoveryStore:
         reply = await self._restore(
             self._redis,
             [self.session_key(pid), self._last_key],
-            [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix],
+            [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix, self._trim_prefix],
         )
         if not isinstance(reply, list):
             reason = reply.decode() if isinstance(reply, bytes) else str(reply)
@@ -781,4 +804,5 @@ _REASONS = {
     "token": "channel token differs from the session's",
     "ahead": "offset is newer than any logged event",
     "too_many": "too many missed events to replay",
+    "trimmed": "missed more events than the log holds",
 }
