@@ -10,6 +10,7 @@ from urllib.parse import parse_qs
 
 from channels_common.auth import ChannelUser, lookup_channel_user
 from channels_common.redis import with_backoff
+from channels_common.wsframe import SERVICE_RESTART
 from redis.exceptions import RedisError
 
 from . import engineio as eio
@@ -282,7 +283,7 @@ class Connections:
 
     async def close_all(self) -> None:
         """SIGTERM: refresh every session, then close each engine.io session
-        (a CLOSE packet for polling, a close frame for websockets), so that
+        (a CLOSE packet for polling, close code 1012 for websockets), so that
         clients reconnect, to another instance if need be."""
         self.stopping = True
         try:
@@ -293,7 +294,7 @@ class Connections:
         socks = list(self.sockets.values())
         for sock in socks:
             try:
-                sock.close(eio.SERVER_CLOSE)
+                sock.close(eio.SERVER_CLOSE, ws_code=SERVICE_RESTART)
             except Exception:
                 log.exception("closing a socket failed")
         # Let pending long-polls carry the CLOSE packet out.

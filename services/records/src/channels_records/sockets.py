@@ -171,10 +171,10 @@ class EngineSocket:
 
     # -- closing -------------------------------------------------------------
 
-    def close(self, reason: str, notify_client: bool = True, abort: bool = False) -> None:
+    def close(self, reason: str, notify_client: bool = True, abort: bool = False, ws_code: int = 1000) -> None:
         """End the session (once). The Socket.IO layer hears of it first; then
-        a websocket gets a close frame (or is cut off: `abort`), a polling
-        client its CLOSE packet on the next poll."""
+        a websocket gets a close frame with `ws_code` (or is cut off:
+        `abort`), a polling client its CLOSE packet on the next poll."""
         if self.closing:
             return
         self.closing = True
@@ -188,7 +188,7 @@ class EngineSocket:
                 if abort:
                     ws.transport.abort()
                 else:
-                    ws.close(1000)
+                    ws.close(ws_code)
             if self.transport_name == "polling" and notify_client and not abort:
                 self.pending.append(eio.CLOSE)
                 self.wake()
