@@ -19,7 +19,6 @@ from bench.processes import BENCH, Server, free_port
 from tests.integration.records_support import APP_ORIGIN, Rails, SioClients, TcpProxy, start_records
 from tests.support import NodeScript
 
-
 # -- the parsers ----------------------------------------------------------------
 
 SOCKETIO_WIRES = [

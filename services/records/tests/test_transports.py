@@ -10,7 +10,6 @@ import json
 import logging
 
 import pytest
-from channels_records import engineio as eio
 from channels_records import sockets as sockets_module
 from channels_records.polling import Cors, Polling
 from channels_records.sockets import Engine
@@ -98,7 +97,7 @@ async def test_handshake_cors_and_refusals():
 
 
 async def test_a_body_in_pieces_is_read_whole_and_its_packets_dispatched_in_order():
-    engine, app, rec = make()
+    _engine, app, rec = make()
     sid = (await handshake(app))["sid"]
     parts = [b"4", b"0", b'{"pid":', b'"p"}\x1e', b"3\x1e4", b"1"]  # how a chunked body arrives
     status, headers, body = await request(app, "POST", f"EIO=4&transport=polling&sid={sid}", parts)
@@ -121,7 +120,7 @@ async def test_held_poll_is_answered_with_everything_sent_meanwhile():
 
 
 async def test_overlapping_polls_close_the_session():
-    engine, app, rec = make()
+    _engine, app, rec = make()
     sid = (await handshake(app))["sid"]
     first = asyncio.ensure_future(request(app, "GET", f"EIO=4&transport=polling&sid={sid}"))
     await asyncio.sleep(0.01)
