@@ -11,7 +11,7 @@ import logging
 
 import pytest
 from channels_records import sockets as sockets_module
-from channels_records.polling import Cors, Polling
+from channels_records.polling import AsgiPolling, Cors, Polling
 from channels_records.sockets import Engine
 from channels_records.websocket import Upgrade
 
@@ -34,7 +34,7 @@ def make(max_payload=1000):
     engine = Engine(
         ping_interval=25, ping_timeout=20, max_payload=max_payload, on_message=rec.on_message, on_close=rec.on_close
     )
-    return engine, Polling(engine, Cors(ORIGIN)), rec
+    return engine, AsgiPolling(Polling(engine, Cors(ORIGIN))), rec
 
 
 async def request(app, method, query, body_parts=(b"",), headers=()):
@@ -266,7 +266,7 @@ async def test_a_session_that_never_connects_is_closed():
 @pytest.mark.parametrize("origin", [None, "http://127.0.0.1:5000"])
 def test_same_origin_only_without_a_configured_origin(origin):
     cors = Cors(None)
-    scope = {"headers": [(b"host", b"127.0.0.1:5000")] + ([(b"origin", origin.encode())] if origin else []), "scheme": "http"}
-    assert not cors.refuses(scope)
-    bad = {"headers": [(b"host", b"127.0.0.1:5000"), (b"origin", b"https://evil.test")], "scheme": "http"}
-    assert cors.refuses(bad)
+    headers = {b"host": b"127.0.0.1:5000", **({b"origin": origin.encode()} if origin else {})}
+    assert not cors.refuses(headers)
+    assert cors.refuses({b"host": b"127.0.0.1:5000", b"origin": b"https://evil.test"})
+    assert not cors.refuses({b"host": b"x", b"x-forwarded-host": b"a.test", b"origin": b"https://a.test"}, secure=True)

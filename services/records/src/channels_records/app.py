@@ -21,9 +21,10 @@ from . import engineio as eio
 from .broadcast import Broadcaster
 from .connections import Connections
 from .gateway import Gateway
+from .httpserver import RecordsHttpProtocol
 from .metrics import Metrics
 from .playground import playground_routes
-from .polling import Cors, Polling
+from .polling import AsgiPolling, Cors, Polling
 from .recovery import RecoveryStore, offset_key
 from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
 from .sockets import Engine, Rooms
@@ -75,6 +76,7 @@ class RecordsService:
         self.engine.connected = self.gateway.connecting_or_connected
         cors = Cors(origin, credentials=True)
         self.polling = Polling(self.engine, cors)
+        self.asgi_polling = AsgiPolling(self.polling)
         self.websockets = WebSockets(self.engine, cors)
         self.redis = None
         self.store = None
@@ -93,7 +95,7 @@ class RecordsService:
         kind = scope["type"]
         if scope.get("path") in SOCKET_IO_PATHS:
             if kind == "http":
-                return await self.polling(scope, receive, send)
+                return await self.asgi_polling(scope, receive, send)
             if kind == "websocket":
                 return await self.websockets(scope, receive, send)
         return await self.other(scope, receive, send)
@@ -199,6 +201,8 @@ def main() -> None:
         # Our own websocket protocol: the least state per idle client and
         # its transport within reach of the broadcast fast path.
         ws=LeanWebSocketProtocol,
+        # Long-polling answered inside the HTTP protocol; the rest goes to uvicorn's.
+        http=RecordsHttpProtocol.serving(service.polling),
         ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
         interface="asgi3",  # service.app is a bound coroutine method
     )

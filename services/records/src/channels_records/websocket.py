@@ -111,7 +111,7 @@ class WebSockets:
         self.cors = cors
 
     async def __call__(self, scope, receive, send) -> None:
-        if self.cors.refuses(scope):
+        if self.cors.refuses(dict(scope.get("headers") or ()), scope.get("scheme") == "wss"):
             log.info("websocket from a refused origin")
             await send({"type": "websocket.close"})
             return
