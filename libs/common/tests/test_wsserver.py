@@ -204,3 +204,63 @@ async def test_a_detached_app_closes_by_the_protocol_and_still_hears_the_end():
     assert closed == [4088]
     proto.connection_lost(None)
     assert closed == [4088] and not state.connections
+
+
+async def test_reading_pauses_until_every_reason_is_resumed_and_a_close_reads_again():
+    proto, t, _state, _got, _closed = await detached_connection()
+    proto.pause_reading("auth")
+    proto.pause_reading("unacked")
+    proto.pause_reading("auth")  # twice for one reason is once
+    assert t.paused
+    proto.resume_reading("auth")
+    assert t.paused  # "unacked" still holds it
+    proto.resume_reading("unacked")
+    assert not t.paused
+    proto.resume_reading("never-paused")  # harmless
+    assert not t.paused
+    proto.pause_reading("auth")
+    proto.close(4205, "Reset Connection")
+    assert not t.paused  # the client's close frame must still be read
+    proto.pause_reading("auth")
+    assert not t.paused
+
+
+async def test_keepalive_pings_a_quiet_socket_keeps_one_that_answers_and_finds_a_dead_one():
+    from channels_common.wsserver import PING_FRAME, KeepAlive
+
+    keepalive = KeepAlive(period=30)
+    proto, t, _state, _got, _closed = await detached_connection()
+    assert not keepalive.dead(proto, 100)  # first sight: quiet from now
+    assert not keepalive.dead(proto, 114)
+    assert t.take() == b""
+    assert not keepalive.dead(proto, 115)  # quiet for half the period: pinged
+    assert t.take() == PING_FRAME
+    assert not keepalive.dead(proto, 120)
+    assert t.take() == b""  # one ping per quiet stretch
+    proto.data_received(masked(0x8A, b""))  # the pong
+    for now in range(121, 400, 5):  # a live client answering every ping is never dead
+        assert not keepalive.dead(proto, now)
+        if t.take() == PING_FRAME:
+            proto.data_received(masked(0x8A, b""))
+    # Now it stops answering: dead one period after the unanswered ping.
+    assert not keepalive.dead(proto, 400)
+    assert not keepalive.dead(proto, 415)
+    assert t.take() == PING_FRAME
+    assert not keepalive.dead(proto, 444)
+    assert keepalive.dead(proto, 445)
+
+
+async def test_keepalive_does_not_count_time_we_held_reading_paused():
+    from channels_common.wsserver import PING_FRAME, KeepAlive
+
+    keepalive = KeepAlive(period=30)
+    proto, t, _state, _got, _closed = await detached_connection()
+    keepalive.dead(proto, 0)
+    assert not keepalive.dead(proto, 15) and t.take() == PING_FRAME
+    proto.pause_reading("auth")  # its pong may be sitting unread in the socket
+    assert not keepalive.dead(proto, 100)
+    proto.resume_reading("auth")
+    assert not keepalive.dead(proto, 110)  # quiet counts from the resume
+    assert t.take() == b""
+    assert not keepalive.dead(proto, 116) and t.take() == PING_FRAME
+    assert keepalive.dead(proto, 146)

@@ -17,10 +17,10 @@ from channels_common.observability import health_routes, setup_logging, setup_se
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.wsframe import binary_frame
-from channels_common.wsserver import DETACH, LeanWebSocketProtocol
+from channels_common.wsserver import DETACH, KeepAlive, LeanWebSocketProtocol
 from starlette.applications import Starlette
 
-from .connection import RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
+from .connection import CONNECTION_TIMEOUT, RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
 from .documents import DocumentRegistry
 from .metrics import CollabMetrics
 from .rails import RailsAuthenticator
@@ -79,6 +79,12 @@ class SocketTransport:
             self.protocol.close(code, reason)
         self.closed = True
 
+    def pause_reading(self, reason: str) -> None:
+        self.protocol.pause_reading(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        self.protocol.resume_reading(reason)
+
 
 class CollabApp:
     """Every WebSocket, whatever its path (providers connect to the base
@@ -109,6 +115,10 @@ class CollabService:
             broadcast_stateless=settings.broadcast_stateless,
         )
         self.sockets: set[Connection] = set()
+        # RFC 6455 pings every socket, as Hocuspocus does: a quiet reader
+        # (a v3 provider renews awareness only every 15 s, less in a
+        # background tab) stays, a dead peer goes.
+        self.keepalive = KeepAlive(self.limits.timeout_seconds)
         self.registry: DocumentRegistry | None = None
         self.authenticator: RailsAuthenticator | None = None
         self._tasks: list[asyncio.Task] = []
@@ -129,7 +139,9 @@ class CollabService:
             metrics=self.metrics,
             call_later=loop.call_later,
         )
-        self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=s.auth_timeout_seconds)
+        # An auth never outlives the connection deadline (see Connection.check).
+        auth_timeout = min(s.auth_timeout_seconds, self.limits.timeout_seconds)
+        self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=auth_timeout)
         self._tasks.append(loop.create_task(self._sweep()))
         self.ready = True
         freeze_startup_objects()
@@ -161,11 +173,14 @@ class CollabService:
                     self.metrics.drafts_evicted.inc(self.store.evicted - reported_evictions)
                     reported_evictions = self.store.evicted
 
-    @staticmethod
-    def _check_sockets(conns: list[Connection], now: float) -> None:
+    def _check_sockets(self, conns: list[Connection], now: float) -> None:
+        keepalive = self.keepalive
         for conn in conns:
             try:
                 conn.check(now)
+                if keepalive.dead(conn.transport.protocol, now):
+                    log.info("collab socket did not answer a ping; closing it")
+                    conn.close(CONNECTION_TIMEOUT, "Connection Timeout")
             except Exception:
                 log.exception("socket check failed")
 
