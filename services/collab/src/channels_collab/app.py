@@ -315,6 +315,10 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         ws_max_size=settings.max_frame_bytes,
+        # The client address is the socket's peer; X-Forwarded-For is read
+        # by the throttle for TRUSTED_PROXIES only (uvicorn's own rewrite
+        # would believe any local peer, whatever TRUSTED_PROXIES says).
+        proxy_headers=False,
         # Frames are handled in the callback that reads them and written
         # straight to the peers' transports (see SocketTransport).
         ws=LeanWebSocketProtocol,
