@@ -87,6 +87,12 @@ def test_client_address(peer, xff, proxies, expected):
     assert client_address(peer, hops, proxies) == expected
 
 
+def test_a_long_chain_of_trusted_hops_is_walked_only_so_far():
+    hops = ["198.51.100.1"] + [f"10.0.0.{i}" for i in range(1, 200)]
+    assert client_address("10.1.1.1", hops, LB) == "10.0.0.184"  # the 16th hop from the right
+    assert client_address("10.1.1.1", hops[-15:], LB) == "10.0.0.185"  # every hop trusted: the leftmost
+
+
 def test_forwarded_hops_across_repeated_headers_in_order():
     headers = [(b"host", b"x"), (b"x-forwarded-for", b"1.1.1.1, 2.2.2.2"), (b"X-Forwarded-For", b"3.3.3.3")]
     assert [h.strip() for h in forwarded_hops(headers)] == ["1.1.1.1", "2.2.2.2", "3.3.3.3"]

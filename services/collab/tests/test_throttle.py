@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from channels_collab.throttle import Throttle
 
@@ -90,3 +92,46 @@ def test_entries_expire_with_their_window_and_ban():
 def test_bad_parameters_are_refused(attempts, window, ban):
     with pytest.raises(ValueError):
         Throttle(attempts, window, ban, Clock())
+
+
+async def drive(service, scope):
+    sent = []
+
+    async def receive():
+        return {"type": "websocket.connect"}
+
+    async def send(message):
+        sent.append(message)
+
+    await service.endpoint(scope, receive, send)
+    return sent
+
+
+async def test_the_endpoint_answers_429_with_retry_after_before_any_upgrade_and_counts_it(caplog):
+    from channels_collab.app import CollabService
+    from channels_common.settings import CollabSettings
+    from channels_common.wsserver import HTTP_RESPONSE
+
+    service = CollabService(CollabSettings(COLLAB_THROTTLE_ATTEMPTS=1, COLLAB_THROTTLE_BAN_SECONDS=30,
+                                           TRUSTED_PROXIES="127.0.0.1"))
+    service.throttle.attempt("198.51.100.1")  # the one allowed attempt
+    scope = {"type": "websocket", "client": ("127.0.0.1", 4000), "extensions": {HTTP_RESPONSE: {}},
+             "headers": [(b"x-forwarded-for", b"198.51.100.1")]}
+    with caplog.at_level(logging.WARNING, logger="channels.collab"):
+        start, body = await drive(service, scope)
+        assert await drive(service, scope) == [start, body]
+    assert start["type"] == "websocket.http.response.start" and start["status"] == 429
+    assert (b"retry-after", b"30") in start["headers"]
+    assert body == {"type": "websocket.http.response.body", "body": b"Too many connection attempts"}
+    assert caplog.text.count("client banned") == 1  # once per ban, not per attempt
+    assert service.metrics.registry.get_sample_value("collab_throttled_total") == 2
+    # A server without the denial extension can only refuse the upgrade (403).
+    scope["extensions"] = {}
+    assert await drive(service, scope) == [{"type": "websocket.close", "code": 1008}]
+
+
+def test_the_endpoint_has_no_throttle_unless_configured():
+    from channels_collab.app import CollabService
+    from channels_common.settings import CollabSettings
+
+    assert CollabService(CollabSettings(COLLAB_THROTTLE_ATTEMPTS=0)).throttle is None

@@ -13,6 +13,8 @@ from collections.abc import Iterable, Sequence
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+# No real chain of proxies is longer; a longer header costs no more to walk.
+MAX_HOPS = 16
 
 
 def parse_address(text: str) -> IPAddress | None:
@@ -62,7 +64,7 @@ def client_address(peer: str | None, hops: Sequence[str], proxies: Sequence[IPNe
         return peer  # not an IP (transport-specific): still one fixed key
     if not proxies:
         return str(address)
-    for hop in reversed(hops):
+    for hop in reversed(hops[-MAX_HOPS:]):
         if not _trusted(address, proxies):
             break
         forwarded = parse_address(hop)
