@@ -125,6 +125,45 @@ async def test_app_closing_before_accept_is_a_403_and_protocol_errors_a_close_co
     assert disconnects == [{"type": "websocket.disconnect", "code": 1002, "reason": ""}]
 
 
+async def test_app_denies_the_upgrade_with_its_own_http_response():
+    from channels_common.wsserver import HTTP_RESPONSE
+
+    heard = []
+
+    async def deny(scope, receive, send):
+        assert HTTP_RESPONSE in scope["extensions"]
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 429,
+                    "headers": [(b"retry-after", b"7"), (b"x-bad", b"1\r\nInjected: yes"), (b"connection", b"keep-alive")]})
+        await send({"type": "websocket.http.response.body", "body": b"slow ", "more_body": True})
+        await send({"type": "websocket.http.response.body", "body": b"down"})
+        heard.append(await receive())
+
+    proto, t, state = make(deny)
+    state.default_headers = [(b"server", b"lean")]
+    proto.data_received(REQUEST)
+    await settle()
+    assert t.take() == (b"HTTP/1.1 429 Too Many Requests\r\nserver: lean\r\nretry-after: 7\r\n"
+                        b"Connection: close\r\n\r\nslow down")
+    assert t.closed and not state.tasks
+    assert heard == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
+    proto.data_received(masked(0x81, b"late"))  # nothing is parsed after a denial
+    proto.connection_lost(None)
+    assert t.take() == b"" and not state.connections
+
+
+async def test_a_denial_cut_short_by_the_app_still_closes_the_connection():
+    async def deny(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 503, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"part", "more_body": True})
+
+    proto, t, _ = make(deny)
+    proto.data_received(REQUEST)
+    await settle()
+    assert t.take() == b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\npart" and t.closed
+
+
 async def test_reading_pauses_when_the_app_falls_behind_and_server_close_times_out():
     got = asyncio.Event()
 

@@ -17,7 +17,14 @@ import logging
 from urllib.parse import unquote
 
 from . import wsframe
-from .wshandshake import MAX_REQUEST_BYTES, Refusal, accept_response, parse_upgrade, refusal_response
+from .wshandshake import (
+    MAX_REQUEST_BYTES,
+    Refusal,
+    accept_response,
+    parse_upgrade,
+    refusal_response,
+    response_head,
+)
 
 log = logging.getLogger("channels.websocket")
 
@@ -28,6 +35,7 @@ MAX_INBOX = 16
 _INBOX = "inbox"
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+_DENYING = 4  # an HTTP response instead of the upgrade, its body still to come
 
 # An ASGI extension of this protocol: once accepted, an application may send
 # {"type": DETACH, "on_message": f(str | bytes), "on_close": f(code)} and
@@ -35,7 +43,11 @@ _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
 # idle client keeps no task or coroutine stack. The protocol is `send.__self__`:
 # its `transport` takes frames (wsframe.py) and `close(code, reason)` ends it.
 DETACH = "channels.websocket.detach"
-_EXTENSIONS = {DETACH: {}}
+# ASGI's denial response: before accepting, an application may send
+# "websocket.http.response.start" (status, headers), then
+# "websocket.http.response.body" messages, instead of the upgrade.
+HTTP_RESPONSE = "websocket.http.response"
+_EXTENSIONS = {DETACH: {}, HTTP_RESPONSE: {}}
 
 
 def _address(info):
@@ -59,9 +71,9 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         "app_state",
         "config",
         "heard",
-        "key",
         "keepalive_ping_at",
         "keepalive_quiet_since",
+        "key",
         "loop",
         "read_paused",
         "scope",
@@ -332,8 +344,18 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             elif kind == "websocket.close":
                 self._finish(1006)
                 self._refuse(Refusal(403, ""))
+            elif kind == "websocket.http.response.start":
+                headers = [*self.server_state.default_headers, *message.get("headers", ())]
+                self.transport.write(response_head(int(message["status"]), headers))
+                self._state = _DENYING
             else:
                 raise RuntimeError(f"unexpected ASGI message {kind!r} before the websocket handshake")
+            return
+        if self._state == _DENYING and kind == "websocket.http.response.body":
+            self.transport.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._finish(1006)
+                self.transport.close()
             return
         if self._state != _OPEN:
             raise OSError("websocket closed")

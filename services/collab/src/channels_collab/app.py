@@ -17,14 +17,16 @@ from channels_common.observability import health_routes, setup_logging, setup_se
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.wsframe import binary_frame
-from channels_common.wsserver import DETACH, KeepAlive, LeanWebSocketProtocol
+from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol
 from starlette.applications import Starlette
 
+from .client_address import scope_client_address
 from .connection import CONNECTION_TIMEOUT, RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
 from .documents import DocumentRegistry
 from .metrics import CollabMetrics
 from .rails import RailsAuthenticator
 from .store import DraftStore
+from .throttle import Refused, Throttle
 
 log = logging.getLogger("channels.collab")
 
@@ -119,6 +121,9 @@ class CollabService:
         # (a v3 provider renews awareness only every 15 s, less in a
         # background tab) stays, a dead peer goes.
         self.keepalive = KeepAlive(self.limits.timeout_seconds)
+        self.throttle = Throttle(settings.throttle_attempts, settings.throttle_window_seconds,
+                                 settings.throttle_ban_seconds, time.monotonic) if settings.throttle_attempts else None
+        self.trusted_proxies = settings.trusted_proxy_networks
         self.registry: DocumentRegistry | None = None
         self.authenticator: RailsAuthenticator | None = None
         self._tasks: list[asyncio.Task] = []
@@ -205,9 +210,30 @@ class CollabService:
         if self.authenticator:
             await self.authenticator.aclose()
 
+    async def _refuse_throttled(self, scope, send, address: str, refused: Refused) -> None:
+        """429 before the upgrade; logged once per ban, counted every time."""
+        self.metrics.throttled.inc()
+        if refused.ban_started:
+            log.warning("too many connection attempts; client banned",
+                        extra={"client": address, "ban_seconds": self.settings.throttle_ban_seconds})
+        if HTTP_RESPONSE not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})  # a bare 403 is all the server can say
+            return
+        body = b"Too many connection attempts"
+        await send({"type": "websocket.http.response.start", "status": 429, "headers": [
+            (b"retry-after", refused.retry_after_header), (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body))]})
+        await send({"type": "websocket.http.response.body", "body": body})
+
     async def endpoint(self, scope, receive, send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
+        if self.throttle is not None:
+            address = scope_client_address(scope, self.trusted_proxies)
+            refused = self.throttle.attempt(address) if address is not None else None
+            if refused is not None:
+                await self._refuse_throttled(scope, send, address, refused)
+                return
         if self.stopping:
             await send({"type": "websocket.close", "code": RESET_CONNECTION})
             return
@@ -304,6 +330,10 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         ws_max_size=settings.max_frame_bytes,
+        # The client address is the socket's peer; X-Forwarded-For is read
+        # by the throttle for TRUSTED_PROXIES only (uvicorn's own rewrite
+        # would believe any local peer, whatever TRUSTED_PROXIES says).
+        proxy_headers=False,
         # Frames are handled in the callback that reads them and written
         # straight to the peers' transports (see SocketTransport).
         ws=LeanWebSocketProtocol,
