@@ -142,8 +142,14 @@ class FrameParser:
     segmentation), so tests can check that without timing anything."""
 
     __slots__ = (
-        "_pending", "_pending_len", "_need", "_fragments", "_fragments_size", "_message_opcode",
-        "max_size", "bytes_copied",
+        "_fragments",
+        "_fragments_size",
+        "_message_opcode",
+        "_need",
+        "_pending",
+        "_pending_len",
+        "bytes_copied",
+        "max_size",
     )
 
     def __init__(self, max_size: int):
