@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Message, Subscription
 from channels_common.server import serve
 from channels_common.settings import BotsSettings
@@ -108,6 +108,7 @@ def create_app(settings: BotsSettings | None = None) -> Starlette:
         finally:
             await service.stop()
 
+    observe_service(service.metrics.registry, "bots", service.ready, lambda: service.subscription.live)
     app = Starlette(routes=health_routes(service.metrics.registry, service.ready), lifespan=lifespan)
     app.state.service = service
     return app
