@@ -17,8 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis as redis_sync
-
 from channels_common.redis_server import start_local_redis
+
 from tests.support import VENV_BIN, ServiceProcess, free_port
 
 PASSWORD = "doctor-redis-password-7f3a"
@@ -152,7 +152,7 @@ def test_rails_unreachable(system):
 
 
 class _AllowEveryone(BaseHTTPRequestHandler):
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(200)
         self.send_header("content-length", "0")
