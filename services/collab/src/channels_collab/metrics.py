@@ -32,6 +32,9 @@ class CollabMetrics:
         self.drafts_evicted = Counter(
             "collab_drafts_evicted_total", "Drafts dropped by the count or idle-age bound", registry=r
         )
+        self.throttled = Counter(
+            "collab_throttled_total", "Connection attempts refused with 429 by the attempt throttle", registry=r
+        )
         # Label children resolved once: the frame counter is on the hot path.
         self._frame_children = {name: self.frames.labels(name) for name in FRAME_TYPES}
         self._unknown_frames = self._frame_children["unknown"]
