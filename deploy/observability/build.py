@@ -141,6 +141,8 @@ ROWS = [
               (f"sum by (reason) (increase({sel('bots_messages_retried_total')}[{RATE}]))", "{{reason}}")),
         panel("Pending messages", (f"sum by (instance) ({sel('bots_pending_messages')})", "{{instance}}"),
               description="Queued or being delivered; beyond BOTS_MAX_PENDING_MESSAGES new ones are dropped."),
+        panel("Redis reconnects",
+              (f"sum by (instance) (increase({sel('bots_redis_reconnects_total')}[{RATE}]))", "{{instance}}")),
         panel("Matrix clients",
               (f"sum by (instance) ({sel('bots_cached_clients')})", "cached {{instance}}"),
               (f"sum by (instance) ({sel('bots_open_clients')})", "open {{instance}}")),

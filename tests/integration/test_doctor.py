@@ -204,3 +204,16 @@ def test_bad_public_app_url_and_a_port_taken_by_a_stranger(system):
     assert marks["PUBLIC_APP_URL"] == "✗"
     assert marks[f"port {port} (bots)"] == "✗"
     assert "not a channel service" in out
+
+
+def test_inside_a_service_container_one_port_serves_them_all(system):
+    """With PORT set, as in every container, each service's port setting is
+    the same: that port is fine when any one of them serves it."""
+    collab = str(system["ports"]["collab"])
+    code, out = doctor(system, "--records-port", collab, "--bots-port", collab)
+    assert code == 0, out
+    assert f"✓ port {collab} (records, collab, bots): served by channels collab" in out
+    # A port that one of ours serves, but not the service expected there.
+    code, out = doctor(system, "--bots-port", collab, "--collab-port", str(free_port()))
+    assert code == 1
+    assert f"✗ port {collab} (bots): served by channels collab, not bots" in out

@@ -257,8 +257,10 @@ def check_rails(collab: CollabSettings, timeout: float) -> Check:
     return judge_rails_status(where, response.status_code)
 
 
-def check_port(host: str, port: int, service: str, timeout: float) -> Check:
-    name = f"port {port} ({service})"
+def check_port(host: str, port: int, services: list[str], timeout: float) -> Check:
+    """Free, or served by one of `services` (several when they share a port
+    setting, as inside one service's container where PORT is set)."""
+    name = f"port {port} ({', '.join(services)})"
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
@@ -275,10 +277,10 @@ def check_port(host: str, port: int, service: str, timeout: float) -> Check:
     if not healthy:
         return Check(name, FAIL, "taken by something that is not a channel service")
     serving = [s for s in ("records", "collab", "bots") if f"\n{s}_ready " in metrics]
-    if serving == [service]:
-        return Check(name, OK, f"served by channels {service} (/healthz ok)")
+    if len(serving) == 1 and serving[0] in services:
+        return Check(name, OK, f"served by channels {serving[0]} (/healthz ok)")
     if serving:
-        return Check(name, FAIL, f"served by channels {serving[0]}, not {service}")
+        return Check(name, FAIL, f"served by channels {serving[0]}, not {' or '.join(services)}")
     return Check(name, WARN, "served by a channel service that does not say which (/healthz ok)")
 
 
@@ -298,8 +300,11 @@ def diagnose(host: str, ports: dict[str, int], timeout: float) -> list[Check]:
             client.close()
     checks.append(check_rails(collab, timeout))
     checks.append(judge_origin(records))
+    by_port: dict[int, list[str]] = {}
     for service, port in ports.items():
-        checks.append(check_port(host, port, service, timeout))
+        by_port.setdefault(port, []).append(service)
+    for port, services in by_port.items():
+        checks.append(check_port(host, port, services, timeout))
     return checks
 
 

@@ -49,7 +49,8 @@ class BotsService:
             max_pending=settings.max_pending_messages,
             metrics=self.metrics,
         )
-        self.subscription = Subscription(url=settings.redis_url, handler=self.handle, patterns=["chatbot/*"])
+        self.subscription = Subscription(url=settings.redis_url, handler=self.handle, patterns=["chatbot/*"],
+                                         on_reconnect=self.metrics.redis_reconnects.inc)
         self.metrics.cached_clients.set_function(lambda: len(self.clients))
         self.metrics.open_clients.set_function(lambda: self.clients.open_clients)
         self._sweeper: asyncio.Task | None = None
