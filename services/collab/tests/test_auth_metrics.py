@@ -3,10 +3,12 @@ the real authenticator decides it against a loopback HTTP server, lands on
 its own cause."""
 
 import pytest
+from channels_collab import protocol as p
 from channels_collab.metrics import CollabMetrics
 from channels_collab.rails import Decision, RailsAuthenticator
 from prometheus_client import generate_latest
 
+from .test_connection import world  # noqa: F401 - the fixture, used below
 from .test_rails import decide
 
 
@@ -61,3 +63,32 @@ async def test_refused_names_bad_tokens_and_our_own_faults_have_causes_too():
         ("denied", "error"): 1,
     }
     assert b'collab_auth_total{cause="invalid_token",result="denied"} 1.0' in generate_latest(metrics.registry)
+
+
+async def test_the_socket_counts_each_outcome_once_under_its_cause(world):  # noqa: F811 - the fixture
+    """Through a real Connection: allowed, a name refused before Rails is
+    asked, and an auth Rails had not answered by the socket's deadline."""
+    from channels_collab.connection import Connection, Limits
+
+    from .test_connection import NAME, Transport, settle
+
+    metrics = CollabMetrics()
+    conn = Connection(Transport(), world.registry, world.auth, Limits(timeout_seconds=30), clock=world.clock,
+                      metrics=metrics)
+    conn.receive(p.encode_token(NAME, "ok"))
+    conn.receive(p.encode_token("nonsense-name", "ok"))
+    await settle()
+    # Another socket whose only auth is still waiting for Rails at its deadline.
+    waiting = Connection(Transport(), world.registry, world.auth, Limits(timeout_seconds=30), clock=world.clock,
+                         metrics=metrics)
+    world.auth.gate.clear()
+    waiting.receive(p.encode_token("comment-2-body", "ok"))
+    await settle()
+    world.clock.now += 31
+    waiting.check()
+    assert waiting.transport.closed_with == 4408
+    assert counts(metrics) == {
+        ("allowed", "allowed"): 1,
+        ("refused_name", "refused_name"): 1,
+        ("denied", "rails_timeout"): 1,
+    }

@@ -343,7 +343,7 @@ class Connection:
             name, _session = p.split_address(address)
             log.warning("auth did not finish before the connection deadline; denied", extra={"document": name})
             if self.metrics:
-                self.metrics.auth.labels("denied").inc()
+                self.metrics.auth_timed_out()
             self.transport.send(p.encode_permission_denied(address, DENIED_REASON))
 
     # ------------------------------------------------------------ teardown

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from .protocol import MessageType
-from .rails import ALLOWED, ERROR, Decision
+from .rails import ALLOWED, ERROR, RAILS_TIMEOUT, Decision
 
 REFUSED_NAME = "refused_name"
 
@@ -45,6 +45,10 @@ class CollabMetrics:
     def auth_decided(self, decision: Decision) -> None:
         cause = decision.cause or (ALLOWED if decision.allowed else ERROR)
         self.auth.labels("allowed" if decision.allowed else "denied", cause).inc()
+
+    def auth_timed_out(self) -> None:
+        """Rails had not answered when the socket's deadline came."""
+        self.auth.labels("denied", RAILS_TIMEOUT).inc()
 
     def auth_refused_name(self) -> None:
         self.auth.labels(REFUSED_NAME, REFUSED_NAME).inc()
