@@ -162,7 +162,8 @@ def _variable(name: str, label: str, query: str) -> dict:
         "type": "query",
         "datasource": DATASOURCE,
         "definition": query,
-        "query": {"query": query, "refId": f"{name}-values"},
+        # A plain string: every Grafana version since 7 reads it.
+        "query": query,
         "refresh": 2,
         "includeAll": True,
         "multi": True,
