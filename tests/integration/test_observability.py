@@ -91,6 +91,11 @@ def test_promtool_unit_tests_fail_when_a_rule_is_wrong(tmp_path):
     assert "ChannelsServiceDown" in done.stdout + done.stderr
 
 
+def test_promtool_accepts_the_example_scrape_configuration():
+    done = run(binary("promtool"), "check", "config", "prometheus.example.yml")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
 def test_every_alert_has_a_summary_and_a_runbook_section_in_the_docs():
     anchors = github_anchors(OPERATIONS_DOC.read_text())
     for rule in alert_rules():
@@ -277,7 +282,10 @@ def test_every_metric_the_dashboard_and_rules_use_was_scraped(scraped):
     used = used_names()
     assert len(used) > 30
     missing = missing_names(scraped, set(used))
-    assert not missing, {name: sorted(used[name]) for name in missing}
+    assert not missing, (
+        "not exported by any service (a typo, or a metric renamed or retired: fix the panel in "
+        f"deploy/observability/build.py or the rule in alerts.yml): {({n: sorted(used[n]) for n in missing})}"
+    )
     # The check is not vacuous: a name typed wrong is reported.
     assert missing_names(scraped, {"records_conected_sockets", "collab_auth_totl"}) == {
         "records_conected_sockets", "collab_auth_totl"}
