@@ -11,7 +11,7 @@ import re
 import secrets
 
 import socketio
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import RecordsSettings
@@ -88,6 +88,8 @@ class RecordsService:
         self.subscription: Subscription | None = None
         self._tasks: list[asyncio.Task] = []
         self._evicting: set[str] = set()
+        observe_service(self.metrics.registry, "records", self._ready,
+                        lambda: bool(self.subscription and self.subscription.live))
         self.app = socketio.ASGIApp(
             self.sio,
             other_asgi_app=Starlette(
