@@ -193,6 +193,25 @@ def collab_rows(ours: dict, ref: dict) -> list:
     ]
 
 
+def trickle_rows(ours: dict, ref: dict) -> list:
+    def mib(result):
+        sent = _get(result, "trickle", "sent")
+        return None if sent is None else sent / (1024 * 1024)
+
+    return [
+        ("server CPU per MiB received (ms)", _get(ours, "trickle", "cpu_ms_per_mib"),
+         _get(ref, "trickle", "cpu_ms_per_mib"), ".1f", ("<=", 1.0)),
+        ("  server CPU for the whole frame (s)", _get(ours, "trickle", "cpu_s"), _get(ref, "trickle", "cpu_s"),
+         ".2f", None),
+        ("  MiB sent", mib(ours), mib(ref), ".1f", NO_RATIO),
+        ("  segments sent", _get(ours, "trickle", "segments"), _get(ref, "trickle", "segments"), "d", NO_RATIO),
+        ("  mean time per segment, gap included (ms)", _get(ours, "trickle", "meanGapMs"),
+         _get(ref, "trickle", "meanGapMs"), ".2f", NO_RATIO),
+        ("other processes on the machine (cores)", _get(ours, "trickle", "other_processes_cores"),
+         _get(ref, "trickle", "other_processes_cores"), ".2f", NO_RATIO),
+    ]
+
+
 def write_json(results: dict, path: Path) -> None:
     path.write_text(json.dumps(results, indent=2, default=str))
 

@@ -10,7 +10,7 @@ import logging
 import re
 import secrets
 
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import RecordsSettings
@@ -84,6 +84,8 @@ class RecordsService:
         self.subscription: Subscription | None = None
         self._tasks: list[asyncio.Task] = []
         self._evicting: set[str] = set()
+        observe_service(self.metrics.registry, "records", self._ready,
+                        lambda: bool(self.subscription and self.subscription.live))
         # playground_routes() is empty unless in development (RAILS_ENV != production).
         self.other = Starlette(
             routes=[*health_routes(self.metrics.registry, self._ready), *playground_routes()],
