@@ -1,8 +1,9 @@
 """HTTP/1.1 of the records port, for uvicorn (`uvicorn.Config(http=...)`):
 Engine.IO long-polling is served in the protocol itself; anything else
 (the websocket upgrade, /healthz, /readyz, /metrics, the playground) is
-handed, bytes and all, to uvicorn's own httptools protocol, as uvicorn
-itself hands an upgrade to its websocket protocol.
+handed, bytes and all, to uvicorn's own httptools protocol (a websocket
+upgrade of /socket.io/ straight to the configured websocket protocol), as
+uvicorn itself hands an upgrade to its websocket protocol.
 
 Served here, a held GET costs no task and no ASGI messages: the session's
 waiter is this connection, and the broadcast that sends to the session
@@ -74,6 +75,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.completed = 0  # requests finished within the current data_received
         self.mixed = False  # the buffer holds an earlier request's bytes too
         self.foreign = False
+        self.upgrade = False
         self.handed_off = False
         self.keep_alive = True
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -161,6 +163,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         path, _, query = self.url.partition(b"?")
         if path != SOCKET_IO_PATH or self.parser.should_upgrade() or self.polling is None:
             self.foreign = True
+            self.upgrade = path == SOCKET_IO_PATH and self.parser.should_upgrade()
             return
         self.keep_alive = self.parser.should_keep_alive()
         method = self.parser.get_method().decode("latin-1")
@@ -282,9 +285,15 @@ class RecordsHttpProtocol(asyncio.Protocol):
             self._refuse_and_close()
             return
         self.server_state.connections.discard(self)
-        protocol = HttpToolsProtocol(
-            config=self.config, server_state=self.server_state, app_state=self.app_state, _loop=self.loop
-        )
+        ws_class = getattr(self.config, "ws_protocol_class", None)
+        if self.upgrade and ws_class is not None:
+            # Straight to the websocket protocol, as uvicorn's own would
+            # hand it over, without parsing the request a second time.
+            protocol = ws_class(config=self.config, server_state=self.server_state, app_state=self.app_state)
+        else:
+            protocol = HttpToolsProtocol(
+                config=self.config, server_state=self.server_state, app_state=self.app_state, _loop=self.loop
+            )
         protocol.connection_made(self.transport)
         self.transport.set_protocol(protocol)
         data, self.buffer = bytes(self.buffer), bytearray()
