@@ -185,3 +185,25 @@ async def test_shutdown_answers_a_held_poll_and_closes_idle_connections():
     q, u = connect()
     q.shutdown()
     assert u.closed
+
+
+async def test_a_cut_long_poll_ends_its_session_and_big_bodies_are_not_kept():
+    closes = []
+    engine, connect, _, _ = make(max_payload=10)
+    engine.on_close = lambda sock, reason: closes.append(reason)
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    head = request("POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Transfer-Encoding: chunked"])
+    p.data_received(head)
+    for _ in range(100):
+        p.data_received(b"400\r\n" + b"4" * 1024 + b"\r\n")  # 100 KiB of body, over the limit
+    assert len(p.buffer) == 0  # served here: the body is neither buffered nor kept
+    p.data_received(b"0\r\n\r\n")
+    assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large"
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    p.connection_lost(None)
+    assert closes == ["transport error"] and sid not in engine.sockets
+    q, u = connect()
+    q.data_received(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"x" * 70000)
+    assert u.take()[0][0] == b"HTTP/1.1 400 Bad Request" and u.closed

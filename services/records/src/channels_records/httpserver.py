@@ -19,6 +19,7 @@ import logging
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from . import engineio as eio
 from .polling import Get, Polling, Post, Reply
 
 log = logging.getLogger("channels.records.http")
@@ -71,6 +72,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.secure = False
         # Bytes of the current request (and what follows), in case it goes to uvicorn.
         self.buffer = bytearray()
+        self.buffering = True  # until the current request is known to be served here
         self.in_message = False
         self.completed = 0  # requests finished within the current data_received
         self.mixed = False  # the buffer holds an earlier request's bytes too
@@ -108,13 +110,17 @@ class RecordsHttpProtocol(asyncio.Protocol):
             held.answered = True
             if held.sock.waiter is held:
                 held.sock.waiter = None
+            # As engine.io: a long-poll cut before its answer ends the session.
+            held.sock.close(eio.TRANSPORT_ERROR, notify_client=False)
 
     def data_received(self, data: bytes) -> None:
         self._cancel_idle()
         if not self.in_message:
             self.buffer.clear()
+            self.buffering = True
             self.mixed = False
-        self.buffer += data
+        if self.buffering:
+            self.buffer += data
         self.completed = 0
         try:
             self.parser.feed_data(data)
@@ -130,7 +136,8 @@ class RecordsHttpProtocol(asyncio.Protocol):
             return
         if self.foreign:
             self._hand_off()
-        elif self.in_message and len(self.buffer) > MAX_HEAD_BYTES and self.body is None:
+        elif self.in_message and self.buffering and len(self.buffer) > MAX_HEAD_BYTES:
+            log.info("http request head too large")
             self._refuse_and_close()
 
     def shutdown(self) -> None:
@@ -165,6 +172,9 @@ class RecordsHttpProtocol(asyncio.Protocol):
             self.foreign = True
             self.upgrade = path == SOCKET_IO_PATH and self.parser.should_upgrade()
             return
+        # Served here: nothing of it will be handed over, so nothing is kept.
+        self.buffering = False
+        self.buffer.clear()
         self.keep_alive = self.parser.should_keep_alive()
         method = self.parser.get_method().decode("latin-1")
         polling = self.polling
