@@ -207,3 +207,20 @@ async def test_a_cut_long_poll_ends_its_session_and_big_bodies_are_not_kept():
     q, u = connect()
     q.data_received(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"x" * 70000)
     assert u.take()[0][0] == b"HTTP/1.1 400 Bad Request" and u.closed
+
+
+async def test_a_client_not_reading_its_responses_is_not_read_from():
+    engine, connect, _, _ = make()
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    p.pause_writing()  # the transport's buffer is past its high-water mark
+    engine.sockets[sid].send("42[1]")
+    assert t.take()[0][2] == b"42[1]" and t.paused  # answered, but no next request is read
+    p.resume_writing()
+    assert not t.paused
+    p.data_received(request(
+        "POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Expect: 100-continue"], b"3",
+    ))
+    assert t.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")

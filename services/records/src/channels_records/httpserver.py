@@ -81,6 +81,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.handed_off = False
         self.keep_alive = True
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.write_paused = False
         self.held: _Held | None = None
         self._cors_key = None
         self._cors: list[tuple[bytes, bytes]] = []
@@ -140,6 +141,17 @@ class RecordsHttpProtocol(asyncio.Protocol):
             log.info("http request head too large")
             self._refuse_and_close()
 
+    def pause_writing(self) -> None:
+        # The client is not reading its responses: read no further requests
+        # (so none is answered) until it does. TCP backpressure, not buffering.
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.held is None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
     def shutdown(self) -> None:
         """uvicorn is stopping: a held poll is answered (the sessions were
         closed first: it carries their CLOSE), idle connections close."""
@@ -191,6 +203,8 @@ class RecordsHttpProtocol(asyncio.Protocol):
             self.post = decision.sock
             self.post.posting = True
             self.body = bytearray()
+            if self.headers.get(b"expect", b"").lower() == b"100-continue":
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         if self.foreign or self.body is None or self.too_large:
@@ -234,7 +248,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         if self.transport.is_closing():
             return
         self._write(Polling.answer(held.sock))
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and not self.write_paused:
             self.transport.resume_reading()
 
     def _write(self, reply: Reply, cors: bool = True) -> None:
