@@ -100,7 +100,9 @@ class Connections:
     async def _lookup(self, token: str | None) -> tuple[ChannelUser | None, bool]:
         """(user, deferred): deferred when Redis could not answer now."""
         try:
-            user = await asyncio.wait_for(lookup_channel_user(self.redis, token), self.lookup_timeout)
+            # asyncio.timeout, not wait_for: no extra task per connect.
+            async with asyncio.timeout(self.lookup_timeout):
+                user = await lookup_channel_user(self.redis, token)
             return user, False
         except REDIS_FAILURES as exc:
             log.warning("token lookup deferred until redis answers", extra={"error": type(exc).__name__})
@@ -116,9 +118,8 @@ class Connections:
         pid = None
         if self.store is not None and not deferred:
             try:
-                pid, _ = await asyncio.wait_for(
-                    self.store.create_session(sid, token, rooms), self.lookup_timeout
-                )
+                async with asyncio.timeout(self.lookup_timeout):
+                    pid, _ = await self.store.create_session(sid, token, rooms)
             except REDIS_FAILURES as exc:
                 log.warning("recovery session not stored", extra={"error": type(exc).__name__})
         if self._gone(eio_sid):
