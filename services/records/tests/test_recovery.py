@@ -686,3 +686,22 @@ async def test_a_client_that_missed_more_than_the_cap_is_refused_whole(clients, 
     assert [e.offset for e in restored.missed][:49] == offsets[401:]
     assert [json.loads(e.data) for e in restored.missed][-1] == {"notice": 1}
     assert len(restored.missed) == 50
+
+
+async def test_open_session_reads_the_token_and_restores_the_rooms_it_gives(clients, redis):
+    a = stores(clients)[0]
+    await redis.set("/current_users/tok-o", json.dumps({"id": 7, "name": "N", "group_ids": [3, 3, 4, "x", True]}))
+    pid, offset, raw = await a.open_session("sid-o", "tok-o")
+    assert json.loads(raw)["id"] == 7 and offset == ZERO_OFFSET
+    logged = {}
+    for room in ("notice", "user-7", "group-3", "group-4", "group-5", "user-8"):
+        logged[room] = await a.log_message(room, "records", record(room, 0))
+    restored = await a.restore(pid, "tok-o", None)
+    assert restored.sid == "sid-o"
+    assert restored.rooms == ["notice", "user-7", "group-3", "group-4"]
+    assert [e.offset for e in restored.missed] == [logged[r] for r in ("notice", "user-7", "group-3", "group-4")]
+    assert await a.restore(pid, "other-token", None) is None
+    # an unknown token: a session with notices only
+    pid2, _, raw2 = await a.open_session("sid-u", "no-such-token")
+    assert raw2 is None
+    assert (await a.restore(pid2, "no-such-token", None)).rooms == ["notice"]

@@ -8,7 +8,7 @@ import asyncio
 import logging
 from urllib.parse import parse_qs
 
-from channels_common.auth import ChannelUser, lookup_channel_user
+from channels_common.auth import ChannelUser, lookup_channel_user, parse_current_user, valid_token
 from channels_common.redis import with_backoff
 from channels_common.wsframe import SERVICE_RESTART
 from redis.exceptions import RedisError
@@ -108,15 +108,30 @@ class Connections:
             log.warning("token lookup deferred until redis answers", extra={"error": type(exc).__name__})
             return None, True
 
+    async def _open(self, sid: str, token: str) -> tuple[ChannelUser | None, bool, str | None]:
+        """(user, deferred, pid): the token lookup and the recovery session
+        in one Redis round trip."""
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                pid, _, raw = await self.store.open_session(sid, token)
+            return parse_current_user(raw), False, pid
+        except REDIS_FAILURES as exc:
+            log.warning("token lookup deferred until redis answers", extra={"error": type(exc).__name__})
+            return None, True, None
+
     async def _connect_fresh(self, eio_sid: str, token: str | None) -> None:
         sid = new_sid()
         self.rooms.add(sid, eio_sid)
-        user, deferred = await self._lookup(token)
+        opened = self.store is not None and valid_token(token)
+        if opened:
+            user, deferred, pid = await self._open(sid, token)
+        else:
+            user, deferred = await self._lookup(token)
+            pid = None
         rooms = rooms_for(user)
         for room in rooms:
             self.rooms.enter(sid, room)
-        pid = None
-        if self.store is not None and not deferred:
+        if self.store is not None and not deferred and not opened:
             try:
                 async with asyncio.timeout(self.lookup_timeout):
                     pid, _ = await self.store.create_session(sid, token, rooms)

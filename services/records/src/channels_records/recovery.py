@@ -22,7 +22,9 @@ Keys (the prefix defaults to ``recovery:``)
 - ``recovery:dedup:{hash}`` (hash, TTL ``dedup_seconds`` from the last use):
   who logged which occurrence of one payload (see "Dedup" below).
 - ``recovery:session:{sha256(pid)}`` (hash, TTL = window, extended by
-  ``touch`` and ``restore``): ``sid``, ``rooms`` (JSON list), ``tok`` (a
+  ``touch`` and ``restore``): ``sid``, ``rooms`` (JSON list) or ``user``
+  (the record Rails stored for the token at connect, which gives the rooms;
+  ``open_session`` reads it and creates the session in one round trip), ``tok`` (a
   SHA-256 fingerprint of the channel token, never the token), ``off`` (the
   offset at connect time). The pid itself is not stored, so reading Redis
   does not reveal pids that could hijack a session.
@@ -92,11 +94,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from channels_common.auth import current_user_key, parse_current_user
 from channels_common.redis import RespConnection
 from channels_common.resp import ProtocolError, ReplyError, pack_command
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .rooms import rooms_for
 
 log = logging.getLogger("channels.records.recovery")
 
@@ -232,14 +237,33 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return off
 """
 
+# KEYS: session, last-offset, the token's current-user key   ARGV: sid, token fingerprint, window_ms
+# The token lookup and the session in one round trip; the session keeps the
+# user record, its rooms are worked out from it (in Python) if it is restored.
+_OPEN_SCRIPT = """
+local user = redis.call('GET', KEYS[3])
+local off = redis.call('GET', KEYS[2]) or '0-0'
+redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'user', user or '', 'tok', ARGV[2], 'off', off)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {off, user}
+"""
+
 # KEYS: session, last-offset
-# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix, trim mark prefix
-# Returns a status string, or {sid, rooms json, id, event, data, id, event, data, ...}
-# with each room's entries in id order, rooms one after the other.
+# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix, trim mark prefix,
+#       rooms json|'' (for a session that kept its user record instead)
+# Returns a status string, {'rooms', user record} when the caller must work
+# out the rooms (and call again with them), or {sid, rooms json, id, event,
+# data, id, event, data, ...} with each room's entries in id order, rooms one
+# after the other.
 _RESTORE_SCRIPT = """
-local s = redis.call('HMGET', KEYS[1], 'sid', 'rooms', 'tok', 'off')
+local s = redis.call('HMGET', KEYS[1], 'sid', 'rooms', 'tok', 'off', 'user')
 if not s[1] then return 'unknown' end
 if s[3] ~= ARGV[1] then return 'token' end
+local rooms_json = s[2]
+if not rooms_json then
+  if (ARGV[7] or '') == '' then return {'rooms', s[5] or ''} end
+  rooms_json = ARGV[7]
+end
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
@@ -257,9 +281,9 @@ if ARGV[2] ~= '' then
   if less(off, ARGV[2]) then off = ARGV[2] end
 end
 local max = tonumber(ARGV[4])
-local out = {s[1], s[2]}
+local out = {s[1], rooms_json}
 local total = 0
-local rooms = cjson.decode(s[2])
+local rooms = cjson.decode(rooms_json)
 for _, room in ipairs(rooms) do
   -- the per-room cap removed entries up to the mark: one after the offset
   -- may be among them, and a replay with a hole is no recovery
@@ -538,6 +562,7 @@ class RecoveryStore:
         self._log = _Script(_LOG_SCRIPT)
         self._line = _LogLine(redis, _LOG_LINE_TIMEOUT)
         self._create = _Script(_CREATE_SCRIPT)
+        self._open = _Script(_OPEN_SCRIPT)
         self._restore = _Script(_RESTORE_SCRIPT)
         # The local wall clock until mark_live() reads Redis's; the grace
         # absorbs skew between the two.
@@ -745,6 +770,19 @@ class RecoveryStore:
         offset = offset.decode() if isinstance(offset, bytes) else str(offset)
         return pid, offset
 
+    async def open_session(self, sid: str, token: str) -> tuple[str, str, bytes | None]:
+        """At connect, in one round trip: the record Rails stored for
+        `token` (None when there is none) and a new session (secret pid,
+        connect offset) whose rooms follow from that record."""
+        pid = secrets.token_urlsafe(24)
+        offset, user = await self._open(
+            self._redis,
+            [self.session_key(pid), self._last_key, current_user_key(token)],
+            [sid, token_fingerprint(token), self.window_ms],
+        )
+        offset = offset.decode() if isinstance(offset, bytes) else str(offset)
+        return pid, offset, user
+
     async def touch(self, pids: list[str]) -> None:
         """Restart the window of live (or just disconnected) sessions."""
         for start in range(0, len(pids), 1000):
@@ -770,11 +808,14 @@ class RecoveryStore:
             return None
         if token is not None and not isinstance(token, str):
             return None
-        reply = await self._restore(
-            self._redis,
-            [self.session_key(pid), self._last_key],
-            [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix, self._trim_prefix],
-        )
+        keys = [self.session_key(pid), self._last_key]
+        args = [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix,
+                self._trim_prefix]
+        reply = await self._restore(self._redis, keys, args)
+        if isinstance(reply, list) and len(reply) == 2 and reply[0] == b"rooms":
+            # A session opened with open_session: its rooms, from its user record.
+            rooms = rooms_for(parse_current_user(reply[1] or None))
+            reply = await self._restore(self._redis, keys, [*args, json.dumps(rooms)])
         if not isinstance(reply, list):
             reason = reply.decode() if isinstance(reply, bytes) else str(reply)
             log.info("recovery refused", extra={"reason": _REASONS.get(reason, reason)})
