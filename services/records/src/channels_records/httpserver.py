@@ -132,13 +132,13 @@ class RecordsHttpProtocol(asyncio.Protocol):
             self._refuse_and_close()
             return
         except httptools.HttpParserError as exc:
-            log.info("bad http request", extra={"error": str(exc)})
+            log.warning("bad http request from client, refused", extra={"error": str(exc)})
             self._refuse_and_close()
             return
         if self.foreign:
             self._hand_off()
         elif self.in_message and self.buffering and len(self.buffer) > MAX_HEAD_BYTES:
-            log.info("http request head too large")
+            log.warning("http request head from client too large, refused")
             self._refuse_and_close()
 
     def pause_writing(self) -> None:
