@@ -3,7 +3,7 @@
 
 An `EngineSocket` is one Engine.IO session. Until it is on its websocket
 for good, what is sent to it waits in `pending` (engine.io packet texts,
-their bytes counted) for a long-poll to take, or for the upgrade to flush
+their characters counted) for a long-poll to take, or for the upgrade to flush
 it. Once on the websocket, `transport` is set and every packet is framed
 and written at once, in call order; the broadcast fast path writes there
 too. `Rooms` maps Socket.IO sids to rooms and to their engine.io sessions.
@@ -114,7 +114,9 @@ class EngineSocket:
         self.websocket = None  # the websocket protocol (see websocket.py)
         self.pending: list[str] = []
         self.pending_bytes = 0
-        self.waiter: asyncio.Future | None = None  # a held long-poll
+        # A held long-poll: anything with done() and set_result(), a future
+        # (polling.AsgiPolling) or the connection itself (httpserver.py).
+        self.waiter = None
         self.posting = False
         self.upgrading = False
         self.closing = False
