@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := -e libs/common[sentry] -e services/records -e services/collab -e services/bots
 
-.PHONY: install run test test-fast bench lint clean node
+.PHONY: install run test test-fast bench lint clean node doctor
 
 install: $(BIN)/.installed node
 
@@ -34,6 +34,14 @@ playground/dist/.built: playground/package.json playground/package-lock.json pla
 
 run: install
 	$(BIN)/python scripts/run.py
+
+# channels-doctor against `make run`'s services, with the defaults scripts/run.py
+# gives them (set REDIS_URL, PRIVATE_APP_URL, PUBLIC_APP_URL to check others).
+doctor: install
+	REDIS_URL="$${REDIS_URL:-redis://127.0.0.1:$${DEV_REDIS_PORT:-6380}/0}" \
+	PRIVATE_APP_URL="$${PRIVATE_APP_URL:-http://127.0.0.1:$${DEV_RAILS_PORT:-3030}}" \
+	PUBLIC_APP_URL="$${PUBLIC_APP_URL:-http://localhost:5000}" \
+	$(BIN)/channels-doctor $(DOCTOR_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

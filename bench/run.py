@@ -9,7 +9,9 @@ summary and a PNG chart under bench/results/.
     python bench/run.py                       # defaults, under 10 minutes
     python bench/run.py --quick               # a smaller, faster run
     python bench/run.py --scenario records --clients 500 --groups 10
+    python bench/run.py --scenario trickle    # one 9 MiB frame in 1 KiB segments
     python bench/run.py --profile             # also py-spy our records server
+    python bench/run.py --scenario polling    # records over long-polling only
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from channels_common.redis_server import start_local_redis
 from bench import profile_summary, report
 from bench.collab_bench import CollabConfig, run_collab, run_collab_cluster
 from bench.processes import BENCH, VENV_BIN, Server, free_port
-from bench.records_bench import RecordsConfig, run_records
+from bench.records_bench import POLLING_RATES, RecordsConfig, run_records
+from bench.trickle_bench import TrickleConfig, best_trickle_run, run_trickle
 
 TARGETS = ("ours", "reference")
 
@@ -54,6 +57,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return value
+
+
 def rate_list(text: str) -> list[int]:
     try:
         rates = [int(r) for r in text.split(",") if r.strip()]
@@ -66,12 +79,15 @@ def rate_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=("records", "collab", "cluster", "all"), default="all",
+    p.add_argument("--scenario", choices=("records", "polling", "collab", "trickle", "cluster", "all"),
+                   default="all",
                    help="cluster: collab on two instances and one Redis, against Hocuspocus + extension-redis")
     p.add_argument("--targets", default="ours,reference", help="comma-separated: ours, reference")
     p.add_argument("--quick", action="store_true", help="fewer clients, documents and steps")
     p.add_argument("--clients", type=positive_int, help="records: websocket clients (default 2000, quick 500)")
     p.add_argument("--groups", type=positive_int, help="records: groups the clients are spread over (default 20)")
+    p.add_argument("--polling-clients", type=positive_int,
+                   help="polling: long-polling clients in 10 groups (default 500, and never more than --clients)")
     p.add_argument("--rates", type=rate_list, help="records: comma-separated deliveries/s, one step each")
     p.add_argument("--repeat", type=positive_int,
                    help="rounds of ours and reference, first one then the other, the best round of each "
@@ -86,6 +102,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
     p.add_argument("--edit-seconds", type=float, help="collab: length of the edit phase (default 10)")
     p.add_argument("--big-repeats", type=positive_int, help="collab: new clients timed on the 100 KB document")
+    p.add_argument("--trickle-mib", type=positive_float,
+                   help="trickle: MiB of the one frame sent in 1 KiB segments 0.4 ms apart (default 9)")
+    p.add_argument("--trickle-repeat", type=positive_int,
+                   help="trickle: rounds, as --repeat (default: --repeat if given, else 3; quick 1); "
+                        "the least CPU per MiB counts")
     p.add_argument("--settle-seconds", type=float, help="quiet time before memory readings (default 2)")
     p.add_argument("--out", default=str(BENCH / "results"), help="directory for JSON, Markdown and PNG")
     p.add_argument("--update-readme", action="store_true",
@@ -95,9 +116,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def configs(args) -> tuple[RecordsConfig, CollabConfig]:
+def polling_config(args, rec: RecordsConfig) -> RecordsConfig:
+    """The records scenario over Engine.IO long-polling: 500 clients in 10
+    groups, lower rates (each delivery is an HTTP response)."""
+    cfg = RecordsConfig(**{**rec.__dict__, "rates": list(rec.rates if args.rates else POLLING_RATES)})
+    cfg.client = "polling"
+    cfg.clients = min(args.polling_clients or 500, rec.clients)
+    cfg.groups = max(1, min(10, cfg.clients))
+    cfg.token_prefix = "bench-poll-"
+    return cfg
+
+
+def configs(args) -> tuple[RecordsConfig, CollabConfig, TrickleConfig]:
     rec = RecordsConfig()
     col = CollabConfig(edit_rate=args.edit_rate)
+    tri = TrickleConfig()
+    if args.trickle_mib is not None:
+        tri.mib = args.trickle_mib
     if args.quick:
         rec.clients, col.docs = 500, 100
         rec.rates = [2500, 5000, 10000, 20000, 30000]
@@ -114,6 +149,8 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
     if args.collab_repeat is None:
         # An explicit --repeat sets both scenarios; by default collab gets one more round.
         args.collab_repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    if args.trickle_repeat is None:
+        args.trickle_repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
     if args.repeat is None:
         args.repeat = 1 if args.quick else 2
     args.repeat = max(1, args.repeat)
@@ -126,8 +163,8 @@ def configs(args) -> tuple[RecordsConfig, CollabConfig]:
     if args.big_repeats is not None:
         col.big_repeats = args.big_repeats
     if args.settle_seconds is not None:
-        rec.settle_seconds = col.settle_seconds = args.settle_seconds
-    return rec, col
+        rec.settle_seconds = col.settle_seconds = tri.settle_seconds = args.settle_seconds
+    return rec, col, tri
 
 
 def report_profile(profiler) -> None:
@@ -164,10 +201,11 @@ def best_collab_run(runs: list[dict]) -> dict:
 
 async def run_rounds(scenario, targets, args, out, stamp, log, best, run_one) -> dict:
     """`args.repeat` rounds of one scenario (`args.collab_repeat` for
-    collab), the servers taking turns to go first; each server's best round
-    counts. Only our first round is profiled."""
+    collab, `args.trickle_repeat` for trickle), the servers taking turns to
+    go first; each server's best round counts. Only our first round is
+    profiled."""
     runs: dict[str, list[dict]] = {who: [] for who in targets}
-    rounds = args.collab_repeat if scenario == "collab" else args.repeat
+    rounds = {"collab": args.collab_repeat, "trickle": args.trickle_repeat}.get(scenario, args.repeat)
     for round_no in range(rounds):
         if rounds > 1:
             log(f" round {round_no + 1} of {rounds}")
@@ -266,7 +304,7 @@ class Profiler:
 
 
 async def main_async(args) -> int:
-    rec_cfg, col_cfg = configs(args)
+    rec_cfg, col_cfg, tri_cfg = configs(args)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
     if unknown or not targets:
@@ -297,6 +335,17 @@ async def main_async(args) -> int:
                     helper_pids=(redis_server.process.pid, rails.pid),
                 ),
             )
+        if args.scenario in ("polling", "all"):
+            poll_cfg = polling_config(args, rec_cfg)
+            log(f"polling: {poll_cfg.clients} long-polling clients in {poll_cfg.groups} groups, "
+                f"steps {poll_cfg.rates} deliveries/s, {poll_cfg.step_seconds:g} s each")
+            results["polling"] = await run_rounds(
+                "polling", targets, args, out, stamp, log, best_run,
+                lambda who, profiler: run_records(
+                    records_server(who, redis_server.url), poll_cfg, redis_server.url, log, profiler,
+                    helper_pids=(redis_server.process.pid, rails.pid),
+                ),
+            )
         if args.scenario in ("collab", "all"):
             log(f"collab: {col_cfg.docs} documents, editor at {col_cfg.edit_rate:g} updates/s for "
                 f"{col_cfg.edit_seconds:g} s, observer on each")
@@ -304,6 +353,16 @@ async def main_async(args) -> int:
                 "collab", targets, args, out, stamp, log, best_collab_run,
                 lambda who, profiler: run_collab(
                     collab_server(who, redis_server.url, rails_url), col_cfg, log,
+                    helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
+                ),
+            )
+        if args.scenario in ("trickle", "all"):
+            log(f"trickle: one {tri_cfg.mib:g} MiB binary frame in {tri_cfg.segment_bytes} B segments "
+                f"{tri_cfg.gap_ms:g} ms apart, no token, against collab")
+            results["trickle"] = await run_rounds(
+                "trickle", targets, args, out, stamp, log, best_trickle_run,
+                lambda who, profiler: run_trickle(
+                    collab_server(who, redis_server.url, rails_url), tri_cfg, log,
                     helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
                 ),
             )
@@ -331,11 +390,25 @@ async def main_async(args) -> int:
         title = f"Records: {rec_cfg.clients} clients, {rec_cfg.groups} groups, ~{rec_cfg.payload_bytes} B payloads"
         tables.append(report.table(title, rows))
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
+    if "polling" in results:
+        r = results["polling"]
+        rows = report.records_rows(r.get("ours", empty), r.get("reference", empty), polling=True)
+        title = (f"Records over long-polling: {poll_cfg.clients} clients, {poll_cfg.groups} groups, "
+                 f"~{poll_cfg.payload_bytes} B payloads")
+        tables.append(report.table(title, rows))
+        markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     if "collab" in results:
         c = results["collab"]
         rows = report.collab_rows(c.get("ours", empty), c.get("reference", empty))
         title = (f"Collab: {col_cfg.docs} documents x 2 providers, "
                  f"{col_cfg.edit_rate:g} update/s per editor")
+        tables.append(report.table(title, rows))
+        markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
+    if "trickle" in results:
+        t = results["trickle"]
+        rows = report.trickle_rows(t.get("ours", empty), t.get("reference", empty))
+        title = (f"Trickle (collab): one {tri_cfg.mib:g} MiB frame in {tri_cfg.segment_bytes} B segments "
+                 f"{tri_cfg.gap_ms:g} ms apart, best of {args.trickle_repeat}")
         tables.append(report.table(title, rows))
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     if "cluster" in results:
@@ -347,7 +420,7 @@ async def main_async(args) -> int:
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     errors = [
         f"{scenario} {who}: {res['error']}"
-        for scenario in ("records", "collab", "cluster")
+        for scenario in ("records", "polling", "collab", "trickle", "cluster")
         for who, res in (results.get(scenario) or {}).items()
         if res.get("error")
     ]

@@ -24,6 +24,12 @@ def token(user: str) -> str:
     return f"{user},{USERS.get(user, 'x')}"
 
 
+class _Server(ThreadingHTTPServer):
+    # A burst of auths (500 documents on one socket) opens up to 32
+    # connections at once; socketserver's default backlog of 5 refuses some.
+    request_queue_size = 128
+
+
 class RailsStandIn:
     """POST /api/hocuspocus, decided as Rails does. Special users: 500
     answers 500, 504 answers after `slow_seconds` (past the auth timeout)."""
@@ -54,7 +60,7 @@ class RailsStandIn:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the service gave up waiting, as it should
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.server = _Server(("127.0.0.1", free_port()), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 

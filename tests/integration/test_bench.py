@@ -15,6 +15,7 @@ from tests.support import ROOT
 TINY = [
     "--clients", "20", "--groups", "2", "--rates", "400,800", "--step-seconds", "1", "--repeat", "1",
     "--docs", "5", "--edit-seconds", "2", "--big-repeats", "1", "--settle-seconds", "0.2",
+    "--trickle-mib", "0.25",
 ]
 
 
@@ -61,14 +62,24 @@ def check_collab(result: dict) -> None:
     assert big["failed"] == 0 and len(big["times"]) == 1 and big["median"] > 0
 
 
+def check_trickle(result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    t = result["trickle"]
+    assert t["bytes"] == t["sent"] == 256 * 1024 and t["segments"] == 256
+    assert t["cpu_s"] >= 0 and t["cpu_ms_per_mib"] == pytest.approx(t["cpu_s"] * 1000 * 4)
+    assert t["meanGapMs"] > 0 and t["other_processes_cores"] >= 0
+
+
 @pytest.mark.slow
 def test_tiny_bench_of_ours_and_the_reference_gives_well_formed_results(tmp_path):
     done, results = run_bench(tmp_path, "ours", "reference")
     for who in ("ours", "reference"):
         check_records(results["records"][who])
         check_collab(results["collab"][who])
+        check_trickle(results["trickle"][who])
     # One table per scenario, with both columns and the ratio.
     assert "Records: 20 clients, 2 groups" in done.stdout and "Collab: 5 documents" in done.stdout
+    assert "Trickle (collab): one 0.25 MiB frame" in done.stdout
     assert "ours  reference  ratio" in done.stdout
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| memory per idle connection (KiB) |" in (tmp_path / "latest.md").read_text()

@@ -182,3 +182,58 @@ def test_rounds_alternate_who_goes_first_and_collab_keeps_its_lowest_p99_without
     best = best_collab_run([busy, lossy, calm])
     assert best["edit"]["p99"] == 12.0 and best["round_p99s"] == [40.0, None, 12.0]
     assert best_collab_run([busy]) == busy
+
+
+def test_trickle_cost_is_server_cpu_per_mib_received():
+    from bench.trickle_bench import TrickleConfig, cpu_ms_per_mib
+
+    assert cpu_ms_per_mib(0.36, 9 * 1024 * 1024) == pytest.approx(40.0)
+    assert cpu_ms_per_mib(0.01, 512 * 1024) == pytest.approx(20.0)
+    assert cpu_ms_per_mib(1.0, 0) is None
+    assert TrickleConfig().bytes == 9 * 1024 * 1024 and TrickleConfig(mib=0.5).bytes == 512 * 1024
+
+
+def test_of_trickle_rounds_the_cheapest_whole_frame_counts_and_all_are_kept():
+    from bench.trickle_bench import best_trickle_run
+
+    def run(cost, sent=100, error=None):
+        r = {"trickle": {"cpu_ms_per_mib": cost, "sent": sent, "bytes": 100}}
+        return {**r, "error": error} if error else r
+
+    cut_short = run(1.0, sent=50)  # cheap only because the server stopped reading
+    broken = run(2.0, error="exited")
+    busy, calm = run(40.0), run(31.0)
+    best = best_trickle_run([busy, cut_short, broken, calm])
+    assert best["trickle"]["cpu_ms_per_mib"] == 31.0
+    assert best["round_cpu_ms_per_mib"] == [40.0, None, None, 31.0] and len(best["rounds"]) == 4
+    assert best_trickle_run([busy]) == busy
+
+
+def test_trickle_table_compares_cpu_per_mib_against_the_reference():
+    ours = {"trickle": {"cpu_ms_per_mib": 31.1, "cpu_s": 0.28, "sent": 9 * 1024 * 1024, "segments": 9216,
+                        "meanGapMs": 0.45, "other_processes_cores": 0.3}}
+    ref = {"trickle": {"cpu_ms_per_mib": 37.8, "cpu_s": 0.34, "sent": 9 * 1024 * 1024, "segments": 9216,
+                       "meanGapMs": 0.41, "other_processes_cores": 0.2}}
+    rows = report.trickle_rows(ours, ref)
+    assert rows[0][:3] == ("server CPU per MiB received (ms)", 31.1, 37.8) and rows[0][4] == ("<=", 1.0)
+    assert "0.82" in report.table("Trickle", rows).splitlines()[3] and "PASS" in report.table("Trickle", rows)
+    assert rows[2][1:3] == (9.0, 9.0)
+    # A failed server gives dashes, not a crash.
+    assert report.markdown_table(report.trickle_rows({}, ref)).splitlines()[2].startswith("| server CPU per MiB")
+
+
+def test_trickle_is_a_scenario_with_its_own_size_and_rounds():
+    from bench.run import configs, parse_args
+
+    args = parse_args(["--scenario", "trickle", "--trickle-mib", "0.5"])
+    _, _, tri = configs(args)
+    assert tri.bytes == 512 * 1024 and args.trickle_repeat == 3
+    args = parse_args(["--repeat", "1"])
+    configs(args)
+    assert args.trickle_repeat == 1
+    args = parse_args(["--quick", "--trickle-repeat", "2"])
+    configs(args)
+    assert args.trickle_repeat == 2
+    for bad in ("0", "-1", "lots"):
+        with pytest.raises(SystemExit):
+            parse_args(["--trickle-mib", bad])

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis as redis_sync
 from channels_collab.snapshot import APPEND_SCRIPT
-from channels_common.redis_server import LocalRedis, free_port, server_binary
+from channels_common.redis_server import start_local_redis
 from pycrdt import Doc, Text
 
 from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
@@ -270,11 +270,7 @@ def test_20000_small_edits_leave_redis_memory_bounded(three, open_provider, redi
 
 @pytest.mark.slow
 def test_redis_stopped_and_restarted_during_editing_loses_no_word(rails, open_provider):
-    binary = server_binary()
-    import tempfile
-
-    redis = LocalRedis(port=free_port(), binary=binary, directory=tempfile.mkdtemp(prefix="redis-"), appendonly=True)
-    redis.start()
+    redis = start_local_redis(extra_args=("--appendonly", "yes", "--appendfsync", "always"))
     a_svc = start_collab(rails.url, redis.url)
     b_svc = start_collab(rails.url, redis.url)
     try:

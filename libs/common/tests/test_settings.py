@@ -1,3 +1,4 @@
+import pytest
 from channels_common.settings import BotsSettings, CollabSettings, RecordsSettings
 
 
@@ -45,6 +46,29 @@ def test_collab_rails_base_url_order(monkeypatch):
     assert CollabSettings().rails_base_url == "http://private:3000"
     monkeypatch.setenv("COLLAB_TIMEOUT_MS", "1000")
     assert CollabSettings().timeout_ms == 1000
+
+
+def test_collab_throttle_is_off_by_default_and_trusted_proxies_parse(monkeypatch):
+    for name in ("COLLAB_THROTTLE_ATTEMPTS", "COLLAB_THROTTLE_WINDOW_SECONDS", "COLLAB_THROTTLE_BAN_SECONDS",
+                 "TRUSTED_PROXIES"):
+        monkeypatch.delenv(name, raising=False)
+    s = CollabSettings()
+    assert (s.throttle_attempts, s.throttle_window_seconds, s.throttle_ban_seconds) == (0, 60.0, 300.0)
+    assert s.trusted_proxy_networks == ()
+    monkeypatch.setenv("COLLAB_THROTTLE_ATTEMPTS", "15")
+    monkeypatch.setenv("COLLAB_THROTTLE_BAN_SECONDS", "1.5")
+    monkeypatch.setenv("TRUSTED_PROXIES", " 127.0.0.1, 10.1.2.3/8,,fd00::/8 ")
+    s = CollabSettings()
+    assert s.throttle_attempts == 15 and s.throttle_ban_seconds == 1.5
+    assert [str(n) for n in s.trusted_proxy_networks] == ["127.0.0.1/32", "10.0.0.0/8", "fd00::/8"]
+    for bad in ("10.0.0.0/33", "proxy.internal", "127.0.0.1;"):
+        monkeypatch.setenv("TRUSTED_PROXIES", bad)
+        with pytest.raises(ValueError):
+            CollabSettings()
+    monkeypatch.setenv("TRUSTED_PROXIES", "")
+    monkeypatch.setenv("COLLAB_THROTTLE_WINDOW_SECONDS", "0")
+    with pytest.raises(ValueError):
+        CollabSettings()
 
 
 def test_bots_defaults(monkeypatch):

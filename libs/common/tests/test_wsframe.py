@@ -144,3 +144,102 @@ def test_server_control_frames():
     long = close_frame(1000, "é" * 100)
     assert len(long) <= 2 + 125 and long[4:].decode("utf-8") == "é" * 61
     assert pong_frame(b"hi") == b"\x8a\x02hi"
+
+
+# -- segmentation: same events, linear work -------------------------------------
+
+
+def feed_all(parser: FrameParser, chunks) -> list:
+    events = []
+    for chunk in chunks:
+        events += parser.feed(chunk)
+    return events
+
+
+def test_a_frame_trickled_a_byte_at_a_time_or_in_small_reads_copies_about_what_it_does_fed_whole():
+    # Copies counted, not time: the old parser joined its whole pending buffer
+    # with each read, ~n^2/2 bytes copied (3.4e10 for 256 KiB a byte at a time).
+    # Trickled, each byte is copied in once, at most twice more as the buffer
+    # doubles, and out once with the payload: under 4x, plus a read or two.
+    for size, step in [(256 * 1024, 1), (10 * 1024 * 1024, 1024)]:
+        payload = bytes(range(256)) * (size // 256)
+        frame = masked(0x82, payload)
+        whole = FrameParser(size)
+        assert whole.feed(frame) == [Message(payload)]
+        assert whole.bytes_copied == size  # the payload, taken out once
+        trickled = FrameParser(size)
+        events = feed_all(trickled, (frame[i:i + step] for i in range(0, len(frame), step)))
+        assert events == [Message(payload)]
+        assert size < trickled.bytes_copied <= 4 * whole.bytes_copied + 2 * step + 64, (size, step, trickled.bytes_copied)
+
+
+def test_trickled_frames_among_others_copy_a_constant_amount_per_byte():
+    # Several frames of mixed sizes, cut into reads that never line up with them.
+    frames = [masked(0x82, bytes([i]) * n) for i, n in enumerate([70000, 3, 125, 126, 65535, 1, 200000, 0])]
+    data = b"".join(frames)
+    for step in (1, 7, 1000, 4096, 65537):
+        p = FrameParser(1 << 20)
+        events = feed_all(p, (data[i:i + step] for i in range(0, len(data), step)))
+        assert events == [Message(bytes([i]) * n) for i, n in enumerate([70000, 3, 125, 126, 65535, 1, 200000, 0])]
+        assert p.bytes_copied <= 4 * len(data) + 8 * 2 * step, (step, p.bytes_copied)
+
+
+STREAM = (
+    masked(0x01, b"He")  # text, first fragment
+    + masked(0x89, b"mid")  # ping between fragments
+    + masked(0x00, b"l")  # continuation, not final
+    + masked(0x8A, b"pong")  # pong between fragments: swallowed
+    + masked(0x80, b"lo")  # final continuation
+    + masked(0x82, bytes(range(130)))  # 16-bit length
+    + masked(0x02, b"ab")  # binary, first fragment
+    + masked(0x89, b"")  # empty ping
+    + masked(0x80, b"cd")
+    + masked(0x81, "✓".encode())  # a UTF-8 character
+    + masked(0x88, b"\x03\xe8bye")
+)
+STREAM_EVENTS = [
+    Ping(b"mid"), Message("Hello"), Message(bytes(range(130))), Ping(b""), Message(b"abcd"), Message("✓"),
+    Close(1000, "bye"),
+]
+
+
+def test_fragments_and_interleaved_control_frames_split_at_every_byte_boundary():
+    assert FrameParser(1000).feed(STREAM) == STREAM_EVENTS
+    assert feed_all(FrameParser(1000), (STREAM[i:i + 1] for i in range(len(STREAM)))) == STREAM_EVENTS
+    for i in range(len(STREAM) + 1):
+        assert feed_all(FrameParser(1000), [STREAM[:i], STREAM[i:]]) == STREAM_EVENTS, i
+
+
+def test_every_three_way_split_of_a_small_fragmented_message():
+    data = masked(0x01, b"ab") + masked(0x89, b"p") + masked(0x80, b"cd") + masked(0x82, b"\x00" * 126)
+    expected = [Ping(b"p"), Message("abcd"), Message(b"\x00" * 126)]
+    for i in range(len(data) + 1):
+        for j in range(i, len(data) + 1):
+            assert feed_all(FrameParser(1000), [data[:i], data[i:j], data[j:]]) == expected, (i, j)
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        (masked(0x89, b"x" * 126), 1002),
+        (masked(0x01, b"a") + masked(0x89, b"p") + masked(0x81, b"b"), 1002),
+        (masked(0x81, b"ok") + masked(0x81, b"\xc3\x28"), 1007),
+        (masked(0x01, b"x" * 6) + masked(0x89, b"") + masked(0x80, b"x" * 6), 1009),
+        (masked(0x82, b"y" * 200), 1009),
+    ],
+)
+def test_errors_are_the_same_wherever_the_reads_are_cut(frame, code):
+    for i in range(len(frame) + 1):
+        with pytest.raises(ProtocolError) as e:
+            feed_all(FrameParser(10), [frame[:i], frame[i:]])
+        assert e.value.code == code, i
+
+
+def test_too_big_is_refused_on_the_last_header_byte_when_the_header_trickles_in():
+    header = bytes((0x82, 0xFF)) + (2**40).to_bytes(8, "big")
+    p = FrameParser(1000)
+    for byte in header[:-1]:
+        assert p.feed(bytes([byte])) == []
+    with pytest.raises(ProtocolError) as e:
+        p.feed(header[-1:])
+    assert e.value.code == 1009

@@ -9,6 +9,7 @@ from channels_common.wshandshake import (
     accept_value,
     parse_upgrade,
     refusal_response,
+    response_head,
 )
 
 GOOD = (
@@ -59,3 +60,9 @@ def test_refusals():
     response = refusal_response(refusal.status, refusal.reason, refusal.extra_headers)
     assert response.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
     assert b"Sec-WebSocket-Version: 13\r\n" in response and b"Connection: close\r\n" in response
+
+
+def test_response_head_closes_and_drops_headers_that_would_split_it():
+    head = response_head(429, [(b"Retry-After", b"3"), (b"X-Evil", b"a\r\nSet-Cookie: x"), (b"Connection", b"keep-alive")])
+    assert head == b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 3\r\nConnection: close\r\n\r\n"
+    assert response_head(418).startswith(b"HTTP/1.1 418 Error\r\n")

@@ -125,6 +125,45 @@ async def test_app_closing_before_accept_is_a_403_and_protocol_errors_a_close_co
     assert disconnects == [{"type": "websocket.disconnect", "code": 1002, "reason": ""}]
 
 
+async def test_app_denies_the_upgrade_with_its_own_http_response():
+    from channels_common.wsserver import HTTP_RESPONSE
+
+    heard = []
+
+    async def deny(scope, receive, send):
+        assert HTTP_RESPONSE in scope["extensions"]
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 429,
+                    "headers": [(b"retry-after", b"7"), (b"x-bad", b"1\r\nInjected: yes"), (b"connection", b"keep-alive")]})
+        await send({"type": "websocket.http.response.body", "body": b"slow ", "more_body": True})
+        await send({"type": "websocket.http.response.body", "body": b"down"})
+        heard.append(await receive())
+
+    proto, t, state = make(deny)
+    state.default_headers = [(b"server", b"lean")]
+    proto.data_received(REQUEST)
+    await settle()
+    assert t.take() == (b"HTTP/1.1 429 Too Many Requests\r\nserver: lean\r\nretry-after: 7\r\n"
+                        b"Connection: close\r\n\r\nslow down")
+    assert t.closed and not state.tasks
+    assert heard == [{"type": "websocket.disconnect", "code": 1006, "reason": ""}]
+    proto.data_received(masked(0x81, b"late"))  # nothing is parsed after a denial
+    proto.connection_lost(None)
+    assert t.take() == b"" and not state.connections
+
+
+async def test_a_denial_cut_short_by_the_app_still_closes_the_connection():
+    async def deny(scope, receive, send):
+        await receive()
+        await send({"type": "websocket.http.response.start", "status": 503, "headers": []})
+        await send({"type": "websocket.http.response.body", "body": b"part", "more_body": True})
+
+    proto, t, _ = make(deny)
+    proto.data_received(REQUEST)
+    await settle()
+    assert t.take() == b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\npart" and t.closed
+
+
 async def test_reading_pauses_when_the_app_falls_behind_and_server_close_times_out():
     got = asyncio.Event()
 
@@ -204,3 +243,63 @@ async def test_a_detached_app_closes_by_the_protocol_and_still_hears_the_end():
     assert closed == [4088]
     proto.connection_lost(None)
     assert closed == [4088] and not state.connections
+
+
+async def test_reading_pauses_until_every_reason_is_resumed_and_a_close_reads_again():
+    proto, t, _state, _got, _closed = await detached_connection()
+    proto.pause_reading("auth")
+    proto.pause_reading("unacked")
+    proto.pause_reading("auth")  # twice for one reason is once
+    assert t.paused
+    proto.resume_reading("auth")
+    assert t.paused  # "unacked" still holds it
+    proto.resume_reading("unacked")
+    assert not t.paused
+    proto.resume_reading("never-paused")  # harmless
+    assert not t.paused
+    proto.pause_reading("auth")
+    proto.close(4205, "Reset Connection")
+    assert not t.paused  # the client's close frame must still be read
+    proto.pause_reading("auth")
+    assert not t.paused
+
+
+async def test_keepalive_pings_a_quiet_socket_keeps_one_that_answers_and_finds_a_dead_one():
+    from channels_common.wsserver import PING_FRAME, KeepAlive
+
+    keepalive = KeepAlive(period=30)
+    proto, t, _state, _got, _closed = await detached_connection()
+    assert not keepalive.dead(proto, 100)  # first sight: quiet from now
+    assert not keepalive.dead(proto, 114)
+    assert t.take() == b""
+    assert not keepalive.dead(proto, 115)  # quiet for half the period: pinged
+    assert t.take() == PING_FRAME
+    assert not keepalive.dead(proto, 120)
+    assert t.take() == b""  # one ping per quiet stretch
+    proto.data_received(masked(0x8A, b""))  # the pong
+    for now in range(121, 400, 5):  # a live client answering every ping is never dead
+        assert not keepalive.dead(proto, now)
+        if t.take() == PING_FRAME:
+            proto.data_received(masked(0x8A, b""))
+    # Now it stops answering: dead one period after the unanswered ping.
+    assert not keepalive.dead(proto, 400)
+    assert not keepalive.dead(proto, 415)
+    assert t.take() == PING_FRAME
+    assert not keepalive.dead(proto, 444)
+    assert keepalive.dead(proto, 445)
+
+
+async def test_keepalive_does_not_count_time_we_held_reading_paused():
+    from channels_common.wsserver import PING_FRAME, KeepAlive
+
+    keepalive = KeepAlive(period=30)
+    proto, t, _state, _got, _closed = await detached_connection()
+    keepalive.dead(proto, 0)
+    assert not keepalive.dead(proto, 15) and t.take() == PING_FRAME
+    proto.pause_reading("auth")  # its pong may be sitting unread in the socket
+    assert not keepalive.dead(proto, 100)
+    proto.resume_reading("auth")
+    assert not keepalive.dead(proto, 110)  # quiet counts from the resume
+    assert t.take() == b""
+    assert not keepalive.dead(proto, 116) and t.take() == PING_FRAME
+    assert keepalive.dead(proto, 146)

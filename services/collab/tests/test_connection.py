@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 from channels_collab import protocol as p
-from channels_collab.connection import Connection, Limits
+from channels_collab.connection import PAUSED_FOR_AUTH, Connection, Limits
 from channels_collab.documents import DocumentRegistry
 from channels_collab.rails import Decision
 from channels_collab.store import DraftStore
@@ -20,6 +20,7 @@ class Transport:
     def __init__(self):
         self.frames: list[bytes] = []
         self.closed_with = None
+        self.paused: set[str] = set()
 
     def send(self, frame):
         if self.closed_with is None:
@@ -27,6 +28,12 @@ class Transport:
 
     def close(self, code, reason):
         self.closed_with = self.closed_with or code
+
+    def pause_reading(self, reason):
+        self.paused.add(reason)
+
+    def resume_reading(self, reason):
+        self.paused.discard(reason)
 
     def messages(self):
         return [p.decode(f) for f in self.frames]
@@ -163,36 +170,77 @@ async def test_read_only_updates_are_refused_and_not_applied(world):
     assert world.registry.docs[NAME].state() == p.EMPTY_UPDATE
 
 
-async def test_pre_auth_message_bound(world):
+async def test_pre_auth_message_bound_pauses_reading_until_auth_finishes(world):
     conn, t = world.connect()
     world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     frame = p.encode_awareness(NAME, b"\x00")
-    for _ in range(1000):
+    for _ in range(999):
         conn.receive(frame)
-    assert t.closed_with is None
+    assert t.paused == set()
     conn.receive(frame)
-    assert t.closed_with == 4205
+    assert t.paused == {PAUSED_FOR_AUTH}
+    # Frames of a read already under way are kept, never refused.
+    conn.receive(frame)
+    assert t.closed_with is None and conn.queued_messages == 1001
+    world.auth.gate.set()
+    await settle()
+    assert t.paused == set() and t.closed_with is None
     assert conn.queued_messages == 0 and conn.pending == {}
+    assert p.AuthReply(NAME, p.AuthType.AUTHENTICATED, "read-write") in t.messages()
 
 
-async def test_pre_auth_byte_bound(world):
+async def test_pre_auth_byte_bound_pauses_reading(world):
     conn, t = world.connect(max_queue_bytes=1000)
     world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     conn.receive(p.encode_awareness(NAME, b"\x00" * 900))
-    assert t.closed_with is None
+    assert t.paused == set()
     conn.receive(p.encode_awareness(NAME, b"\x00" * 100))
-    assert t.closed_with == 4205
+    assert t.paused == {PAUSED_FOR_AUTH} and t.closed_with is None
+    world.auth.gate.set()
+    await settle()
+    assert t.paused == set() and conn.queued_bytes == 0
 
 
-async def test_pending_document_bound(world):
+async def test_pending_document_bound_pauses_reading_and_every_document_is_served(world):
+    """500 documents on one socket (a shared HocuspocusProviderWebsocket):
+    reading stops at 100 pending, resumes as Rails answers, none is refused."""
     conn, t = world.connect()
-    for i in range(100):
-        conn.receive(p.encode_sync(f"comment-{i}", p.SyncStep.STEP1, b"\x00"))
-    assert t.closed_with is None
-    conn.receive(p.encode_sync("comment-1000", p.SyncStep.STEP1, b"\x00"))
-    assert t.closed_with == 4205
+    world.auth.gate.clear()
+    names = [f"comment-{i}-body" for i in range(500)]
+    fed = 0
+    while fed < len(names) or conn.pending:
+        # The socket is read only while the connection is not paused.
+        while fed < len(names) and not t.paused:
+            conn.receive(p.encode_token(names[fed], "ok"))
+            conn.receive(p.encode_sync(names[fed], p.SyncStep.STEP1, b"\x00"))
+            fed += 1
+        assert len(conn.pending) <= 100
+        world.auth.gate.set()
+        await settle()
+        world.auth.gate.clear()
+    assert t.closed_with is None and t.paused == set()
+    authenticated = {m.address for m in t.messages() if isinstance(m, p.AuthReply)
+                     and m.kind == p.AuthType.AUTHENTICATED}
+    assert authenticated == set(names)
+    step2 = {m.address for m in t.messages() if isinstance(m, p.Sync) and m.step == p.SyncStep.STEP2}
+    assert step2 == set(names)
+
+
+async def test_auth_still_pending_at_the_deadline_is_denied_before_the_close(world):
+    conn, t = world.connect()
+    world.auth.gate.clear()
+    conn.receive(p.encode_token(NAME, "ok"))
+    conn.receive(p.encode_sync("comment-2-body", p.SyncStep.STEP1, b"\x00"))  # no token: nothing asked
+    await settle()
+    world.clock.now += 31
+    conn.check()
+    assert t.messages() == [p.AuthReply(NAME, p.AuthType.PERMISSION_DENIED, "permission-denied")]
+    assert t.closed_with == 4408
+    world.auth.gate.set()
+    await settle()
+    assert len(t.messages()) == 1 and NAME not in world.registry.docs
 
 
 async def test_pre_auth_deadline_is_absolute(world):
@@ -208,7 +256,7 @@ async def test_pre_auth_deadline_is_absolute(world):
     assert t.closed_with == 4408
 
 
-async def test_idle_timeout_and_v4_ping(world):
+async def test_v4_ping_and_no_idle_close(world):
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok", "4.8.0"))
     await settle()
@@ -218,13 +266,12 @@ async def test_idle_timeout_and_v4_ping(world):
     conn.check()
     assert t.frames == [p.PING_FRAME]  # once per quiet stretch
     conn.receive(p.PONG_FRAME)
-    world.clock.now += 20
+    # Liveness is the websocket layer's keep-alive: a quiet socket is never
+    # closed here, however long it says nothing.
+    world.clock.now += 300
     conn.check()
     assert t.closed_with is None
-    world.clock.now += 11
-    conn.check()
-    assert t.closed_with == 4408
-    assert NAME not in world.registry.docs  # the socket left its document
+    assert t.frames == [p.PING_FRAME, p.PING_FRAME]
 
 
 async def test_no_ping_for_v3_providers(world):

@@ -3,7 +3,9 @@ original Node.js deployment used (see shared/spec/contracts.md)."""
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, model_validator
+import ipaddress
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +20,11 @@ class CommonSettings(BaseSettings):
     # Seconds a service waits for in-flight work after SIGTERM before exiting.
     shutdown_grace_seconds: float = Field(5.0, validation_alias="SHUTDOWN_GRACE_SECONDS")
     host: str = Field("0.0.0.0", validation_alias="HOST")
+
+
+def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    # strict=False: "10.1.2.3/8" means the /8 it lies in.
+    return tuple(ipaddress.ip_network(e.strip(), strict=False) for e in spec.split(",") if e.strip())
 
 
 def _strip_channels_prefix(host: str) -> str:
@@ -36,6 +43,9 @@ class RecordsSettings(CommonSettings):
     max_client_buffer_bytes: int = Field(
         4 * 1024 * 1024, validation_alias="MAX_CLIENT_BUFFER_BYTES"
     )
+    # Events the recovery log keeps per room (approximately, at least this
+    # many); a client that missed more gets a fresh session, never a partial replay.
+    recovery_max_events_per_room: int = Field(1000, validation_alias="RECOVERY_MAX_EVENTS_PER_ROOM")
 
     @property
     def cors_origin(self) -> str | None:
@@ -73,6 +83,24 @@ class CollabSettings(CommonSettings):
     # Relay a client's stateless messages to the document's other clients
     # (Hocuspocus only does so from an onStateless hook; Loomio has none).
     broadcast_stateless: bool = Field(False, validation_alias="COLLAB_BROADCAST_STATELESS")
+    # Connection attempts per client address per window, then a ban; 0 = off
+    # (a whole office behind one NAT reconnects at once after a deploy).
+    throttle_attempts: int = Field(0, ge=0, validation_alias="COLLAB_THROTTLE_ATTEMPTS")
+    throttle_window_seconds: float = Field(60.0, gt=0, validation_alias="COLLAB_THROTTLE_WINDOW_SECONDS")
+    throttle_ban_seconds: float = Field(300.0, gt=0, validation_alias="COLLAB_THROTTLE_BAN_SECONDS")
+    # Comma-separated addresses or CIDRs of the proxies in front: only their
+    # X-Forwarded-For is believed when telling clients apart.
+    trusted_proxies: str = Field("", validation_alias="TRUSTED_PROXIES")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_proxies(cls, value: str) -> str:
+        _networks(value)  # a bad entry fails startup, named in the error
+        return value
+
+    @property
+    def trusted_proxy_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+        return _networks(self.trusted_proxies)
 
     @model_validator(mode="after")
     def _default_port(self) -> CollabSettings:

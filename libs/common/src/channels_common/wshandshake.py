@@ -84,10 +84,26 @@ def accept_response(key: bytes, headers=(), subprotocol: str | None = None) -> b
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
+_PHRASES = {
+    400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required", 429: b"Too Many Requests",
+    500: b"Internal Server Error", 503: b"Service Unavailable",
+}
+
+
+def response_head(status: int, headers=()) -> bytes:
+    """A final HTTP response's status line and headers, up to and with the
+    blank line, closing the connection after it. The body is whatever
+    follows until the close; a header that would split the head is dropped."""
+    lines = [b"HTTP/1.1 %d %s" % (status, _PHRASES.get(status, b"Error"))]
+    for name, value in headers:
+        if b"\r" in name + value or b"\n" in name + value or name.lower() == b"connection":
+            continue
+        lines.append(name + b": " + value)
+    lines.append(b"Connection: close")
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
 def refusal_response(status: int, reason: str, extra_headers=()) -> bytes:
-    phrase = {400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required", 500: b"Internal Server Error"}
     body = reason.encode("utf-8")
-    lines = [b"HTTP/1.1 %d %s" % (status, phrase.get(status, b"Error"))]
-    lines += [name + b": " + value for name, value in extra_headers]
-    lines += [b"Content-Type: text/plain; charset=utf-8", b"Content-Length: %d" % len(body), b"Connection: close"]
-    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+    headers = [*extra_headers, (b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", b"%d" % len(body))]
+    return response_head(status, headers) + body

@@ -5,7 +5,9 @@ keepalive timer and the websockets library's connection state per client;
 with thousands of idle clients that is most of the service's memory. This
 one keeps a frame parser (wsframe.py), a short inbox and a waiter, and
 exposes `transport` for the broadcast fast path. It runs no task besides
-the ASGI application's and sends no websocket pings: engine.io pings itself.
+the ASGI application's and no timer per socket: an application that wants
+RFC 6455 keep-alive pings (collab) runs one `KeepAlive` sweep over its
+sockets; records relies on Engine.IO's own pings.
 """
 
 from __future__ import annotations
@@ -15,15 +17,25 @@ import logging
 from urllib.parse import unquote
 
 from . import wsframe
-from .wshandshake import MAX_REQUEST_BYTES, Refusal, accept_response, parse_upgrade, refusal_response
+from .wshandshake import (
+    MAX_REQUEST_BYTES,
+    Refusal,
+    accept_response,
+    parse_upgrade,
+    refusal_response,
+    response_head,
+)
 
 log = logging.getLogger("channels.websocket")
 
 CLOSE_TIMEOUT = 5.0
 # Messages a client may have waiting before its socket stops being read.
 MAX_INBOX = 16
+# The pause reason of the protocol's own inbox (see pause_reading).
+_INBOX = "inbox"
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
+_DENYING = 4  # an HTTP response instead of the upgrade, its body still to come
 
 # An ASGI extension of this protocol: once accepted, an application may send
 # {"type": DETACH, "on_message": f(str | bytes), "on_close": f(code)} and
@@ -31,7 +43,11 @@ _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = range(4)
 # idle client keeps no task or coroutine stack. The protocol is `send.__self__`:
 # its `transport` takes frames (wsframe.py) and `close(code, reason)` ends it.
 DETACH = "channels.websocket.detach"
-_EXTENSIONS = {DETACH: {}}
+# ASGI's denial response: before accepting, an application may send
+# "websocket.http.response.start" (status, headers), then
+# "websocket.http.response.body" messages, instead of the upgrade.
+HTTP_RESPONSE = "websocket.http.response"
+_EXTENSIONS = {DETACH: {}, HTTP_RESPONSE: {}}
 
 
 def _address(info):
@@ -48,11 +64,15 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         "_on_close",
         "_on_message",
         "_parser",
+        "_pause_reasons",
         "_state",
         "_waiter",
         "accepted",
         "app_state",
         "config",
+        "heard",
+        "keepalive_ping_at",
+        "keepalive_quiet_since",
         "key",
         "loop",
         "read_paused",
@@ -73,6 +93,11 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         self.key = b""
         self.accepted = False
         self.read_paused = False
+        self._pause_reasons: set[str] | None = None
+        # Keep-alive bookkeeping (see KeepAlive): `heard` is set by every read.
+        self.heard = False
+        self.keepalive_quiet_since: float | None = None
+        self.keepalive_ping_at: float | None = None
         self._state = _HANDSHAKE
         self._head = b""
         self._parser: wsframe.FrameParser | None = None
@@ -97,6 +122,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             self._finish(1006)
 
     def data_received(self, data: bytes) -> None:
+        self.heard = True
         if self._state == _HANDSHAKE:
             self._handshake_data(data)
         elif self._state != _CLOSED and self._parser is not None:
@@ -186,9 +212,8 @@ class LeanWebSocketProtocol(asyncio.Protocol):
                 self._finish(event.code, event.reason)
                 self.transport.close()
                 return
-        if len(self._inbox) >= MAX_INBOX and not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
+        if len(self._inbox) >= MAX_INBOX:
+            self.pause_reading(_INBOX)
 
     def _deliver(self, event) -> None:
         waiter = self._waiter
@@ -230,11 +255,43 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             return
         self.transport.write(wsframe.close_frame(code, reason))
         self._state = _CLOSING
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()
+        # Whatever held reading back, the client's close frame must be read.
+        self._pause_reasons = None
+        self._apply_pause()
         # The client answers with its close frame; a silent one is cut off.
         self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+
+    # -- flow control ----------------------------------------------------------
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading the socket until every reason given has been
+        resumed: TCP backpressure then holds the client back, and nothing it
+        sent is refused. Reasons are independent (the inbox, pending auths,
+        unacknowledged updates...); pausing twice for one reason is harmless."""
+        if self._state in (_CLOSING, _CLOSED):
+            return
+        if self._pause_reasons is None:
+            self._pause_reasons = {reason}
+        else:
+            self._pause_reasons.add(reason)
+        self._apply_pause()
+
+    def resume_reading(self, reason: str) -> None:
+        if self._pause_reasons is not None:
+            self._pause_reasons.discard(reason)
+            if not self._pause_reasons:
+                self._pause_reasons = None
+        self._apply_pause()
+
+    def _apply_pause(self) -> None:
+        paused = self._pause_reasons is not None
+        if paused == self.read_paused or self.transport is None or self.transport.is_closing():
+            return
+        self.read_paused = paused
+        if paused:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
 
     # -- ASGI ------------------------------------------------------------------
 
@@ -265,8 +322,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         if self._inbox:
             event = self._inbox.pop(0)
             if self.read_paused and len(self._inbox) < MAX_INBOX // 2:
-                self.read_paused = False
-                self.transport.resume_reading()
+                self.resume_reading(_INBOX)
             return event
         if self._state == _CLOSED:
             return {"type": "websocket.disconnect", "code": 1006, "reason": ""}
@@ -288,8 +344,18 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             elif kind == "websocket.close":
                 self._finish(1006)
                 self._refuse(Refusal(403, ""))
+            elif kind == "websocket.http.response.start":
+                headers = [*self.server_state.default_headers, *message.get("headers", ())]
+                self.transport.write(response_head(int(message["status"]), headers))
+                self._state = _DENYING
             else:
                 raise RuntimeError(f"unexpected ASGI message {kind!r} before the websocket handshake")
+            return
+        if self._state == _DENYING and kind == "websocket.http.response.body":
+            self.transport.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._finish(1006)
+                self.transport.close()
             return
         if self._state != _OPEN:
             raise OSError("websocket closed")
@@ -313,3 +379,38 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on an open websocket")
+
+
+class KeepAlive:
+    """RFC 6455 keep-alive for open sockets, driven by the owner's periodic
+    sweep (no timer per socket): a socket quiet for half a `period` is sent a
+    ping, and one not heard from (a pong or any frame) for a whole `period`
+    after that ping is dead; the owner closes it. So a live, quiet client is
+    never closed, and a dead peer is found within about 1.5 periods plus the
+    sweep interval. While we ourselves hold reading paused the peer's answer
+    may be waiting unread: that time never counts against it."""
+
+    __slots__ = ("period",)
+
+    def __init__(self, period: float):
+        self.period = period
+
+    def dead(self, proto: LeanWebSocketProtocol, now: float) -> bool:
+        """One socket's turn in the sweep: True when its peer stopped answering."""
+        if proto._state != _OPEN:
+            return False
+        if proto.heard or proto.read_paused or proto.keepalive_quiet_since is None:
+            proto.heard = False
+            proto.keepalive_quiet_since = now
+            proto.keepalive_ping_at = None
+            return False
+        ping_at = proto.keepalive_ping_at
+        if ping_at is not None:
+            return now - ping_at >= self.period
+        if now - proto.keepalive_quiet_since >= self.period / 2:
+            proto.keepalive_ping_at = now
+            proto.transport.write(PING_FRAME)
+        return False
+
+
+PING_FRAME = wsframe.frame_header(wsframe.OP_PING, 0)

@@ -13,19 +13,21 @@ import threading
 import time
 from collections.abc import Callable
 
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.wsframe import binary_frame
-from channels_common.wsserver import DETACH, LeanWebSocketProtocol
+from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol
 from starlette.applications import Starlette
 
+from .client_address import scope_client_address
 from .cluster import Cluster
-from .connection import RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
+from .connection import CONNECTION_TIMEOUT, RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
 from .documents import DocumentRegistry
 from .metrics import CollabMetrics
 from .rails import RailsAuthenticator
 from .store import DraftStore
+from .throttle import Refused, Throttle
 
 log = logging.getLogger("channels.collab")
 
@@ -55,28 +57,13 @@ class SocketTransport:
     order they are sent: no queue, no writer task, nothing awaited, so an
     update reaches every peer within the callback that received it."""
 
-    __slots__ = ("closed", "on_overflow", "paused_for", "protocol", "transport")
+    __slots__ = ("closed", "on_overflow", "protocol", "transport")
 
     def __init__(self, protocol, on_overflow: Callable[[], None]):
         self.protocol = protocol
         self.transport = protocol.transport
         self.on_overflow = on_overflow
         self.closed = False
-        self.paused_for: set[str] = set()
-
-    def pause_reading(self, reason: str) -> None:
-        """Stop reading this socket until every reason is lifted (TCP
-        backpressure). Stand-in until wsserver's reason-keyed pause lands."""
-        if not self.paused_for and not self.transport.is_closing():
-            self.transport.pause_reading()
-        self.paused_for.add(reason)
-
-    def resume_reading(self, reason: str) -> None:
-        if reason not in self.paused_for:
-            return
-        self.paused_for.discard(reason)
-        if not self.paused_for and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def send(self, frame: bytes) -> None:
         if self.closed:
@@ -97,6 +84,12 @@ class SocketTransport:
         if not self.transport.is_closing():
             self.protocol.close(code, reason)
         self.closed = True
+
+    def pause_reading(self, reason: str) -> None:
+        self.protocol.pause_reading(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        self.protocol.resume_reading(reason)
 
 
 class CollabApp:
@@ -130,6 +123,13 @@ class CollabService:
             broadcast_stateless=settings.broadcast_stateless,
         )
         self.sockets: set[Connection] = set()
+        # RFC 6455 pings every socket, as Hocuspocus does: a quiet reader
+        # (a v3 provider renews awareness only every 15 s, less in a
+        # background tab) stays, a dead peer goes.
+        self.keepalive = KeepAlive(self.limits.timeout_seconds)
+        self.throttle = Throttle(settings.throttle_attempts, settings.throttle_window_seconds,
+                                 settings.throttle_ban_seconds, time.monotonic) if settings.throttle_attempts else None
+        self.trusted_proxies = settings.trusted_proxy_networks
         self.registry: DocumentRegistry | None = None
         self.authenticator: RailsAuthenticator | None = None
         self._tasks: list[asyncio.Task] = []
@@ -172,14 +172,16 @@ class CollabService:
             history=self.cluster,
         )
         self.cluster.start()
-        self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=s.auth_timeout_seconds)
+        # An auth never outlives the connection deadline (see Connection.check).
+        auth_timeout = min(s.auth_timeout_seconds, self.limits.timeout_seconds)
+        self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=auth_timeout)
         self._tasks.append(loop.create_task(self._sweep()))
         self.ready = True
         freeze_startup_objects()
         log.info(
             "collab ready",
-            extra={"rails": s.rails_base_url, "instance": self.cluster.instance, "redis_prefix": s.redis_prefix, "timeout_ms": s.timeout_ms, "debounce_ms": s.debounce_ms,
-                   "max_debounce_ms": s.max_debounce_ms},
+            extra={"rails": s.rails_base_url, "instance": self.cluster.instance, "redis_prefix": s.redis_prefix,
+                   "timeout_ms": s.timeout_ms, "debounce_ms": s.debounce_ms, "max_debounce_ms": s.max_debounce_ms},
         )
 
     async def _sweep(self) -> None:
@@ -200,11 +202,14 @@ class CollabService:
                 last_drafts = now
                 await self.cluster.refresh_ttls()
 
-    @staticmethod
-    def _check_sockets(conns: list[Connection], now: float) -> None:
+    def _check_sockets(self, conns: list[Connection], now: float) -> None:
+        keepalive = self.keepalive
         for conn in conns:
             try:
                 conn.check(now)
+                if keepalive.dead(conn.transport.protocol, now):
+                    log.info("collab socket did not answer a ping; closing it")
+                    conn.close(CONNECTION_TIMEOUT, "Connection Timeout")
             except Exception:
                 log.exception("socket check failed")
 
@@ -238,9 +243,30 @@ class CollabService:
         if self.authenticator:
             await self.authenticator.aclose()
 
+    async def _refuse_throttled(self, scope, send, address: str, refused: Refused) -> None:
+        """429 before the upgrade; logged once per ban, counted every time."""
+        self.metrics.throttled.inc()
+        if refused.ban_started:
+            log.warning("too many connection attempts; client banned",
+                        extra={"client": address, "ban_seconds": self.settings.throttle_ban_seconds})
+        if HTTP_RESPONSE not in scope.get("extensions", {}):
+            await send({"type": "websocket.close", "code": 1008})  # a bare 403 is all the server can say
+            return
+        body = b"Too many connection attempts"
+        await send({"type": "websocket.http.response.start", "status": 429, "headers": [
+            (b"retry-after", refused.retry_after_header), (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", b"%d" % len(body))]})
+        await send({"type": "websocket.http.response.body", "body": body})
+
     async def endpoint(self, scope, receive, send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
+        if self.throttle is not None:
+            address = scope_client_address(scope, self.trusted_proxies)
+            refused = self.throttle.attempt(address) if address is not None else None
+            if refused is not None:
+                await self._refuse_throttled(scope, send, address, refused)
+                return
         if self.stopping:
             await send({"type": "websocket.close", "code": RESET_CONNECTION})
             return
@@ -293,6 +319,7 @@ def create_app(settings: CollabSettings | None = None) -> CollabApp:
         yield
         await service.stop()
 
+    observe_service(service.metrics.registry, "collab", lambda: service.ready)
     routes = health_routes(
         service.metrics.registry,
         lambda: service.readiness(),
@@ -336,6 +363,10 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         ws_max_size=settings.max_frame_bytes,
+        # The client address is the socket's peer; X-Forwarded-For is read
+        # by the throttle for TRUSTED_PROXIES only (uvicorn's own rewrite
+        # would believe any local peer, whatever TRUSTED_PROXIES says).
+        proxy_headers=False,
         # Frames are handled in the callback that reads them and written
         # straight to the peers' transports (see SocketTransport).
         ws=LeanWebSocketProtocol,

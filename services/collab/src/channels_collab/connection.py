@@ -1,12 +1,15 @@
 """One client WebSocket: several documents multiplexed on it, each with its
 own auth state, and the limits that keep a hostile socket cheap.
 
-Before a document's auth completes its frames are queued (bounded per
-socket, as Hocuspocus does: 5 MiB, 1,000 messages, 100 pending documents;
-a breach closes the socket with 4205). A socket that never authenticates a
-document is closed at an absolute deadline, an authenticated one after
-`timeout` without a frame, both with 4408. A malformed frame closes the
-socket with 1002 and a log line; an oversized one with 1009.
+Before a document's auth completes its frames are queued, within the
+bounds Hocuspocus uses (5 MiB, 1,000 messages, 100 pending documents per
+socket). Reaching one stops reading the socket until pending auths finish:
+TCP holds the client back, and a legitimate client (500 documents on one
+socket) is never refused. A socket that authenticates no document by an
+absolute deadline is closed with 4408, after every auth still pending got
+PermissionDenied. Liveness of authenticated sockets is RFC 6455 pings
+(`KeepAlive`, run by the service's sweep), not an idle timeout. A malformed
+frame closes the socket with 1002 and a log line; an oversized one with 1009.
 
 `receive` is synchronous: frames of one socket are handled strictly in order
 and a document's queue is drained in one go once Rails says yes, so nothing
@@ -43,6 +46,14 @@ class Transport(Protocol):
     def send(self, frame: bytes) -> None: ...
 
     def close(self, code: int, reason: str) -> None: ...
+
+    def pause_reading(self, reason: str) -> None: ...
+
+    def resume_reading(self, reason: str) -> None: ...
+
+
+# The reason this module pauses a socket's reading (see Transport).
+PAUSED_FOR_AUTH = "pending-auth"
 
 
 class Authenticator(Protocol):
@@ -130,6 +141,7 @@ class Connection:
         # v4 providers say their version in Auth; only they understand Ping.
         self.answers_ping = False
         self._pinged_for: float | None = None
+        self.paused_for_auth = False
         self.closed = False
 
     # --------------------------------------------------------------- input
@@ -174,46 +186,54 @@ class Connection:
             if not valid_document_name(name):
                 self._refuse_name(msg, name)
                 return
-            if len(self.pending) >= self.limits.max_pending_documents:
-                log.warning(
-                    "too many documents waiting for auth on one socket; closing it",
-                    extra={"pending": len(self.pending)},
-                )
-                self.close(RESET_CONNECTION, "Reset Connection")
-                return
             pending = self.pending[address] = _Pending()
         if isinstance(msg, p.Close):
             # The provider was destroyed before its auth completed.
             pending = self._release(address)
             if pending.task is not None and not pending.task.done():
                 pending.task.cancel()
+            self._resume_if_below_limits()
             return
         if isinstance(msg, p.Token) and pending.task is None:
             if msg.provider_version is not None:
                 self.answers_ping = True
             name, _session = p.split_address(address)
             pending.task = asyncio.get_running_loop().create_task(self._authenticate(address, name, msg.token))
-            return
-        if (
-            self.queued_bytes + size > self.limits.max_queue_bytes
-            or self.queued_messages + 1 > self.limits.max_queue_messages
-        ):
-            log.warning(
-                "pre-auth queue limit exceeded; closing the socket",
-                extra={"queued_bytes": self.queued_bytes + size, "queued_messages": self.queued_messages + 1},
+        else:
+            # Frames of one read already parsed are kept even past a limit
+            # (the overshoot is bounded by a read and a frame): nothing
+            # accepted is dropped, reading just stops below.
+            pending.queue.append(msg)
+            pending.size += size
+            self.queued_bytes += size
+            self.queued_messages += 1
+        if not self.paused_for_auth and self._over_limits():
+            log.info(
+                "pre-auth limits reached; reading paused until pending auths finish",
+                extra={"pending": len(self.pending), "queued_bytes": self.queued_bytes,
+                       "queued_messages": self.queued_messages},
             )
-            self.close(RESET_CONNECTION, "Reset Connection")
-            return
-        pending.queue.append(msg)
-        pending.size += size
-        self.queued_bytes += size
-        self.queued_messages += 1
+            self.paused_for_auth = True
+            self.transport.pause_reading(PAUSED_FOR_AUTH)
+
+    def _over_limits(self) -> bool:
+        limits = self.limits
+        return (
+            len(self.pending) >= limits.max_pending_documents
+            or self.queued_bytes >= limits.max_queue_bytes
+            or self.queued_messages >= limits.max_queue_messages
+        )
+
+    def _resume_if_below_limits(self) -> None:
+        if self.paused_for_auth and not self.closed and not self._over_limits():
+            self.paused_for_auth = False
+            self.transport.resume_reading(PAUSED_FOR_AUTH)
 
     def _refuse_name(self, msg: p.Message, name: str) -> None:
         if isinstance(msg, p.Token):
             log.warning("document name refused", extra={"document": name[:120]})
             if self.metrics:
-                self.metrics.auth.labels("refused_name").inc()
+                self.metrics.auth_refused_name()
             self.transport.send(p.encode_permission_denied(msg.address, DENIED_REASON))
         # Anything else for a refused name can never be served: dropped.
 
@@ -243,15 +263,16 @@ class Connection:
         pending = self._release(address)
         if pending is None:
             return
+        self._resume_if_below_limits()
         if not decision.allowed:
             log.info("document denied", extra={"document": name, "reason": decision.detail})
             if self.metrics:
-                self.metrics.auth.labels("denied").inc()
+                self.metrics.auth_decided(decision)
             # Its queued frames go with it; a later Token starts afresh.
             self.transport.send(p.encode_permission_denied(address, DENIED_REASON))
             return
         if self.metrics:
-            self.metrics.auth.labels("allowed").inc()
+            self.metrics.auth_decided(decision)
         self.authenticated_once = True
         self.transport.send(p.encode_authenticated(address, decision.scope))
         session = Session(self, address, name, decision.readonly)
@@ -305,24 +326,37 @@ class Connection:
     # ------------------------------------------------------------- timers
 
     def check(self, now: float | None = None) -> None:
-        """Called periodically: deadlines and, for v4 providers, a Ping
-        once the socket has been quiet for half the timeout."""
+        """Called periodically: the pre-auth deadline and, for v4 providers,
+        a protocol Ping once the socket has been quiet for half the timeout."""
         if self.closed:
             return
         now = self.clock() if now is None else now
         timeout = self.limits.timeout_seconds
         if not self.authenticated_once:
             if now - self.opened_at > timeout:
+                self._deny_pending_at_deadline()
                 log.info("socket never authenticated a document; closing it")
                 self.close(CONNECTION_TIMEOUT, "Connection Timeout")
             return
-        quiet = now - self.last_received
-        if quiet > timeout:
-            log.info("socket idle past the timeout; closing it", extra={"idle_seconds": round(quiet, 1)})
-            self.close(CONNECTION_TIMEOUT, "Connection Timeout")
-        elif self.answers_ping and quiet > timeout / 2 and self._pinged_for != self.last_received:
+        if self.answers_ping and now - self.last_received > timeout / 2 and self._pinged_for != self.last_received:
             self._pinged_for = self.last_received
             self.transport.send(p.PING_FRAME)
+
+    def _deny_pending_at_deadline(self) -> None:
+        """An auth Rails has not answered by the socket's deadline is denied
+        before the socket closes, so the provider hears authenticationFailed
+        instead of reconnecting into the same wait forever."""
+        for address, pending in list(self.pending.items()):
+            if pending.task is None:
+                continue  # no Token yet: nothing was asked
+            if not pending.task.done():
+                pending.task.cancel()
+            self._release(address)
+            name, _session = p.split_address(address)
+            log.warning("auth did not finish before the connection deadline; denied", extra={"document": name})
+            if self.metrics:
+                self.metrics.auth_timed_out()
+            self.transport.send(p.encode_permission_denied(address, DENIED_REASON))
 
     # ------------------------------------------------------------ teardown
 

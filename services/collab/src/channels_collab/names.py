@@ -1,8 +1,9 @@
-"""Which document names the service accepts, as Rails parses them
-(`type, id, rest = name.split('-')`): a known record type, then one to three
-`-`-separated parts of ASCII letters, digits and `_` (`comment-456`,
-`comment-456-body`, `discussion-new-7`), 200 characters at most. Anything
-else is refused before Rails is asked."""
+"""Which document names the service accepts: a known record type, then any
+number of `-`-separated parts of ASCII letters, digits and `_`, 200
+characters at most. The front end names a saved record's editor
+`type-id-field` and an unsaved one's `type-new-userId-...params-field`
+(`comment-new-5-42-Discussion-42-body`); Rails reads only the first three
+parts. Anything else is refused before Rails is asked."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ RECORD_TYPES = (
 )
 MAX_LENGTH = 200
 
-_PATTERN = re.compile(rf"(?:{'|'.join(RECORD_TYPES)})(?:-[A-Za-z0-9_]+){{1,3}}")
+_PATTERN = re.compile(rf"(?:{'|'.join(RECORD_TYPES)})(?:-[A-Za-z0-9_]+)+")
 
 
 def valid_document_name(name: object) -> bool:
