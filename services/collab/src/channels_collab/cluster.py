@@ -574,6 +574,10 @@ class Cluster:
             if not self._warned:
                 self._warned = True
                 await self._check_redis_config()
+        # Cleared first: a document opened during the catch-ups below is seen
+        # (the read is skipped and the loop comes round again).
+        self._changed.clear()
+        self._unblock_sent = False
         if self._feed_cursor is None and self._tracked:
             # Before any catch-up: what is appended after it is then after this.
             self._feed_cursor = await self._feed_end(client)
@@ -581,8 +585,6 @@ class Cluster:
             await self._reload(name)
         for name in [n for n, t in self._tracked.items() if t.catch_up and not t.needs_load]:
             await self._catch_up(client, name)
-        self._changed.clear()
-        self._unblock_sent = False
         if not self._tracked:
             # Nothing open here: no need to follow the feed meanwhile (what
             # is opened next catches up from its log).
@@ -592,7 +594,7 @@ class Cluster:
             except TimeoutError:
                 await client.ping()
             return
-        if self._feed_cursor is None:
+        if self._feed_cursor is None or self._changed.is_set():
             return  # a document was opened meanwhile: start over
         self._reading = True
         try:
