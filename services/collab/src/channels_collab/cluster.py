@@ -4,8 +4,8 @@ open here, catch-up and gap reloads from the documents' logs, compaction,
 awareness across instances.
 
 Pure bookkeeping is synchronous; the I/O is three tasks: the appender
-(pipelined XADDs), the reader (XREAD BLOCK on its own connection) and
-compactions. A `Listener` (the document registry) hears what arrives.
+(the append script, pipelined), the reader (XREAD BLOCK of the feed on its
+own connection) and compactions. A `Listener` (the document registry) hears what arrives.
 
 While Redis is unreachable nothing is dropped: appends wait in memory (their
 acknowledgements with them) up to `max_unacked_bytes`, beyond which the

@@ -113,16 +113,6 @@ class Keys:
     def lease(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}:lease"
 
-    def parse(self, key: str | bytes) -> tuple[str, str] | None:
-        """(document name, kind) of one of our keys; None for anything else."""
-        if isinstance(key, bytes):
-            key = key.decode("utf-8", "replace")
-        if not key.startswith(self.prefix + "{"):
-            return None
-        rest = key[len(self.prefix) + 1:]
-        name, sep, kind = rest.rpartition("}:")
-        return (name, kind) if sep else None
-
 
 @dataclass(slots=True)
 class Loaded:
