@@ -162,6 +162,7 @@ async def test_append_acks_only_once_in_redis_and_the_other_instance_reads_it(cl
     assert acked == ups
     entries = await redis.xrange(a.keys.log(doc))
     assert [e[1][b"u"] for e in entries] == ups  # in Redis when acknowledged
+    assert 0 < await redis.pttl(a.keys.log(doc)) <= 600_000  # never a key without its TTL
     await until(lambda: len(b.listener.updates) == 2)
     assert [u for _, u in b.listener.updates] == ups
     assert a.metrics.updates_appended._value.get() == 2

@@ -90,7 +90,7 @@ class _Append:
 class _Tracked:
     """An open document: how far this instance has applied its log."""
 
-    __slots__ = ("catch_up", "cursor", "gap", "needs_load", "ttl_refreshed")
+    __slots__ = ("catch_up", "cursor", "gap", "needs_load", "ttl_on_append", "ttl_refreshed")
 
     def __init__(self, cursor: str | None):
         self.cursor = cursor
@@ -102,6 +102,8 @@ class _Tracked:
         # the feed may have passed its entries before it was opened here.
         self.catch_up = True
         self.ttl_refreshed = time.monotonic()
+        # Its first append sets the TTL: the key may not have existed before.
+        self.ttl_on_append = True
 
 
 def _is_before(a: str, b: str) -> bool:
@@ -365,12 +367,12 @@ class Cluster:
                 continue
             tracked = self._tracked.get(entry.name)
             ttl = 0
-            if tracked is None or now - tracked.ttl_refreshed > TTL_REFRESH_SECONDS or not positions:
+            if tracked is None or tracked.ttl_on_append or now - tracked.ttl_refreshed > TTL_REFRESH_SECONDS:
                 # A key written here must never outlive the TTL (a crash
                 # before the next compaction must not leave it forever).
                 ttl = self.ttl_ms
                 if tracked is not None:
-                    tracked.ttl_refreshed = now
+                    tracked.ttl_refreshed, tracked.ttl_on_append = now, False
             positions.append((len(pipe), entry.name))
             # EVALSHA straight into the pipeline: redis-py's Script objects
             # would ask SCRIPT EXISTS on every execute.
