@@ -313,3 +313,32 @@ def test_redis_stopped_and_restarted_during_editing_loses_no_word(rails, open_pr
         a_svc.stop()
         b_svc.stop()
         redis.cleanup()
+
+
+@pytest.mark.slow
+def test_started_without_redis_it_serves_local_editors_and_catches_up(rails, private_redis, open_provider):
+    private_redis.kill()
+    alone = start_collab(rails.url, private_redis.url)
+    other = None
+    try:
+        assert httpx.get(alone.url + "/readyz").status_code == 503
+        name = doc_name()
+        ann, amy = open_provider("v4", alone), open_provider("v3", alone)
+        for tab, user in ((ann, "1"), (amy, "2")):
+            tab.attach(name, token(user))
+            tab.synced(name)
+        ann.send(op="text", doc=name, insert="before redis ")
+        amy.wait_content(name, lambda c: c["text"] == "before redis ")
+        assert ann.read(name)["unsynced"] > 0  # not acknowledged: not in Redis
+        private_redis.start()
+        settled(ann, name)
+        wait_for(lambda: httpx.get(alone.url + "/readyz").status_code == 200, 15, what="readyz 200")
+        other = start_collab(rails.url, private_redis.url)
+        fresh = open_provider("v4", other)
+        fresh.attach(name, token("1"))
+        fresh.synced(name)
+        assert fresh.read(name)["text"] == "before redis "
+    finally:
+        alone.stop()
+        if other:
+            other.stop()
