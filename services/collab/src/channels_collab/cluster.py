@@ -149,6 +149,9 @@ class Cluster:
         self._idle = asyncio.Event()
         self._idle.set()
         self._tracked: dict[str, _Tracked] = {}
+        # Open documents to load or catch up before the next read (a set, so
+        # a read does not scan every open document).
+        self._unsettled: set[str] = set()
         # Id of this instance's last append per open document: a compaction
         # waits for the reader to pass it, so that it covers its own edits.
         self._appended: dict[str, str] = {}
@@ -261,10 +264,12 @@ class Cluster:
         """`name` is open here; read its log after `loaded.cursor`, or load
         it first when it could not be loaded (None)."""
         self._tracked[name] = _Tracked(None if loaded is None else loaded.cursor)
+        self._unsettled.add(name)
         self._set_changed()
 
     def untrack(self, name: str) -> None:
         self._appended.pop(name, None)
+        self._unsettled.discard(name)
         if self._tracked.pop(name, None) is not None:
             self._set_changed()
 
@@ -583,10 +588,17 @@ class Cluster:
         if self._feed_cursor is None and self._tracked:
             # Before any catch-up: what is appended after it is then after this.
             self._feed_cursor = await self._feed_end(client)
-        for name in [n for n, t in self._tracked.items() if t.needs_load]:
-            await self._reload(name)
-        for name in [n for n, t in self._tracked.items() if t.catch_up and not t.needs_load]:
-            await self._catch_up(client, name)
+        for name in list(self._unsettled):
+            t = self._tracked.get(name)
+            if t is not None and t.needs_load:
+                await self._reload(name)
+        for name in list(self._unsettled):
+            t = self._tracked.get(name)
+            if t is not None and t.catch_up and not t.needs_load:
+                await self._catch_up(client, name)
+            t = self._tracked.get(name)
+            if t is None or not (t.catch_up or t.needs_load):
+                self._unsettled.discard(name)
         if not self._tracked:
             # Nothing open here: no need to follow the feed meanwhile (what
             # is opened next catches up from its log).
@@ -639,6 +651,7 @@ class Cluster:
             log.info("reader behind the feed's cap; catching up from the documents' logs")
             for t in self._tracked.values():
                 t.catch_up = True
+            self._unsettled.update(self._tracked)
 
     async def _catch_up(self, client, name: str) -> None:
         """Apply `name`'s log after our position (a trim marker there means
@@ -667,6 +680,7 @@ class Cluster:
         # merged back from the log, and compacted, so the snapshot is whole.
         for t in self._tracked.values():
             t.needs_load = True
+        self._unsettled.update(self._tracked)
 
     async def _reload(self, name: str) -> None:
         loaded = await self.load(name)
@@ -743,6 +757,7 @@ class Cluster:
                     # Entries between our position and the snapshot were trimmed unread.
                     log.info("reader behind the trimmed history; reloading", extra={"document": name})
                     t.needs_load = t.gap = True
+                    self._unsettled.add(name)
                     break
                 t.cursor = entry_id
                 continue
