@@ -14,7 +14,7 @@ from tests.integration.collab_helpers import Provider, RailsStandIn, start_colla
 from tests.support import ServiceProcess, wait_for
 
 VERSIONS = ["v3", "v4"]
-_ids = itertools.count(random.randint(1000, 9000) * 1000)
+_ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded: reruns see the same names
 
 
 def doc_name(kind: str = "comment", suffix: str = "-body") -> str:
