@@ -61,6 +61,11 @@ run: install
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Everything but the tests marked slow (those that start services as
+# processes, real browsers, installs, the tiny bench): under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 

@@ -22,6 +22,9 @@ from websockets.exceptions import ConnectionClosed
 from tests.integration.collab_helpers import Provider, RailsStandIn, RawClient, start_collab, token
 from tests.support import wait_for
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 _ids = itertools.count(random.Random(__name__).randint(10, 90) * 100_000)  # seeded: reruns see the same names
 
 
