@@ -12,7 +12,7 @@ UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate
 	--index-url https://pypi.org/simple --custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
 
-.PHONY: install run test test-fast bench lint lock clean node
+.PHONY: install run test test-fast bench lint lock clean node doctor
 
 install: $(BIN)/.installed node
 
@@ -57,6 +57,14 @@ $(BIN)/uv:
 
 run: install
 	$(BIN)/python scripts/run.py
+
+# channels-doctor against `make run`'s services, with the defaults scripts/run.py
+# gives them (set REDIS_URL, PRIVATE_APP_URL, PUBLIC_APP_URL to check others).
+doctor: install
+	REDIS_URL="$${REDIS_URL:-redis://127.0.0.1:$${DEV_REDIS_PORT:-6380}/0}" \
+	PRIVATE_APP_URL="$${PRIVATE_APP_URL:-http://127.0.0.1:$${DEV_RAILS_PORT:-3030}}" \
+	PUBLIC_APP_URL="$${PUBLIC_APP_URL:-http://localhost:5000}" \
+	$(BIN)/channels-doctor $(DOCTOR_ARGS)
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -25,6 +25,9 @@ from bench.procstat import OtherLoad, cpu_seconds, settled_rss
 P99_LIMIT_MS = 100.0
 
 
+POLLING_RATES = [500, 1000, 2000, 3000, 4000, 5000, 6000, 8000, 10000, 12000]
+
+
 @dataclass
 class RecordsConfig:
     clients: int = 2000
@@ -44,7 +47,8 @@ class RecordsConfig:
     stop_p99_ms: float = 1000.0
     stop_loss: float = 0.02
     token_prefix: str = "bench-token-"
-    # Websocket client of the load generator: "raw" (bench/loadgen/rawws.mjs) or "ws" (the npm package).
+    # Client of the load generator: "raw" (bench/loadgen/rawws.mjs) or "ws" (the npm package)
+    # websockets, or "polling" (Engine.IO long-polling over HTTP/1.1 keep-alive).
     client: str = "raw"
     # Quiet time before memory is read, so startup and connection bursts settle.
     settle_seconds: float = 2.0
@@ -153,7 +157,7 @@ async def run_records(
             driver.call,
             {
                 "cmd": "connect",
-                "url": f"ws://127.0.0.1:{server.port}/socket.io/",
+                "url": f"{'http' if cfg.client == 'polling' else 'ws'}://127.0.0.1:{server.port}/socket.io/",
                 "clients": cfg.clients,
                 "groups": cfg.groups,
                 "tokenPrefix": cfg.token_prefix,

@@ -11,6 +11,7 @@ summary and a PNG chart under bench/results/.
     python bench/run.py --scenario records --clients 500 --groups 10
     python bench/run.py --scenario trickle    # one 9 MiB frame in 1 KiB segments
     python bench/run.py --profile             # also py-spy our records server
+    python bench/run.py --scenario polling    # records over long-polling only
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from channels_common.redis_server import start_local_redis
 from bench import profile_summary, report
 from bench.collab_bench import CollabConfig, run_collab
 from bench.processes import BENCH, VENV_BIN, Server, free_port
-from bench.records_bench import RecordsConfig, run_records
+from bench.records_bench import POLLING_RATES, RecordsConfig, run_records
 from bench.trickle_bench import TrickleConfig, best_trickle_run, run_trickle
 
 TARGETS = ("ours", "reference")
@@ -78,11 +79,13 @@ def rate_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=("records", "collab", "trickle", "all"), default="all")
+    p.add_argument("--scenario", choices=("records", "polling", "collab", "trickle", "all"), default="all")
     p.add_argument("--targets", default="ours,reference", help="comma-separated: ours, reference")
     p.add_argument("--quick", action="store_true", help="fewer clients, documents and steps")
     p.add_argument("--clients", type=positive_int, help="records: websocket clients (default 2000, quick 500)")
     p.add_argument("--groups", type=positive_int, help="records: groups the clients are spread over (default 20)")
+    p.add_argument("--polling-clients", type=positive_int,
+                   help="polling: long-polling clients in 10 groups (default 500, and never more than --clients)")
     p.add_argument("--rates", type=rate_list, help="records: comma-separated deliveries/s, one step each")
     p.add_argument("--repeat", type=positive_int,
                    help="rounds of ours and reference, first one then the other, the best round of each "
@@ -109,6 +112,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="record py-spy profiles of our servers (records: rate steps; collab: load and edits)")
     return p.parse_args(argv)
+
+
+def polling_config(args, rec: RecordsConfig) -> RecordsConfig:
+    """The records scenario over Engine.IO long-polling: 500 clients in 10
+    groups, lower rates (each delivery is an HTTP response)."""
+    cfg = RecordsConfig(**{**rec.__dict__, "rates": list(rec.rates if args.rates else POLLING_RATES)})
+    cfg.client = "polling"
+    cfg.clients = min(args.polling_clients or 500, rec.clients)
+    cfg.groups = max(1, min(10, cfg.clients))
+    cfg.token_prefix = "bench-poll-"
+    return cfg
 
 
 def configs(args) -> tuple[RecordsConfig, CollabConfig, TrickleConfig]:
@@ -311,6 +325,17 @@ async def main_async(args) -> int:
                     helper_pids=(redis_server.process.pid, rails.pid),
                 ),
             )
+        if args.scenario in ("polling", "all"):
+            poll_cfg = polling_config(args, rec_cfg)
+            log(f"polling: {poll_cfg.clients} long-polling clients in {poll_cfg.groups} groups, "
+                f"steps {poll_cfg.rates} deliveries/s, {poll_cfg.step_seconds:g} s each")
+            results["polling"] = await run_rounds(
+                "polling", targets, args, out, stamp, log, best_run,
+                lambda who, profiler: run_records(
+                    records_server(who, redis_server.url), poll_cfg, redis_server.url, log, profiler,
+                    helper_pids=(redis_server.process.pid, rails.pid),
+                ),
+            )
         if args.scenario in ("collab", "all"):
             log(f"collab: {col_cfg.docs} documents, editor at {col_cfg.edit_rate:g} updates/s for "
                 f"{col_cfg.edit_seconds:g} s, observer on each")
@@ -345,6 +370,13 @@ async def main_async(args) -> int:
         title = f"Records: {rec_cfg.clients} clients, {rec_cfg.groups} groups, ~{rec_cfg.payload_bytes} B payloads"
         tables.append(report.table(title, rows))
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
+    if "polling" in results:
+        r = results["polling"]
+        rows = report.records_rows(r.get("ours", empty), r.get("reference", empty), polling=True)
+        title = (f"Records over long-polling: {poll_cfg.clients} clients, {poll_cfg.groups} groups, "
+                 f"~{poll_cfg.payload_bytes} B payloads")
+        tables.append(report.table(title, rows))
+        markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     if "collab" in results:
         c = results["collab"]
         rows = report.collab_rows(c.get("ours", empty), c.get("reference", empty))
@@ -361,7 +393,7 @@ async def main_async(args) -> int:
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     errors = [
         f"{scenario} {who}: {res['error']}"
-        for scenario in ("records", "collab", "trickle")
+        for scenario in ("records", "polling", "collab", "trickle")
         for who, res in (results.get(scenario) or {}).items()
         if res.get("error")
     ]

@@ -35,8 +35,10 @@ def main() -> int:
             return 1
         import tempfile
 
+        # Append-only, as channels-doctor recommends: drafts and recovery
+        # logs survive a restart of this Redis.
         redis = LocalRedis(port=int(env.get("DEV_REDIS_PORT", "6380")), binary=binary,
-                           directory=tempfile.mkdtemp(prefix="redis-"))
+                           directory=tempfile.mkdtemp(prefix="redis-"), extra_args=("--appendonly", "yes"))
         redis.start()
         env["REDIS_URL"] = redis.url
         print(f"redis: private server at {redis.url}", flush=True)

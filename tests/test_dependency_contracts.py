@@ -11,8 +11,6 @@ found that way; they are listed by hand and checked all the same.
 
 When a test here fails after an upgrade: fix the named file (or cap the
 library below the release in its pyproject.toml), then `make lock`.
-python-engineio's names in records' engine.py are not checked here: issue
-14 replaces that engine with our own core.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WSSERVER = "libs/common/src/channels_common/wsserver.py"
 SERVER = "libs/common/src/channels_common/server.py"
 REDIS = "libs/common/src/channels_common/redis.py"
+HTTPSERVER = "services/records/src/channels_records/httpserver.py"
 
 
 def _sources() -> list[Path]:
@@ -77,7 +76,14 @@ CONTRACTS = {c.name: c for c in (
     Contract("uvicorn ServerState.tasks", "tasks", (WSSERVER,)),
     Contract("uvicorn ServerState.default_headers", "default_headers", (WSSERVER,)),
     Contract("uvicorn ws protocol class (config=, server_state=, app_state=; connection_made, data_received)",
-             "server_state", (WSSERVER,)),
+             "server_state", (WSSERVER, HTTPSERVER)),
+    # records' HTTP protocol is a class for Config(http=...) that hands
+    # anything but long-polling to uvicorn's own httptools protocol.
+    Contract("uvicorn http protocol class (config=, server_state=, app_state=)", "server_state", (HTTPSERVER,)),
+    Contract("uvicorn.protocols.http.httptools_impl.HttpToolsProtocol(config=, server_state=, app_state=, _loop=)",
+             "HttpToolsProtocol", (HTTPSERVER,)),
+    Contract("uvicorn.Config.ws_protocol_class", "ws_protocol_class", (HTTPSERVER,)),
+    Contract("uvicorn.Config.timeout_keep_alive", "timeout_keep_alive", (HTTPSERVER,)),
     Contract("uvicorn connection.shutdown() on stop", "shutdown", (WSSERVER,)),
     Contract("uvicorn.Server.shutdown(sockets=None)", "shutdown", (SERVER,)),
     Contract("uvicorn.Server.servers", "servers", (SERVER,)),
@@ -90,8 +96,6 @@ CONTRACTS = {c.name: c for c in (
     Contract("redis.asyncio.ConnectionPool.get_connection() without arguments", "get_connection",
              _calls_without_arguments("get_connection")),
 )}
-# Private names of python-engineio (issue 14 removes them with engine.py).
-LEAVING = {"_binary_packet", "_send_packet"}
 
 
 WS_CLASS = "uvicorn ws protocol class (config=, server_state=, app_state=; connection_made, data_received)"
@@ -114,10 +118,9 @@ async def _asgi_app(scope, receive, send):
 
 
 def _config(**options) -> uvicorn.Config:
-    options = {"ws": LeanWebSocketProtocol, **options}
+    options = {"ws": LeanWebSocketProtocol, "http": "httptools", **options}
     with breaks(WS_CLASS, "uvicorn.Config.timeout_graceful_shutdown", "uvicorn.Config.loaded_app"):
-        config = uvicorn.Config(_asgi_app, host="127.0.0.1", port=0, http="httptools", lifespan="off",
-                                log_config=None, **options)
+        config = uvicorn.Config(_asgi_app, host="127.0.0.1", port=0, lifespan="off", log_config=None, **options)
         config.load()
     return config
 
@@ -128,7 +131,10 @@ def _config(**options) -> uvicorn.Config:
 def test_uvicorn_config_has_what_the_websocket_protocol_reads():
     config = _config(ws_max_size=12345, root_path="/base", timeout_graceful_shutdown=3)
     c = CONTRACTS
-    assert config.ws_protocol_class is LeanWebSocketProtocol, c[WS_CLASS].broken("Config(ws=<class>) no longer used as the class")
+    assert getattr(config, "ws_protocol_class", None) is LeanWebSocketProtocol, \
+        c["uvicorn.Config.ws_protocol_class"].broken("Config(ws=<class>) is not ws_protocol_class")
+    assert isinstance(getattr(config, "timeout_keep_alive", None), int | float), \
+        c["uvicorn.Config.timeout_keep_alive"].broken("timeout_keep_alive")
     assert callable(getattr(config, "loaded_app", None)), c["uvicorn.Config.loaded_app"].broken("no loaded_app after load()")
     assert getattr(config, "root_path", None) == "/base", c["uvicorn.Config.root_path"].broken("root_path")
     assert getattr(config, "asgi_version", None) == "3.0", c["uvicorn.Config.asgi_version"].broken("asgi_version")
@@ -181,9 +187,13 @@ async def test_uvicorn_builds_a_websocket_protocol_the_way_ours_expects():
     transport = Transport()
     request = (b"GET /ws?x=1 HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    with breaks(WS_CLASS):
+    name = "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol(config=, server_state=, app_state=, _loop=)"
+    with breaks(WS_CLASS, name):
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
         state = uvicorn.Server(config).server_state
-        http = config.http_protocol_class(config=config, server_state=state, app_state={})
+        # As records' httpserver.py builds it, to replay a request to it.
+        http = HttpToolsProtocol(config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop())
         http.connection_made(transport)
         http.data_received(request)
 
@@ -241,6 +251,35 @@ async def test_uvicorn_server_state_and_shutdown_are_as_server_py_and_wsserver_e
             await asyncio.wait_for(serving, 10)
     assert events == [("on_stop", [False] * len(servers)), "connection.shutdown"], \
         c["uvicorn connection.shutdown() on stop"].broken(f"shutdown order {events}")
+
+
+async def test_uvicorn_builds_the_http_protocol_class_with_these_keywords():
+    contract = CONTRACTS["uvicorn http protocol class (config=, server_state=, app_state=)"]
+    built = asyncio.get_running_loop().create_future()
+
+    class Recorder(asyncio.Protocol):
+        def __init__(self, *args, **kwargs):
+            if not built.done():
+                built.set_result((args, sorted(kwargs)))
+
+    server = uvicorn.Server(_config(http=Recorder, timeout_graceful_shutdown=1))
+    with breaks(contract.name):
+        serving = asyncio.create_task(server.serve())
+        try:
+            async with asyncio.timeout(10):
+                while not server.started:
+                    assert not serving.done(), serving.exception()
+                    await asyncio.sleep(0.01)
+                port = server.servers[0].sockets[0].getsockname()[1]
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                args, keywords = await built
+            writer.close()
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(serving, 10)
+    # httpserver.py also takes the optional `_loop` uvicorn passes.
+    assert args == () and set(keywords) - {"_loop"} == {"app_state", "config", "server_state"}, \
+        contract.broken(f"built with {args} {keywords}")
 
 
 # --- redis-py -------------------------------------------------------------------
@@ -316,7 +355,7 @@ def test_every_private_name_of_another_library_we_read_is_listed_here():
     defined, reads = _scan()
     foreign = {name: sorted(files) for name, files in reads.items()
                if name.startswith("_") and not name.startswith("__") and name not in defined}
-    listed = {c.attr for c in CONTRACTS.values()} | LEAVING
+    listed = {c.attr for c in CONTRACTS.values()}
     unlisted = {name: files for name, files in foreign.items() if name not in listed}
     assert unlisted == {}, ("private names of other libraries read by our code but not checked in "
                             f"{Path(__file__).name}: add a Contract and a test for each: {unlisted}")

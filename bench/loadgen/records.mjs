@@ -9,13 +9,14 @@
 //
 // Driven over stdin/stdout, one JSON object per line:
 //   {"cmd":"connect","url":"ws://127.0.0.1:5000/socket.io/","clients":N,"groups":G,"tokenPrefix":"t-",
-//    "client":"raw"|"ws"}
+//    "client":"raw"|"ws"|"polling"}   ("polling": Engine.IO long-polling over node:http, url http://...)
 //   {"cmd":"status"}                  -> {"event":"status","open":..,"heard":..}
 //   {"cmd":"peek","step":K}            -> {"event":"peek","step":K,"received":..}
 //   {"cmd":"stats","step":K}          -> {"event":"stats","step":K,"received":..,"p50":..,...}
 //   {"cmd":"close"}
 // Latency = receive wall time - the send wall time the publisher stamped in
 // the payload as "bench":[step, seq, sendTimeMs, group].
+import http from "node:http";
 import { createInterface } from "node:readline";
 import { now } from "./clock.mjs";
 import WebSocket from "ws";
@@ -128,6 +129,80 @@ function connectOne(url, token, group, kind) {
   });
 }
 
+// Long-polling clients share one keep-alive agent: a held GET and, now and
+// then, a POST (CONNECT, PONG) per client, as a browser behind a proxy does.
+const agent = new http.Agent({ keepAlive: true, maxSockets: Infinity });
+
+function httpRequest(method, url, body) {
+  return new Promise((resolve, reject) => {
+    const req = http.request(url, { method, agent, headers: body ? { "content-type": "text/plain;charset=UTF-8" } : {} }, (res) => {
+      const chunks = [];
+      res.on("data", (c) => chunks.push(c));
+      res.on("end", () => resolve({ status: res.statusCode, body: Buffer.concat(chunks) }));
+      res.on("error", reject);
+    });
+    req.on("error", reject);
+    req.end(body);
+  });
+}
+
+function connectPolling(url, token, group) {
+  return new Promise((resolve) => {
+    const client = { ws: null, group, open: false, heard: false, sid: null, closing: false };
+    client.ws = { terminate: () => { client.closing = true; } };
+    let settled = false;
+    const settle = (ok, why) => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      resolve({ client, ok, why });
+    };
+    const timer = setTimeout(() => {
+      client.closing = true;
+      settle(false, "timeout");
+    }, 20000);
+    const sep = url.includes("?") ? "&" : "?";
+    const base = `${url}${sep}EIO=4&transport=polling&channel_token=${encodeURIComponent(token)}`;
+    const onPacket = (q, packet) => {
+      const type = packet[0];
+      if (type === 0x34 /* '4' message */) {
+        const sio = packet[1];
+        if (sio === 0x32) onEvent(client, packet);
+        else if (sio === 0x30) {
+          client.open = true;
+          settle(true);
+        } else if (sio === 0x34) settle(false, "connect_error");
+      } else if (type === 0x32 /* ping */) {
+        httpRequest("POST", q, "3").catch(() => {});
+      } else if (type === 0x31 /* close */) {
+        client.closing = true;
+      }
+    };
+    (async () => {
+      const hs = await httpRequest("GET", base);
+      if (hs.status !== 200) throw new Error(`handshake ${hs.status}`);
+      client.sid = JSON.parse(hs.body.toString("latin1").slice(1)).sid;
+      const q = `${base}&sid=${client.sid}`;
+      await httpRequest("POST", q, "40");
+      while (!client.closing) {
+        const res = await httpRequest("GET", q);
+        if (res.status !== 200) throw new Error(`poll ${res.status}`);
+        let start = 0;
+        for (let i = 0; i <= res.body.length; i++) {
+          if (i === res.body.length || res.body[i] === 0x1e) {
+            if (i > start) onPacket(q, res.body.subarray(start, i));
+            start = i + 1;
+          }
+        }
+      }
+    })().catch((err) => settle(false, err.code || err.message)).finally(() => {
+      if (client.open && !client.closing) closedUnexpectedly++;
+      client.open = false;
+      settle(false, "closed");
+    });
+  });
+}
+
 async function connectAll({ url, clients: n, groups, tokenPrefix, concurrency = 50, client: kind = "raw" }) {
   const started = now();
   let next = 0;
@@ -136,7 +211,8 @@ async function connectAll({ url, clients: n, groups, tokenPrefix, concurrency = 
   async function worker() {
     while (next < n) {
       const i = next++;
-      const { client, ok, why } = await connectOne(url, `${tokenPrefix}${i}`, i % groups, kind);
+      const connect = kind === "polling" ? connectPolling : (u, t, g) => connectOne(u, t, g, kind);
+      const { client, ok, why } = await connect(url, `${tokenPrefix}${i}`, i % groups);
       clients.push(client);
       if (!ok) {
         failed++;

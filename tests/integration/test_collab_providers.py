@@ -284,7 +284,7 @@ def test_rails_down_denies_without_leaking(rails):
             tab.close()
         assert "rails unreachable" in service.logs()
         assert token("1") not in service.logs()
-        assert service.metrics()['collab_auth_total{result="denied"}'] == 1
+        assert service.metrics()['collab_auth_total{cause="rails_unreachable",result="denied"}'] == 1
     finally:
         service.stop()
 
@@ -345,7 +345,8 @@ def test_health_readiness_and_metrics(providers, collab):
     after = collab.metrics()
     assert after["collab_open_sockets"] >= 1
     assert after["collab_loaded_documents"] >= 1
-    assert after['collab_auth_total{result="allowed"}'] > before.get('collab_auth_total{result="allowed"}', 0)
+    allowed = 'collab_auth_total{cause="allowed",result="allowed"}'
+    assert after[allowed] > before.get(allowed, 0)
     assert after['collab_frames_total{type="sync"}'] >= before.get('collab_frames_total{type="sync"}', 0) + 2
     assert after['collab_frames_total{type="auth"}'] > before.get('collab_frames_total{type="auth"}', 0)
 

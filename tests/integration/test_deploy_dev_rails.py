@@ -55,6 +55,10 @@ def test_writes_the_demo_token_and_allows_documents(stand_in, redis_sync_client)
     ok = httpx.post(stand_in.url + "/api/hocuspocus",
                     json={"user_secret": dev_rails.collab_token(), "document_name": "comment-1-body"})
     assert ok.status_code == 200
+    # Anyone else is refused, as Rails refuses unknown users.
+    other = httpx.post(stand_in.url + "/api/hocuspocus",
+                       json={"user_secret": f"{dev_rails.DEMO_USER_ID},wrong", "document_name": "comment-1-body"})
+    assert other.status_code == 401
 
     # Hostile input: a clear 400 and a log line, and the process carries on.
     for bad in (b"{", b"[]", b'{"user_secret": null}'):

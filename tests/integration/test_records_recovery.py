@@ -331,3 +331,39 @@ def test_reconnect_storm_after_a_deploy_recovers_everyone(redis_url):
         svc.stop()
         rails.close()
         r.close()
+
+
+def test_the_per_room_cap_refuses_a_client_that_missed_more_and_recovers_one_that_missed_less(setup_factory):
+    """RECOVERY_MAX_EVENTS_PER_ROOM: the log of a busy room is cut to about
+    the cap. A client that missed more than it holds gets a fresh session
+    (recovered: false, a log line), never a partial replay; one that missed
+    less, in a quiet room, gets every missed event exactly once."""
+    s = setup_factory(RECOVERY_MAX_EVENTS_PER_ROOM=100)
+    s.rails.token("tok-busy", 110, [1100])
+    s.rails.token("tok-quiet", 111, [1110])
+    c = s.open([
+        {"name": "busy", "token": "tok-busy", "transports": ["websocket"]},
+        {"name": "quiet", "token": "tok-quiet", "transports": ["polling"]},
+    ])
+    c.wait_connected(["busy", "quiet"])
+    s.publish("group-1100", 0, 2)
+    s.publish("group-1110", 0, 2)
+    c.wait_events("busy", 2)
+    c.wait_events("quiet", 2)
+    s.proxy.outage()
+    c.wait(lambda _: c.of("busy", "disconnect") and c.of("quiet", "disconnect"), 20, "drops")
+    s.publish("group-1100", 2, 402)  # far more than the cap (and its one stream node of slack)
+    s.publish("group-1110", 2, 22)
+    time.sleep(0.5)
+    s.proxy.restore()
+    c.wait_connected(["busy", "quiet"], count=2, timeout=30)
+    assert connects(c, "busy")[1]["recovered"] is False
+    assert connects(c, "quiet")[1]["recovered"] is True
+    c.wait_events("quiet", 22)
+    s.publish("group-1100", 402, 405)  # the fresh session is in its rooms again
+    c.wait_events("busy", 5)
+    time.sleep(0.3)
+    assert seqs(c, "quiet") == list(range(22))
+    assert seqs(c, "busy") == [0, 1, 402, 403, 404]  # nothing of the gap, no partial replay
+    logs = s.svc.logs()
+    assert "missed more events than the log holds" in logs

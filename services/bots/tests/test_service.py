@@ -93,8 +93,13 @@ def test_survives_a_redis_outage_and_delivers_afterwards(private_redis, homeserv
     private_redis.kill()
     wait_for(lambda: httpx.get(bots.url + "/readyz").status_code == 503, 20, what="readiness down")
     assert httpx.get(bots.url + "/healthz").status_code == 200
+    down = bots.metrics()
+    assert down["bots_ready"] == down["bots_redis_subscription_live"] == 0
     private_redis.start()
     bots.wait_http("/readyz", 30)
+    up = bots.metrics()
+    assert up["bots_ready"] == up["bots_redis_subscription_live"] == 1
+    assert up["bots_redis_reconnects_total"] == 1
 
     publish(private_redis.url, homeserver.url, "<p>after</p>")
     wait_for(lambda: homeserver.bodies(ROOM) == ["before", "after"], 10, what="message after the outage")

@@ -1,65 +1,61 @@
-"""The broadcast hot path with the real byte-counting queue and stand-in
-sockets and rooms (the real server is exercised in tests/integration)."""
+"""The broadcast hot path with the real sessions and rooms (sockets.py) and
+stand-in transports (the real server is exercised in tests/integration)."""
 
 from __future__ import annotations
 
-from bidict import bidict
-from channels_records.broadcast import Broadcaster, ByteCountingQueue
+from channels_records.broadcast import Broadcaster
+from channels_records.sockets import Engine, EngineSocket, Rooms
 
 
-class FakeSocket:
-    def __init__(self):
-        self.queue = ByteCountingQueue()
-        self.closed = False
-        self.closing = False
+def make_engine(n):
+    engine = Engine()
+    for i in range(n):
+        engine.sockets[f"e{i}"] = EngineSocket(engine, f"e{i}", "", "polling")
+    return engine
 
 
-class FakeEngine:
-    def __init__(self, n):
-        self.sockets = {f"e{i}": FakeSocket() for i in range(n)}
-
-
-class FakeManager:
-    def __init__(self, rooms):
-        self.rooms = {"/": {room: bidict({f"s-{e}": e for e in members}) for room, members in rooms.items()}}
+def make_rooms(rooms):
+    r = Rooms()
+    for room, members in rooms.items():
+        for e in members:
+            r.add(f"s-{e}", e)
+            r.enter(f"s-{e}", room)
+    return r
 
 
 def make(rooms, n=3, limit=1000):
-    engine = FakeEngine(n)
+    engine = make_engine(n)
     evicted = []
-    b = Broadcaster(engine, FakeManager(rooms), limit_bytes=limit, on_overflow=evicted.append)
+    b = Broadcaster(engine, make_rooms(rooms), limit_bytes=limit, on_overflow=evicted.append)
     return engine, b, evicted
 
 
 def drain(sock):
-    out = []
-    while not sock.queue.empty():
-        out.append(sock.queue.get_nowait().encode())
-    return out
+    return sock.take_pending()
 
 
 def test_one_shared_packet_for_every_member_and_nobody_else():
     engine, b, _ = make({"group-1": ["e0", "e1"]})
     assert b.to_room("group-1", '2["records",{}]') == 2
-    p0 = engine.sockets["e0"].queue._queue[0]
-    assert p0 is engine.sockets["e1"].queue._queue[0]  # encoded once, shared
+    p0 = engine.sockets["e0"].pending[0]
+    assert p0 is engine.sockets["e1"].pending[0]  # encoded once, shared
     assert drain(engine.sockets["e0"]) == ['42["records",{}]']
     assert drain(engine.sockets["e2"]) == []
     assert b.to_room("nobody", "2[]") == 0
 
 
-def test_queue_counts_bytes_and_overflow_evicts_instead_of_queueing():
+def test_pending_bytes_are_counted_and_overflow_evicts_instead_of_queueing():
     engine, b, evicted = make({"g": ["e0", "e1"]}, limit=100)
     text = "2" + "x" * 39  # 41 bytes with the engine.io type
     b.to_room("g", text)
     b.to_room("g", text)
-    assert engine.sockets["e0"].queue.bytes == 82
+    assert engine.sockets["e0"].pending_bytes == 82
     drain(engine.sockets["e1"])  # e1 reads, e0 does not
-    assert engine.sockets["e1"].queue.bytes == 0
+    assert engine.sockets["e1"].pending_bytes == 0
     b.to_room("g", text)
     assert evicted == ["e0"]
-    assert engine.sockets["e0"].queue.qsize() == 2
-    assert engine.sockets["e1"].queue.qsize() == 1
+    assert len(engine.sockets["e0"].pending) == 2
+    assert len(engine.sockets["e1"].pending) == 1
 
 
 def test_closed_sockets_are_skipped():
@@ -75,7 +71,7 @@ def test_held_packets_follow_the_connect_reply_minus_replayed_offsets():
     b.to_room("g", '2["records",1,"1-0"]', "1-0")
     b.to_room("g", '2["records",2,"2-0"]', "2-0")
     b.to_room("g", '2["records",3]', None)
-    assert engine.sockets["e0"].queue.empty()
+    assert engine.sockets["e0"].pending == []
     b.send_now("e0", '0{"sid":"s","pid":"p"}')
     b.send_now("e0", '2["records",1,"1-0"]')  # the replay carried offset 1-0
     b.release("e0", {"1-0"})
@@ -89,21 +85,10 @@ def test_held_packets_follow_the_connect_reply_minus_replayed_offsets():
     assert drain(engine.sockets["e0"]) == ['42["records",4]']
 
 
-def test_discard_all_frees_the_queue():
-    q = ByteCountingQueue()
-    from engineio.packet import MESSAGE, Packet
-
-    for _ in range(5):
-        q.put_nowait(Packet(MESSAGE, "abc"))
-    assert q.bytes == 20
-    q.discard_all()
-    assert q.bytes == 0 and q.empty()
-
-
 def test_floor_skips_live_copies_of_replayed_events_until_caught_up():
-    engine = FakeEngine(1)
+    engine = make_engine(1)
     b = Broadcaster(
-        engine, FakeManager({"g": ["e0"]}), limit_bytes=1000, on_overflow=lambda e: None,
+        engine, make_rooms({"g": ["e0"]}), limit_bytes=1000, on_overflow=lambda e: None,
         order_key=lambda o: tuple(int(x) for x in o.split("-")),
     )
     b.set_floor("e0", "5-0")
@@ -136,7 +121,7 @@ class FakeTransport:
 
 
 def on_websocket(sock):
-    sock.transport = FakeTransport()
+    sock.go_direct(FakeTransport())
     return sock.transport
 
 
@@ -148,8 +133,8 @@ def test_websocket_sockets_get_one_shared_frame_written_to_their_transport():
     payload = b'42["records",{"a":1}]'
     assert t0.writes == [bytes([0x81, len(payload)]) + payload]
     assert t0.writes[0] is t1.writes[0]  # framed once for everybody
-    assert engine.sockets["e0"].queue.empty()
-    assert drain(engine.sockets["e2"]) == ['42["records",{"a":1}]']  # polling: queued
+    assert engine.sockets["e0"].pending == []
+    assert drain(engine.sockets["e2"]) == ['42["records",{"a":1}]']  # polling: pending
     assert b.counters.direct == 2
 
 
@@ -184,41 +169,40 @@ def test_connect_reply_and_held_events_reach_the_transport_in_order():
     assert [w[2:] for w in t.writes] == [b'40{"sid":"s"}', b"42[1]"]
 
 
-def test_routes_follow_room_changes_and_socket_state_with_the_real_engine_and_manager():
+def test_routes_follow_room_changes_and_socket_state():
     """Which sockets a broadcast writes to directly is worked out once per
     room; every change that matters (joins, leaves, closing, the transport
-    coming and going, handshakes) must show in the next broadcast."""
-    from channels_records.engine import RecordsSocketServer
-    from engineio.async_socket import AsyncSocket
-
-    sio = RecordsSocketServer(async_mode="asgi")
+    coming, handshakes, sessions going) must show in the next broadcast."""
+    engine, rooms = make_engine(3), Rooms()
     evicted = []
-    b = Broadcaster(sio.eio, sio.manager, limit_bytes=1000, on_overflow=evicted.append)
-    socks = {}
+    b = Broadcaster(engine, rooms, limit_bytes=1000, on_overflow=evicted.append)
+    socks = {i: engine.sockets[f"e{i}"] for i in range(3)}
     for i in range(3):
-        sio.eio.sockets[f"e{i}"] = AsyncSocket(sio.eio, f"e{i}")
-        socks[i] = sio.eio.sockets[f"e{i}"]
-    t = {i: on_websocket(socks[i]) for i in range(3)}
-    m = sio.manager
-    m.basic_enter_room("s0", "/", "g", eio_sid="e0")
+        rooms.add(f"s{i}", f"e{i}")
+    t = {i: on_websocket(socks[i]) for i in range(2)}
+    rooms.enter("s0", "g")
     assert b.to_room("g", "2[1]") == 1 and len(t[0].writes) == 1
-    m.basic_enter_room("s1", "/", "g", eio_sid="e1")
-    m.basic_enter_room("s2", "/", "g", eio_sid="e2")
-    assert b.to_room("g", "2[2]") == 3 and [len(t[i].writes) for i in range(3)] == [2, 1, 1]
-    m.basic_leave_room("s0", "/", "g")
+    rooms.enter("s1", "g")
+    rooms.enter("s2", "g")
+    assert b.to_room("g", "2[2]") == 3 and [len(t[i].writes) for i in range(2)] == [2, 1]
+    assert socks[2].take_pending() == ["42[2]"]  # still polling
+    rooms.leave("s0", "g")
     assert b.to_room("g", "2[3]") == 2 and len(t[0].writes) == 2
     socks[1].closing = True
-    assert b.to_room("g", "2[4]") == 1 and len(t[1].writes) == 2 and len(t[2].writes) == 3
-    socks[2].transport = None  # off the websocket: through its queue
-    assert b.to_room("g", "2[5]") == 1 and len(t[2].writes) == 3 and socks[2].queue.qsize() == 1
-    socks[2].transport = t[2]
+    engine.routes_changed()
+    assert b.to_room("g", "2[4]") == 1 and len(t[1].writes) == 2
+    t[2] = on_websocket(socks[2])  # upgraded: what was pending goes first, then direct
+    assert b.to_room("g", "2[5]") == 1 and socks[2].pending == []
+    assert [w[2:] for w in t[2].writes] == [b"42[3]", b"42[4]", b"42[5]"]
     b.hold("e2")
     assert b.to_room("g", "2[6]") == 1 and len(t[2].writes) == 3  # held for its handshake
     b.release("e2")
     assert [w[2:] for w in t[2].writes[3:]] == [b"42[6]"]
     assert b.to_room("g", "2[7]") == 1 and len(t[2].writes) == 5
-    del sio.eio.sockets["e2"]
+    engine.forget(socks[2])
     assert b.to_room("g", "2[8]") == 0 and len(t[2].writes) == 5
+    rooms.remove("s2")
+    assert rooms.members == {"g": {"s1": "e1"}} and "e2" not in rooms.sid_of
     assert evicted == []
 
 
@@ -259,7 +243,7 @@ async def test_a_plain_tcp_transport_with_nothing_queued_is_written_through_its_
     engine, b, _ = make({"g": ["e0"]})
     transport, client = await tcp_pair()
     try:
-        engine.sockets["e0"].transport = transport
+        engine.sockets["e0"].go_direct(transport)
         assert raw_fd(transport) >= 0
         payload = b'42["records",{"a":1}]'
         assert b.to_room("g", '2["records",{"a":1}]') == 1
@@ -278,7 +262,7 @@ async def test_what_the_kernel_does_not_take_waits_in_the_transport_in_order():
     engine, b, evicted = make({"g": ["e0"]}, limit=64 * 1024 * 1024)
     transport, client = await tcp_pair()
     try:
-        engine.sockets["e0"].transport = transport
+        engine.sockets["e0"].go_direct(transport)
         texts = [f'2["records",{{"n":{n},"pad":"{"x" * 60_000}"}}]' for n in range(60)]
         for text in texts:
             assert b.to_room("g", text) == 1
@@ -296,7 +280,7 @@ async def test_a_closing_transport_is_never_written_through_its_descriptor():
     engine, b, _ = make({"g": ["e0"]})
     transport, client = await tcp_pair()
     try:
-        engine.sockets["e0"].transport = transport
+        engine.sockets["e0"].go_direct(transport)
         b.to_room("g", "2[1]")  # builds the route with the descriptor
         transport.close()
         assert b.to_room("g", "2[2]") == 0

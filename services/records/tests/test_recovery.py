@@ -480,7 +480,7 @@ async def test_dedup_state_of_a_repeated_payload_stays_small(clients, redis):
 
 
 async def test_restore_reads_only_the_session_rooms_after_the_offset(clients, redis):
-    a = stores(clients)[0]
+    a = stores(clients, max_events_per_room=0)[0]  # no cap: the noise room stays large
     rooms = ["notice", "user-1", "group-1"]
     pid, _ = await a.create_session("sid-1", "tok", rooms)
     noise = [("group-2", "records", record("group-2", n)) for n in range(3000)]
@@ -661,3 +661,50 @@ async def test_a_log_connection_that_dies_while_idle_goes_back_to_the_pool(priva
         assert len(client.connection_pool._in_use_connections) <= 1
     finally:
         await client.aclose()
+
+
+# -- the per-room cap ------------------------------------------------------------
+
+
+async def test_the_per_room_cap_bounds_each_stream(clients, redis):
+    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", max_events_per_room=100)
+    for n in range(450):
+        await a.log_message("group-1", "records", record("group-1", n))
+    length = await redis.xlen("recovery:room:group-1")
+    assert 100 <= length <= 100 + 101  # approximate: whole stream nodes go
+
+
+async def test_a_client_that_missed_more_than_the_cap_is_refused_whole(clients, redis, caplog):
+    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", max_events_per_room=100)
+    pid, _ = await a.create_session("sid-1", "tok", ["group-1", "notice"])
+    offsets = [await a.log_message("group-1", "records", record("group-1", n)) for n in range(450)]
+    await a.log_message("notice", "notice", notice(1))
+    with caplog.at_level(logging.INFO, logger="channels.records.recovery"):
+        assert await a.restore(pid, "tok", offsets[10]) is None  # entries after it were trimmed
+        assert await a.restore(pid, "tok", None) is None  # from the connect offset: the same
+    reasons = [getattr(r, "reason", None) for r in caplog.records if r.getMessage() == "recovery refused"]
+    assert reasons == ["missed more events than the log holds"] * 2
+    # One that missed fewer than the log holds gets exactly what it missed.
+    restored = await a.restore(pid, "tok", offsets[400])
+    assert [e.offset for e in restored.missed][:49] == offsets[401:]
+    assert [json.loads(e.data) for e in restored.missed][-1] == {"notice": 1}
+    assert len(restored.missed) == 50
+
+
+async def test_open_session_reads_the_token_and_restores_the_rooms_it_gives(clients, redis):
+    a = stores(clients)[0]
+    await redis.set("/current_users/tok-o", json.dumps({"id": 7, "name": "N", "group_ids": [3, 3, 4, "x", True]}))
+    pid, offset, raw = await a.open_session("sid-o", "tok-o")
+    assert json.loads(raw)["id"] == 7 and offset == ZERO_OFFSET
+    logged = {}
+    for room in ("notice", "user-7", "group-3", "group-4", "group-5", "user-8"):
+        logged[room] = await a.log_message(room, "records", record(room, 0))
+    restored = await a.restore(pid, "tok-o", None)
+    assert restored.sid == "sid-o"
+    assert restored.rooms == ["notice", "user-7", "group-3", "group-4"]
+    assert [e.offset for e in restored.missed] == [logged[r] for r in ("notice", "user-7", "group-3", "group-4")]
+    assert await a.restore(pid, "other-token", None) is None
+    # an unknown token: a session with notices only
+    pid2, _, raw2 = await a.open_session("sid-u", "no-such-token")
+    assert raw2 is None
+    assert (await a.restore(pid2, "no-such-token", None)).rooms == ["notice"]

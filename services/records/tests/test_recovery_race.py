@@ -23,9 +23,9 @@ class Store:
 
 
 def make(store, relayed):
-    sio = types.SimpleNamespace(manager=None, eio=types.SimpleNamespace(sockets={}))
+    engine = types.SimpleNamespace(sockets={})
     return Connections(
-        sio, None, None, None, store, order_key=offset_key, relayed_offset=lambda: relayed
+        engine, None, None, None, None, store, order_key=offset_key, relayed_offset=lambda: relayed
     )
 
 

@@ -6,8 +6,10 @@ It does the two things the services need from Rails:
 - writes a demo channel token to Redis (`/current_users/{token}`), as
   BootController#set_channel_token does, and rewrites it periodically so a
   restarted development Redis gets it back;
-- answers `POST /api/hocuspocus` with 200 for any well-formed request, so the
-  playground's editor may open any document (real Rails checks permissions).
+- answers `POST /api/hocuspocus` with 200 for the demo user's secret, whatever
+  the document, so the playground's editor may open any document, and 401 for
+  any other secret, as Rails refuses unknown users (channels-doctor checks
+  that refusal; real Rails also checks permissions).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import sys
 
 from prometheus_client import CollectorRegistry, Counter
@@ -104,7 +107,11 @@ def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
             log.warning("bad /api/hocuspocus request", extra={"reason": parsed})
             answered.labels("400").inc()
             return JSONResponse({"error": parsed}, status_code=400)
-        _, name = parsed
+        secret, name = parsed
+        if not secrets.compare_digest(secret.encode(), collab_token().encode()):
+            log.info("document denied: not the demo user (development stand-in)", extra={"document": name[:200]})
+            answered.labels("401").inc()
+            return JSONResponse({"error": "unknown user"}, status_code=401)
         log.info("document allowed (development stand-in)", extra={"document": name[:200]})
         answered.labels("200").inc()
         return JSONResponse({"ok": True})
@@ -127,7 +134,7 @@ def main() -> int:
         print(refusal, file=sys.stderr)
         return 2
     setup_logging("dev-rails", settings.log_level)
-    log.warning("DEVELOPMENT STAND-IN FOR RAILS: allows every document; never use in production")
+    log.warning("DEVELOPMENT STAND-IN FOR RAILS: allows every document to the demo user; never use in production")
     serve(
         create_app(settings.redis_url, settings.token_refresh_seconds),
         host=settings.host,

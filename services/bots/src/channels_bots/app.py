@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Message, Subscription
 from channels_common.server import serve
 from channels_common.settings import BotsSettings
@@ -49,7 +49,8 @@ class BotsService:
             max_pending=settings.max_pending_messages,
             metrics=self.metrics,
         )
-        self.subscription = Subscription(url=settings.redis_url, handler=self.handle, patterns=["chatbot/*"])
+        self.subscription = Subscription(url=settings.redis_url, handler=self.handle, patterns=["chatbot/*"],
+                                         on_reconnect=self.metrics.redis_reconnects.inc)
         self.metrics.cached_clients.set_function(lambda: len(self.clients))
         self.metrics.open_clients.set_function(lambda: self.clients.open_clients)
         self._sweeper: asyncio.Task | None = None
@@ -108,6 +109,7 @@ def create_app(settings: BotsSettings | None = None) -> Starlette:
         finally:
             await service.stop()
 
+    observe_service(service.metrics.registry, "bots", service.ready, lambda: service.subscription.live)
     app = Starlette(routes=health_routes(service.metrics.registry, service.ready), lifespan=lifespan)
     app.state.service = service
     return app

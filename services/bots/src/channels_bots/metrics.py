@@ -31,6 +31,9 @@ class BotsMetrics:
             "bots_open_clients", "Matrix clients open (cached, fresh, evicted but in use)", registry=r
         )
         self.pending = Gauge("bots_pending_messages", "Messages queued or being delivered", registry=r)
+        self.redis_reconnects = Counter(
+            "bots_redis_reconnects", "Times the Redis subscription came back", registry=r
+        )
 
     def count_received(self, channel: str) -> None:
         self.received.labels(channel if channel in KNOWN_CHANNELS else "other").inc()

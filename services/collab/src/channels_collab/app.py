@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.wsframe import binary_frame
@@ -286,6 +286,7 @@ def create_app(settings: CollabSettings | None = None) -> CollabApp:
         yield
         await service.stop()
 
+    observe_service(service.metrics.registry, "collab", lambda: service.ready)
     routes = health_routes(
         service.metrics.registry,
         lambda: (service.ready, {"documents": len(service.registry.docs) if service.registry else 0,

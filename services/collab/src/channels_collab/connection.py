@@ -227,7 +227,7 @@ class Connection:
         if isinstance(msg, p.Token):
             log.warning("document name refused", extra={"document": name[:120]})
             if self.metrics:
-                self.metrics.auth.labels("refused_name").inc()
+                self.metrics.auth_refused_name()
             self.transport.send(p.encode_permission_denied(msg.address, DENIED_REASON))
         # Anything else for a refused name can never be served: dropped.
 
@@ -255,12 +255,12 @@ class Connection:
         if not decision.allowed:
             log.info("document denied", extra={"document": name, "reason": decision.detail})
             if self.metrics:
-                self.metrics.auth.labels("denied").inc()
+                self.metrics.auth_decided(decision)
             # Its queued frames go with it; a later Token starts afresh.
             self.transport.send(p.encode_permission_denied(address, DENIED_REASON))
             return
         if self.metrics:
-            self.metrics.auth.labels("allowed").inc()
+            self.metrics.auth_decided(decision)
         self.authenticated_once = True
         self.transport.send(p.encode_authenticated(address, decision.scope))
         session = Session(self, address, name, decision.readonly)
@@ -343,7 +343,7 @@ class Connection:
             name, _session = p.split_address(address)
             log.warning("auth did not finish before the connection deadline; denied", extra={"document": name})
             if self.metrics:
-                self.metrics.auth.labels("denied").inc()
+                self.metrics.auth_timed_out()
             self.transport.send(p.encode_permission_denied(address, DENIED_REASON))
 
     # ------------------------------------------------------------ teardown

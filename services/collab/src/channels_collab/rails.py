@@ -27,6 +27,15 @@ MAX_TOKEN_LENGTH = 1024
 RETRIES = 2
 DENIED_REASON = "permission-denied"
 
+# Why a decision went the way it did, as the `cause` label of
+# collab_auth_total (a fixed set, so the label cannot grow).
+ALLOWED = "allowed"
+RAILS_DENIED = "rails_denied"
+RAILS_TIMEOUT = "rails_timeout"
+RAILS_UNREACHABLE = "rails_unreachable"
+INVALID_TOKEN = "invalid_token"
+ERROR = "error"
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -34,6 +43,8 @@ class Decision:
     scope: str = SCOPE_READ_WRITE
     # Why, for our log line only; the client always gets DENIED_REASON.
     detail: str = ""
+    # One of the causes above; empty means ALLOWED or ERROR by `allowed`.
+    cause: str = ""
 
     @property
     def readonly(self) -> bool:
@@ -131,21 +142,21 @@ class RailsAuthenticator:
 
     async def authenticate(self, token: str, document_name: str) -> Decision:
         if self.url is None:
-            return Decision(False, detail="no rails url")
+            return Decision(False, detail="no rails url", cause=RAILS_UNREACHABLE)
         if not token or len(token) > MAX_TOKEN_LENGTH:
-            return Decision(False, detail="empty or oversized token")
+            return Decision(False, detail="empty or oversized token", cause=INVALID_TOKEN)
         body = {"user_secret": token, "document_name": document_name}
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 response = await self._post(body)
         except (TimeoutError, httpx.TimeoutException):
             log.warning("rails auth timed out", extra={"document": document_name})
-            return Decision(False, detail="timeout")
+            return Decision(False, detail="timeout", cause=RAILS_TIMEOUT)
         except httpx.HTTPError as exc:
             log.warning(
                 "rails unreachable for auth", extra={"document": document_name, "error": type(exc).__name__}
             )
-            return Decision(False, detail="unreachable")
+            return Decision(False, detail="unreachable", cause=RAILS_UNREACHABLE)
         if response.status_code != 200:
-            return Decision(False, detail=f"rails answered {response.status_code}")
-        return Decision(True, scope=_scope_from_body(response))
+            return Decision(False, detail=f"rails answered {response.status_code}", cause=RAILS_DENIED)
+        return Decision(True, scope=_scope_from_body(response), cause=ALLOWED)

@@ -10,27 +10,32 @@ import logging
 import re
 import secrets
 
-import socketio
-from channels_common.observability import health_routes, setup_logging, setup_sentry
+from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import RecordsSettings
 from channels_common.wsserver import LeanWebSocketProtocol
 from starlette.applications import Starlette
 
+from . import engineio as eio
 from .broadcast import Broadcaster
 from .connections import Connections
-from .engine import RecordsSocketServer
+from .gateway import Gateway
+from .httpserver import RecordsHttpProtocol
 from .metrics import Metrics
 from .playground import playground_routes
+from .polling import AsgiPolling, Cors, Polling
 from .recovery import RecoveryStore, offset_key
 from .relay import NOTICE_CHANNEL, RECORDS_CHANNEL, Relay
+from .sockets import Engine, Rooms
+from .websocket import WebSockets
 
 log = logging.getLogger("channels.records")
 
 # Largest packet a client may send; Loomio clients send nothing but the
 # handshake, so a small bound costs nothing.
 MAX_CLIENT_PACKET_BYTES = 64 * 1024
+SOCKET_IO_PATHS = ("/socket.io/", "/socket.io")
 
 
 _TOKEN_IN_QUERY = re.compile(r"(channel_token=)[^&\s\"']*")
@@ -48,15 +53,6 @@ class RedactQueryTokens(logging.Filter):
         return True
 
 
-def _library_logger(name: str) -> logging.Logger:
-    """python-socketio/engineio log packet contents (the recovery pid among
-    them) at INFO: only their warnings and errors are kept, whatever
-    LOG_LEVEL says, and they go through the service's JSON logging."""
-    logger = logging.getLogger(name)
-    logger.setLevel(logging.WARNING)
-    return logger
-
-
 class RecordsService:
     def __init__(self, settings: RecordsSettings):
         self.settings = settings
@@ -64,39 +60,47 @@ class RecordsService:
         origin = settings.cors_origin
         if origin is None:
             log.warning("no PUBLIC_APP_URL (or CANONICAL_HOST/VIRTUAL_HOST): only same-origin browsers may connect")
-        self.sio = RecordsSocketServer(
-            async_mode="asgi",
-            cors_allowed_origins=[origin] if origin else None,
-            cors_credentials=True,
-            max_http_buffer_size=MAX_CLIENT_PACKET_BYTES,
-            logger=_library_logger("channels.records.socketio"),
-            engineio_logger=_library_logger("channels.records.engineio"),
-            connect_handler=self._connect,
-        )
+        self.rooms = Rooms()
+        self.engine = Engine(max_payload=MAX_CLIENT_PACKET_BYTES)
         self.broadcaster = Broadcaster(
-            self.sio.eio,
-            self.sio.manager,
+            self.engine,
+            self.rooms,
             limit_bytes=settings.max_client_buffer_bytes,
             on_overflow=self._evict,
             counters=self.metrics.hot,
             order_key=offset_key,
         )
-        self.sio.on("disconnect", self._disconnect)
+        self.gateway = Gateway(self.rooms, self.broadcaster)
+        self.engine.on_message = self.gateway.on_message
+        self.engine.on_close = self.gateway.on_close
+        self.engine.connected = self.gateway.connecting_or_connected
+        cors = Cors(origin, credentials=True)
+        self.polling = Polling(self.engine, cors)
+        self.asgi_polling = AsgiPolling(self.polling)
+        self.websockets = WebSockets(self.engine, cors)
         self.redis = None
         self.store = None
         self.connections: Connections | None = None
         self.subscription: Subscription | None = None
         self._tasks: list[asyncio.Task] = []
         self._evicting: set[str] = set()
-        self.app = socketio.ASGIApp(
-            self.sio,
-            other_asgi_app=Starlette(
-                # playground_routes() is empty unless in development (RAILS_ENV != production).
-                routes=[*health_routes(self.metrics.registry, self._ready), *playground_routes()],
-                lifespan=self._lifespan,
-            ),
-            socketio_path="socket.io",
+        observe_service(self.metrics.registry, "records", self._ready,
+                        lambda: bool(self.subscription and self.subscription.live))
+        # playground_routes() is empty unless in development (RAILS_ENV != production).
+        self.other = Starlette(
+            routes=[*health_routes(self.metrics.registry, self._ready), *playground_routes()],
+            lifespan=self._lifespan,
         )
+
+    async def app(self, scope, receive, send) -> None:
+        """/socket.io/ is Engine.IO (polling or websocket); the rest is Starlette."""
+        kind = scope["type"]
+        if scope.get("path") in SOCKET_IO_PATHS:
+            if kind == "http":
+                return await self.asgi_polling(scope, receive, send)
+            if kind == "websocket":
+                return await self.websockets(scope, receive, send)
+        return await self.other(scope, receive, send)
 
     def _ready(self):
         live = bool(self.subscription and self.subscription.live)
@@ -107,11 +111,15 @@ class RecordsService:
         s = self.settings
         self.redis = create_redis(s.redis_url, max_connections=s.redis_pool_size)
         self.store = RecoveryStore(
-            self.redis, window_seconds=s.recovery_window_seconds, instance_id=secrets.token_hex(6)
+            self.redis,
+            window_seconds=s.recovery_window_seconds,
+            instance_id=secrets.token_hex(6),
+            max_events_per_room=s.recovery_max_events_per_room,
         )
         relay = Relay(self.broadcaster, self.metrics, self.store)
         self.connections = Connections(
-            self.sio,
+            self.engine,
+            self.rooms,
             self.broadcaster,
             self.redis,
             self.metrics,
@@ -130,6 +138,7 @@ class RecordsService:
             on_live=self.store.mark_live,
         )
         self.subscription.start()
+        self.gateway.connections = self.connections
         self._tasks.append(asyncio.create_task(self.connections.touch_forever()))
         freeze_startup_objects()
         try:
@@ -137,15 +146,9 @@ class RecordsService:
         finally:
             for task in self._tasks:
                 task.cancel()
+            self.engine.stop_pinger()
             await self.subscription.stop()
             await self.redis.aclose()
-
-    async def _connect(self, eio_sid: str, auth) -> None:
-        await self.connections.connect(eio_sid, auth)
-
-    def _disconnect(self, sid: str, reason: str) -> None:
-        if self.connections is not None:
-            self.connections.disconnected(sid, reason)
 
     def _evict(self, eio_sid: str) -> None:
         """A socket would exceed its send buffer: cut it off (once)."""
@@ -153,26 +156,22 @@ class RecordsService:
             return
         self._evicting.add(eio_sid)
         self.broadcaster.drop_held(eio_sid)
-        asyncio.get_running_loop().create_task(self._evict_now(eio_sid))
+        # Not while the broadcast that overflowed is still iterating its room.
+        asyncio.get_running_loop().call_soon(self._evict_now, eio_sid)
 
-    async def _evict_now(self, eio_sid: str) -> None:
+    def _evict_now(self, eio_sid: str) -> None:
         try:
-            sock = self.sio.eio.sockets.get(eio_sid)
-            if sock is None:
+            sock = self.engine.sockets.get(eio_sid)
+            if sock is None or sock.closing:
                 return
             self.metrics.slow_clients.inc()
-            websocket = getattr(sock, "websocket", None)
-            transport = getattr(websocket, "transport", None)
-            buffered = sock.queue.bytes + (transport.get_write_buffer_size() if transport is not None else 0)
+            transport = sock.transport
+            buffered = sock.pending_bytes + (transport.get_write_buffer_size() if transport is not None else 0)
             log.warning(
                 "client not reading, disconnecting",
                 extra={"buffered_bytes": buffered, "limit": self.settings.max_client_buffer_bytes},
             )
-            await sock.close(wait=False, abort=True)
-            sock.queue.discard_all()
-            sock.queue.put_nowait(None)  # ends a pending long-poll or the writer
-            if websocket is not None:
-                websocket.abort()
+            sock.close(eio.TRANSPORT_ERROR, abort=True)
         except Exception:
             log.exception("evicting a slow client failed")
         finally:
@@ -204,7 +203,10 @@ def main() -> None:
         # Our own websocket protocol: the least state per idle client and
         # its transport within reach of the broadcast fast path.
         ws=LeanWebSocketProtocol,
+        # Long-polling answered inside the HTTP protocol; the rest goes to uvicorn's.
+        http=RecordsHttpProtocol.serving(service.polling),
         ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
+        interface="asgi3",  # service.app is a bound coroutine method
     )
 
 

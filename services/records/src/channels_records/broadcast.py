@@ -3,25 +3,23 @@
 A broadcast is encoded once into its final Socket.IO text, and framed at
 most once more into its final websocket bytes (see wsframe.py). For a socket
 on an established websocket, delivering it is one `transport.write` of those
-shared bytes: no task, queue or engine.io writer in between. Everything else
-(long-polling clients, a websocket still in its upgrade) gets the shared Engine.IO packet on the
-socket's send queue as python-engineio expects.
+shared bytes: no task or queue in between. Everything else (long-polling
+clients, a websocket still in its upgrade) gets the shared Engine.IO packet
+text appended to what the session has pending (sockets.py).
 
-Memory per client is bounded: the transport's write buffer or the send queue
-(which counts the bytes it holds) of a client that stopped reading would go
+Memory per client is bounded: the transport's write buffer or the pending
+packets (their bytes counted) of a client that stopped reading would go
 past the limit, and the client is evicted instead of written to.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import socket
 from collections.abc import Callable
 
 from channels_common.wsframe import text_frame
-from engineio import packet as eio_packet
 
 from .metrics import HotCounters
 
@@ -30,57 +28,16 @@ log = logging.getLogger("channels.records.broadcast")
 NAMESPACE = "/"
 
 
-def packet_size(pkt) -> int:
-    data = getattr(pkt, "data", None)
-    if isinstance(data, (str, bytes, bytearray)):
-        return len(data) + 1
-    return 16
-
-
-class ByteCountingQueue(asyncio.Queue):
-    """An Engine.IO send queue that knows how many bytes it holds."""
-
-    def _init(self, maxsize):
-        super()._init(maxsize)
-        self.bytes = 0
-
-    def _put(self, item):
-        self.bytes += packet_size(item)
-        super()._put(item)
-
-    def _get(self):
-        item = super()._get()
-        self.bytes -= packet_size(item)
-        return item
-
-    def discard_all(self) -> None:
-        """Free everything queued (an evicted client will never read it)."""
-        while True:
-            try:
-                self.get_nowait()
-                self.task_done()
-            except asyncio.QueueEmpty:
-                return
-
-
 class Outgoing:
-    """One broadcast as every recipient gets it: the websocket frame and,
-    made on first use (polling clients, sockets mid-upgrade), the engine.io
-    packet for send queues."""
+    """One broadcast as every recipient gets it: the engine.io packet text
+    (for polling sessions and sessions mid-upgrade) and its websocket frame."""
 
-    __slots__ = ("_pkt", "frame", "size", "text")
+    __slots__ = ("frame", "packet", "size")
 
     def __init__(self, text: str):
-        self.text = text
-        self.size = len(text) + 1
-        self.frame = text_frame(("4" + text).encode("utf-8"))
-        self._pkt = None
-
-    @property
-    def pkt(self):
-        if self._pkt is None:
-            self._pkt = eio_packet.Packet(eio_packet.MESSAGE, self.text)
-        return self._pkt
+        self.packet = "4" + text
+        self.size = len(self.packet)
+        self.frame = text_frame(self.packet.encode("utf-8"))
 
 
 class Held:
@@ -125,15 +82,15 @@ class Broadcaster:
     def __init__(
         self,
         engine,
-        manager,
+        rooms,
         *,
         limit_bytes: int,
         on_overflow: Callable[[str], None],
         counters: HotCounters | None = None,
         order_key: Callable[[str], object] | None = None,
     ):
-        self.sockets = engine.sockets  # eio_sid -> engine.io socket
-        self.manager = manager
+        self.sockets = engine.sockets  # eio_sid -> EngineSocket (sockets.py)
+        self.rooms = rooms
         self.limit = limit_bytes
         self.on_overflow = on_overflow
         # Deliveries, and those written straight to a transport, for /metrics.
@@ -146,15 +103,13 @@ class Broadcaster:
         self.order_key = order_key
         # room -> _Route. Valid only while the room's members and their
         # sockets' states stay as they were: the engine and the manager
-        # report every change (engine.py), this class its own (held, floors).
+        # report every change (sockets.py), this class its own (held, floors).
         self._routes: dict[str, _Route] = {}
-        for source in (engine, manager):
-            listeners = getattr(source, "route_listeners", None)
-            if listeners is not None:
-                listeners.append(self.forget_routes)
+        engine.route_listeners.append(self.forget_routes)
+        rooms.listeners.append(self.forget_routes)
 
     def to_room(self, room: str, text: str, offset: str | None = None) -> int:
-        members = self.manager.rooms.get(NAMESPACE, {}).get(room)
+        members = self.rooms.members.get(room)
         if not members:
             return 0
         route = self._routes.get(room)
@@ -244,7 +199,7 @@ class Broadcaster:
             self._routes.pop(room, None)
 
     def deliver(self, eio_sid: str, out: Outgoing, offset: str | None = None, key=None) -> bool:
-        """Queue one shared packet for one socket; never awaits."""
+        """Send one shared packet to one socket; never awaits."""
         if key is not None:
             floor = self.floors.get(eio_sid)
             if floor is not None:
@@ -266,8 +221,8 @@ class Broadcaster:
         sock = self.sockets.get(eio_sid)
         if sock is None or sock.closed or sock.closing:
             return False
-        # Set only while the socket is on its websocket with nothing of its
-        # own left in the queue (engine.py), so nothing is overtaken.
+        # Set only once the socket is on its websocket with nothing of its
+        # own left pending (sockets.py), so nothing is overtaken.
         transport = getattr(sock, "transport", None)
         if transport is not None:
             if transport.is_closing():
@@ -279,11 +234,10 @@ class Broadcaster:
             transport.write(frame)
             self.counters.direct += 1
             return True
-        queue = sock.queue
-        if queue.bytes + out.size > self.limit:
+        if sock.pending_bytes + out.size > self.limit:
             self.on_overflow(eio_sid)
             return False
-        queue.put_nowait(out.pkt)
+        sock.send(out.packet)
         return True
 
     def send_now(self, eio_sid: str, text: str) -> bool:

@@ -8,18 +8,21 @@ import asyncio
 import logging
 from urllib.parse import parse_qs
 
-from channels_common.auth import ChannelUser, lookup_channel_user
+from channels_common.auth import ChannelUser, lookup_channel_user, parse_current_user, valid_token
 from channels_common.redis import with_backoff
+from channels_common.wsframe import SERVICE_RESTART
 from redis.exceptions import RedisError
 
-from .broadcast import NAMESPACE, Broadcaster
+from . import engineio as eio
+from .broadcast import Broadcaster
+from .gateway import CLIENT_DISCONNECT
 from .protocol import RecoveryRequest, encode_connect, encode_event, parse_recovery
 from .rooms import rooms_for
+from .sockets import Rooms, new_sid
 
 log = logging.getLogger("channels.records.connections")
 
 REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
-CLIENT_DISCONNECT = "client disconnect"
 
 
 def token_from_query(query_string: str) -> str | None:
@@ -30,7 +33,8 @@ def token_from_query(query_string: str) -> str | None:
 class Connections:
     def __init__(
         self,
-        sio,
+        engine,
+        rooms: Rooms,
         broadcaster: Broadcaster,
         redis,
         metrics,
@@ -41,9 +45,8 @@ class Connections:
         order_key=None,
         relayed_offset=lambda: None,
     ):
-        self.sio = sio
-        self.manager = sio.manager
-        self.sockets = sio.eio.sockets
+        self.rooms = rooms
+        self.sockets = engine.sockets
         self.broadcaster = broadcaster
         self.redis = redis
         self.metrics = metrics
@@ -62,12 +65,12 @@ class Connections:
     # -- handshake -------------------------------------------------------
 
     async def connect(self, eio_sid: str, auth: object) -> None:
-        environ = self.sio.environ.get(eio_sid)
-        if environ is None:
+        sock = self.sockets.get(eio_sid)
+        if sock is None or sock.closing:
             return
         if eio_sid in self.broadcaster.held:
             return  # a second CONNECT while the first is being handled
-        token = token_from_query(environ.get("QUERY_STRING", ""))
+        token = token_from_query(sock.query)
         # From here on, broadcasts for this socket wait until the CONNECT
         # reply (and any replay) has been queued.
         self.broadcaster.hold(eio_sid)
@@ -80,13 +83,13 @@ class Connections:
             # Whatever went wrong, leave nothing half-registered and let the
             # client try again on a new connection.
             log.exception("connect failed")
-            sid = self.manager.sid_from_eio_sid(eio_sid, NAMESPACE)
+            sid = self.rooms.sid_of.get(eio_sid)
             if sid is not None:
                 self._forget_local(sid)
-                self.manager.basic_disconnect(sid, NAMESPACE)
+                self.rooms.remove(sid)
             sock = self.sockets.get(eio_sid)
             if sock is not None:
-                await sock.close(wait=False, abort=False)
+                sock.close(eio.SERVER_CLOSE)
         finally:
             self.broadcaster.drop_held(eio_sid)
 
@@ -97,33 +100,47 @@ class Connections:
     async def _lookup(self, token: str | None) -> tuple[ChannelUser | None, bool]:
         """(user, deferred): deferred when Redis could not answer now."""
         try:
-            user = await asyncio.wait_for(lookup_channel_user(self.redis, token), self.lookup_timeout)
+            # asyncio.timeout, not wait_for: no extra task per connect.
+            async with asyncio.timeout(self.lookup_timeout):
+                user = await lookup_channel_user(self.redis, token)
             return user, False
         except REDIS_FAILURES as exc:
             log.warning("token lookup deferred until redis answers", extra={"error": type(exc).__name__})
             return None, True
 
+    async def _open(self, sid: str, token: str) -> tuple[ChannelUser | None, bool, str | None]:
+        """(user, deferred, pid): the token lookup and the recovery session
+        in one Redis round trip."""
+        try:
+            async with asyncio.timeout(self.lookup_timeout):
+                pid, _, raw = await self.store.open_session(sid, token)
+            return parse_current_user(raw), False, pid
+        except REDIS_FAILURES as exc:
+            log.warning("token lookup deferred until redis answers", extra={"error": type(exc).__name__})
+            return None, True, None
+
     async def _connect_fresh(self, eio_sid: str, token: str | None) -> None:
-        sid = await self.manager.pre_connect(eio_sid, NAMESPACE)
-        if sid is None:
-            return
-        user, deferred = await self._lookup(token)
+        sid = new_sid()
+        self.rooms.add(sid, eio_sid)
+        opened = self.store is not None and valid_token(token)
+        if opened:
+            user, deferred, pid = await self._open(sid, token)
+        else:
+            user, deferred = await self._lookup(token)
+            pid = None
         rooms = rooms_for(user)
         for room in rooms:
-            self.manager.basic_enter_room(sid, NAMESPACE, room)
-        pid = None
-        if self.store is not None and not deferred:
+            self.rooms.enter(sid, room)
+        if self.store is not None and not deferred and not opened:
             try:
-                pid, _ = await asyncio.wait_for(
-                    self.store.create_session(sid, token, rooms), self.lookup_timeout
-                )
+                async with asyncio.timeout(self.lookup_timeout):
+                    pid, _ = await self.store.create_session(sid, token, rooms)
             except REDIS_FAILURES as exc:
                 log.warning("recovery session not stored", extra={"error": type(exc).__name__})
         if self._gone(eio_sid):
-            self.manager.basic_disconnect(sid, NAMESPACE)
+            self.rooms.remove(sid)
             return
         self.broadcaster.send_now(eio_sid, encode_connect(sid, pid))
-        await self.manager.connect(sid, NAMESPACE)
         self._mark_live(sid, pid)
         self.broadcaster.release(eio_sid)
         log.debug("connected", extra={"sid": sid, "rooms": len(rooms), "deferred": deferred})
@@ -147,15 +164,14 @@ class Connections:
         await self._take_over(sid)
         if self._gone(eio_sid):
             return True  # nothing registered yet, nothing to undo
-        # Registered as the old sid at once (no pre-connect state): a socket
-        # dropping from here on is cleaned up by python-socketio as usual.
-        self.manager.basic_enter_room(sid, NAMESPACE, None, eio_sid=eio_sid)
-        self.manager.basic_enter_room(sid, NAMESPACE, sid, eio_sid=eio_sid)
+        # Registered as the old sid at once: a socket dropping from here on
+        # is cleaned up by the gateway as usual.
+        self.rooms.add(sid, eio_sid)
         for room in restored.rooms:
-            self.manager.basic_enter_room(sid, NAMESPACE, room)
+            self.rooms.enter(sid, room)
         missed = await self._missed_meanwhile(request, token, restored.missed)
         if self._gone(eio_sid):
-            return True  # registered: python-socketio cleans it up
+            return True  # registered: the gateway cleans it up
         self.broadcaster.send_now(eio_sid, encode_connect(sid, request.pid))
         replayed = set()
         for event in missed:
@@ -201,17 +217,14 @@ class Connections:
     async def _take_over(self, sid: str) -> None:
         """The dropped connection of a recovering session may still be
         registered here (its loss not noticed yet): close it first."""
-        old_eio = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+        old_eio = self.rooms.eio_of.get(sid)
         if old_eio is None:
             return
         sock = self.sockets.get(old_eio)
         if sock is not None:
-            websocket = getattr(sock, "websocket", None)
-            await sock.close(wait=False, abort=True)
-            if websocket is not None:
-                websocket.abort()
-        if self.manager.eio_sid_from_sid(sid, NAMESPACE) is not None:
-            self.manager.basic_disconnect(sid, NAMESPACE)
+            sock.close(eio.TRANSPORT_CLOSE, abort=True)
+        if self.rooms.eio_of.get(sid) is not None:
+            self.rooms.remove(sid)
         self._forget_local(sid)
 
     def _mark_live(self, sid: str, pid: str | None) -> None:
@@ -228,7 +241,7 @@ class Connections:
             return
         rooms = rooms_for(user)
         for room in rooms:
-            self.manager.basic_enter_room(sid, NAMESPACE, room)
+            self.rooms.enter(sid, room)
         self.deferred.pop(sid, None)
         log.info("rooms joined after redis returned", extra={"sid": sid, "rooms": len(rooms)})
 
@@ -244,10 +257,10 @@ class Connections:
         return None
 
     def disconnected(self, sid: str, reason: str) -> None:
-        """Synchronous on purpose: python-socketio removes the sid from its
-        rooms right after this returns, and a recovering connection may be
-        about to register the same sid; no await may come in between."""
-        eio_sid = self.manager.eio_sid_from_sid(sid, NAMESPACE)
+        """Synchronous on purpose: the gateway removes the sid from its rooms
+        right after this returns, and a recovering connection may be about
+        to register the same sid; no await may come in between."""
+        eio_sid = self.rooms.eio_of.get(sid)
         if eio_sid is not None:
             self.broadcaster.forget(eio_sid)
         pid = self._forget_local(sid)
@@ -285,9 +298,9 @@ class Connections:
                 return
 
     async def close_all(self) -> None:
-        """SIGTERM: refresh every session, then close each engine.io socket
-        with a CLOSE packet (websockets are closed by the server right
-        after), so that clients reconnect, to another instance if need be."""
+        """SIGTERM: refresh every session, then close each engine.io session
+        (a CLOSE packet for polling, close code 1012 for websockets), so that
+        clients reconnect, to another instance if need be."""
         self.stopping = True
         try:
             # Best effort: a Redis that does not answer must not hold up the exit.
@@ -297,7 +310,7 @@ class Connections:
         socks = list(self.sockets.values())
         for sock in socks:
             try:
-                await sock.close(wait=False, abort=False)
+                sock.close(eio.SERVER_CLOSE, ws_code=SERVICE_RESTART)
             except Exception:
                 log.exception("closing a socket failed")
         # Let pending long-polls carry the CLOSE packet out.

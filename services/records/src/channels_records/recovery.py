@@ -12,14 +12,19 @@ Keys (the prefix defaults to ``recovery:``)
   rooms and instances. No TTL: it is one small value and must never go back.
 - ``recovery:room:{room}`` (stream): the events of one room, entry id = the
   event's offset, fields ``e`` (event name) and ``d`` (the JSON argument).
-  Trimmed by age on every append (``XADD MINID ~ now-window``) and expiring a
-  window after its last append, so idle rooms vanish and memory stays about
-  window x traffic (approximate trimming leaves at most one stream node,
-  ~100 entries, of slack per room).
+  Trimmed on every append by age (``XADD MINID ~ now-window``) and by count
+  (``XTRIM MAXLEN ~ max_events_per_room``), and expiring a window after its
+  last append, so idle rooms vanish and memory stays below both window x
+  traffic and rooms x cap (approximate trimming leaves at most one stream
+  node, ~100 entries, of slack per room).
+- ``recovery:trim:{room}`` (string, TTL = window): the first entry the
+  per-room cap kept at its last trim (see "What survives what").
 - ``recovery:dedup:{hash}`` (hash, TTL ``dedup_seconds`` from the last use):
   who logged which occurrence of one payload (see "Dedup" below).
 - ``recovery:session:{sha256(pid)}`` (hash, TTL = window, extended by
-  ``touch`` and ``restore``): ``sid``, ``rooms`` (JSON list), ``tok`` (a
+  ``touch`` and ``restore``): ``sid``, ``rooms`` (JSON list) or ``user``
+  (the record Rails stored for the token at connect, which gives the rooms;
+  ``open_session`` reads it and creates the session in one round trip), ``tok`` (a
   SHA-256 fingerprint of the channel token, never the token), ``off`` (the
   offset at connect time). The pid itself is not stored, so reading Redis
   does not reveal pids that could hijack a session.
@@ -53,14 +58,18 @@ What survives what. Everything lives in Redis: a process restart or a move
 to another instance loses nothing. An entry is removed only when it is
 older than the window, and a session lives only while it was connected
 within the window (its TTL is refreshed while live and on disconnect), so
-every event a live session could have missed is still in its rooms' streams
-when it comes back; restore therefore needs no check for trimmed events.
+every event a live session could have missed by age is still in its rooms'
+streams when it comes back. The count cap can remove events a session
+missed: each count trim leaves ``recovery:trim:{room}`` = the first entry
+kept, and restore refuses the whole recovery (``trimmed``) when the
+client's offset is older than that mark in any of its rooms, rather than
+replay with a hole (a client refused so missed at least what the log holds).
 An offset older than the session's connect offset (socket.io-client keeps
 its last offset across a fresh connection) counts from the connect offset:
 events from before the session are not the session's. A Redis restart
 without persistence loses sessions and logs: clients then get a fresh
-connection. Redis must not evict these keys under memory pressure (use
-``maxmemory-policy noeviction``): an evicted stream would be missed silently.
+connection. An evicted stream (``allkeys-lru``) loses its trim history with
+it: the cap keeps the log small enough that LRU should pick colder keys.
 While Redis is down ``log_message`` raises and the caller emits live without
 an offset.
 
@@ -85,11 +94,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from channels_common.auth import current_user_key, parse_current_user
 from channels_common.redis import RespConnection
 from channels_common.resp import ProtocolError, ReplyError, pack_command
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .rooms import rooms_for
 
 log = logging.getLogger("channels.records.recovery")
 
@@ -156,8 +168,8 @@ local function now_ms(arg)
 end
 """
 
-# KEYS: last-offset, room stream, dedup hash
-# ARGV: me, start_ms, serial, event, data, window_ms, dedup_ms, now_ms|'', keep
+# KEYS: last-offset, room stream, dedup hash, room trim mark
+# ARGV: me, start_ms, serial, event, data, window_ms, dedup_ms, now_ms|'', keep, max per room (0: no cap)
 _LOG_SCRIPT = _NOW + """
 local now = now_ms(ARGV[8])
 local fc, fs = 'c:' .. ARGV[1], 's:' .. ARGV[1]
@@ -202,6 +214,12 @@ local window = tonumber(ARGV[6])
 local minid = now - window
 if minid < 0 then minid = 0 end
 redis.call('XADD', KEYS[2], 'MINID', '~', string.format('%d', minid), id, 'e', ARGV[4], 'd', ARGV[5])
+local cap = tonumber(ARGV[10] or '0')
+if cap > 0 and redis.call('XTRIM', KEYS[2], 'MAXLEN', '~', cap) > 0 then
+  -- entries before the first one kept may have been missed by someone
+  local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1][1]
+  redis.call('SET', KEYS[4], first, 'PX', window)
+end
 redis.call('PEXPIRE', KEYS[2], window)
 redis.call('SET', KEYS[1], id)
 redis.call('HSET', KEYS[3], 'n', c, 'o:' .. c, id, 't:' .. c, string.format('%d', now), fc, c, fs, ARGV[3])
@@ -219,14 +237,33 @@ redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return off
 """
 
+# KEYS: session, last-offset, the token's current-user key   ARGV: sid, token fingerprint, window_ms
+# The token lookup and the session in one round trip; the session keeps the
+# user record, its rooms are worked out from it (in Python) if it is restored.
+_OPEN_SCRIPT = """
+local user = redis.call('GET', KEYS[3])
+local off = redis.call('GET', KEYS[2]) or '0-0'
+redis.call('HSET', KEYS[1], 'sid', ARGV[1], 'user', user or '', 'tok', ARGV[2], 'off', off)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {off, user}
+"""
+
 # KEYS: session, last-offset
-# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix
-# Returns a status string, or {sid, rooms json, id, event, data, id, event, data, ...}
-# with each room's entries in id order, rooms one after the other.
+# ARGV: token fingerprint, offset|'', window_ms, max entries, room key prefix, trim mark prefix,
+#       rooms json|'' (for a session that kept its user record instead)
+# Returns a status string, {'rooms', user record} when the caller must work
+# out the rooms (and call again with them), or {sid, rooms json, id, event,
+# data, id, event, data, ...} with each room's entries in id order, rooms one
+# after the other.
 _RESTORE_SCRIPT = """
-local s = redis.call('HMGET', KEYS[1], 'sid', 'rooms', 'tok', 'off')
+local s = redis.call('HMGET', KEYS[1], 'sid', 'rooms', 'tok', 'off', 'user')
 if not s[1] then return 'unknown' end
 if s[3] ~= ARGV[1] then return 'token' end
+local rooms_json = s[2]
+if not rooms_json then
+  if (ARGV[7] or '') == '' then return {'rooms', s[5] or ''} end
+  rooms_json = ARGV[7]
+end
 local function parse(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
@@ -244,9 +281,16 @@ if ARGV[2] ~= '' then
   if less(off, ARGV[2]) then off = ARGV[2] end
 end
 local max = tonumber(ARGV[4])
-local out = {s[1], s[2]}
+local out = {s[1], rooms_json}
 local total = 0
-for _, room in ipairs(cjson.decode(s[2])) do
+local rooms = cjson.decode(rooms_json)
+for _, room in ipairs(rooms) do
+  -- the per-room cap removed entries up to the mark: one after the offset
+  -- may be among them, and a replay with a hole is no recovery
+  local mark = redis.call('GET', ARGV[6] .. room)
+  if mark and less(off, mark) then return 'trimmed' end
+end
+for _, room in ipairs(rooms) do
   local entries = redis.call('XRANGE', ARGV[5] .. room, '(' .. off, '+', 'COUNT', max + 1 - total)
   total = total + #entries
   if total > max then return 'too_many' end
@@ -495,6 +539,7 @@ class RecoveryStore:
         prefix: str = "recovery:",
         dedup_seconds: float = 10.0,
         max_replay: int = 10_000,
+        max_events_per_room: int = 1000,
         log_timeout_seconds: float | None = 2.0,
         max_pending: int = 10_000,
         clock: Callable[[], int] | None = None,
@@ -507,14 +552,17 @@ class RecoveryStore:
         self.prefix = prefix
         self.dedup_ms = max(1, int(dedup_seconds * 1000))
         self.max_replay = max_replay
+        self.max_events_per_room = max_events_per_room
         self.log_timeout = log_timeout_seconds
         self.max_pending = max_pending
         self._clock = clock
         self._last_key = prefix + "last"
         self._room_prefix = prefix + "room:"
+        self._trim_prefix = prefix + "trim:"
         self._log = _Script(_LOG_SCRIPT)
         self._line = _LogLine(redis, _LOG_LINE_TIMEOUT)
         self._create = _Script(_CREATE_SCRIPT)
+        self._open = _Script(_OPEN_SCRIPT)
         self._restore = _Script(_RESTORE_SCRIPT)
         # The local wall clock until mark_live() reads Redis's; the grace
         # absorbs skew between the two.
@@ -605,10 +653,10 @@ class RecoveryStore:
         calls = []
         for room, event, data in messages:
             self._serial += 1
-            keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data)]
+            keys = [self._last_key, self.room_key(room), self.dedup_key(room, event, data), self._trim_prefix + room]
             args = [
                 self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
-                "" if self._clock is None else self._now_local(), 64,
+                "" if self._clock is None else self._now_local(), 64, self.max_events_per_room,
             ]
             calls.append((keys, args))
         if not self._busy and not self._pending and self._line.ready:
@@ -722,6 +770,19 @@ class RecoveryStore:
         offset = offset.decode() if isinstance(offset, bytes) else str(offset)
         return pid, offset
 
+    async def open_session(self, sid: str, token: str) -> tuple[str, str, bytes | None]:
+        """At connect, in one round trip: the record Rails stored for
+        `token` (None when there is none) and a new session (secret pid,
+        connect offset) whose rooms follow from that record."""
+        pid = secrets.token_urlsafe(24)
+        offset, user = await self._open(
+            self._redis,
+            [self.session_key(pid), self._last_key, current_user_key(token)],
+            [sid, token_fingerprint(token), self.window_ms],
+        )
+        offset = offset.decode() if isinstance(offset, bytes) else str(offset)
+        return pid, offset, user
+
     async def touch(self, pids: list[str]) -> None:
         """Restart the window of live (or just disconnected) sessions."""
         for start in range(0, len(pids), 1000):
@@ -747,11 +808,14 @@ class RecoveryStore:
             return None
         if token is not None and not isinstance(token, str):
             return None
-        reply = await self._restore(
-            self._redis,
-            [self.session_key(pid), self._last_key],
-            [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix],
-        )
+        keys = [self.session_key(pid), self._last_key]
+        args = [token_fingerprint(token), offset or "", self.window_ms, self.max_replay, self._room_prefix,
+                self._trim_prefix]
+        reply = await self._restore(self._redis, keys, args)
+        if isinstance(reply, list) and len(reply) == 2 and reply[0] == b"rooms":
+            # A session opened with open_session: its rooms, from its user record.
+            rooms = rooms_for(parse_current_user(reply[1] or None))
+            reply = await self._restore(self._redis, keys, [*args, json.dumps(rooms)])
         if not isinstance(reply, list):
             reason = reply.decode() if isinstance(reply, bytes) else str(reply)
             log.info("recovery refused", extra={"reason": _REASONS.get(reason, reason)})
@@ -781,4 +845,5 @@ _REASONS = {
     "token": "channel token differs from the session's",
     "ahead": "offset is newer than any logged event",
     "too_many": "too many missed events to replay",
+    "trimmed": "missed more events than the log holds",
 }

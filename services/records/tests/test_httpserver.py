@@ -1,0 +1,226 @@
+"""The records port's HTTP/1.1 protocol, in-process over a stand-in
+transport: long-polling served in the protocol (a held GET written by the
+send that wakes it, bodies in chunks), and everything else handed whole to
+uvicorn's own protocol. Real clients: tests/integration."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import types
+
+import uvicorn
+from channels_records.httpserver import RecordsHttpProtocol
+from channels_records.polling import Cors, Polling
+from channels_records.sockets import Engine
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+ORIGIN = b"https://app.test"
+
+
+class Transport(asyncio.Transport):
+    def __init__(self):
+        super().__init__()
+        self.data = bytearray()
+        self.closed = False
+        self.paused = False
+        self.protocol = None
+
+    def write(self, data):
+        self.data += data
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name, default)
+
+    def set_protocol(self, protocol):
+        self.protocol = protocol
+
+    def take(self) -> list[tuple[bytes, dict, bytes]]:
+        """The complete responses written so far."""
+        out = []
+        while b"\r\n\r\n" in self.data:
+            head, _, rest = bytes(self.data).partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines[1:])}
+            n = int(headers[b"content-length"])
+            out.append((lines[0], headers, rest[:n]))
+            del self.data[: len(head) + 4 + n]
+        return out
+
+
+async def asgi_app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": scope["path"][-2:].encode()})
+
+
+def make(max_payload=1000):
+    messages = []
+    engine = Engine(max_payload=max_payload, on_message=lambda sock, data: messages.append(data))
+    config = uvicorn.Config(asgi_app, lifespan="off", log_config=None)
+    config.load()
+    state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
+    cls = RecordsHttpProtocol.serving(Polling(engine, Cors(ORIGIN.decode())))
+
+    def connect():
+        protocol = cls(config, state, {})
+        transport = Transport()
+        protocol.connection_made(transport)
+        return protocol, transport
+
+    return engine, connect, messages, state
+
+
+def request(method, target, headers=(), body=b""):
+    lines = [f"{method} {target} HTTP/1.1", "Host: x", *headers]
+    if body and not any(h.lower().startswith("transfer-encoding") for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def test_handshake_poll_post_and_a_held_get_written_by_the_send():
+    engine, connect, messages, state = make()
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling", [f"Origin: {ORIGIN.decode()}"]))
+    [(status, headers, body)] = t.take()
+    assert status == b"HTTP/1.1 200 OK" and body.startswith(b"0{")
+    assert headers[b"content-type"] == b"text/plain; charset=UTF-8"
+    assert headers[b"access-control-allow-origin"] == ORIGIN
+    assert headers[b"access-control-allow-credentials"] == b"true"
+    sid = json.loads(body[1:])["sid"]
+    chunked = request(
+        "POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Transfer-Encoding: chunked"],
+        b"1\r\n4\r\n3\r\n0{}\r\n0\r\n\r\n",
+    )
+    for i in range(0, len(chunked), 7):  # the request in small reads
+        p.data_received(chunked[i:i + 7])
+    [(status, headers, body)] = t.take()
+    assert (status, body, headers[b"content-type"]) == (b"HTTP/1.1 200 OK", b"ok", b"text/html")
+    assert messages == ["0{}"]
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    assert t.take() == [] and t.paused  # held; nothing more is read meanwhile
+    engine.sockets[sid].send('42["records",{}]')
+    [(status, _, body)] = t.take()
+    assert body == b'42["records",{}]' and not t.paused and engine.sockets[sid].waiter is None
+    engine.sockets[sid].send("42[2]")  # no poll held: it waits for the next one
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    assert [r[2] for r in t.take()] == [b"42[2]"]
+    assert p in state.connections and not t.closed
+
+
+async def test_refusals_limits_and_connection_close():
+    engine, connect, messages, _ = make(max_payload=10)
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling&sid=nope"))
+    [(status, _, body)] = t.take()
+    assert (status, body) == (b"HTTP/1.1 400 Bad Request", b'{"code":1,"message":"Session ID unknown"}')
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling", ["Origin: https://evil.test"]))
+    [(status, headers, _)] = t.take()
+    assert status.startswith(b"HTTP/1.1 400") and b"access-control-allow-origin" not in headers
+    assert b"access-control-allow-credentials" not in headers
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    p.data_received(request("POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", body=b"4" * 11))
+    assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large"
+    p.data_received(request(
+        "POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Transfer-Encoding: chunked"],
+        b"6\r\n444444\r\n6\r\n444444\r\n0\r\n\r\n",
+    ))
+    assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large" and messages == []
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Connection: close"]))
+    assert t.paused and not t.closed
+    engine.sockets[sid].close("forced close")  # the held poll carries the CLOSE, then the connection ends
+    [(_, headers, body)] = t.take()
+    assert body == b"1" and headers[b"connection"] == b"close" and t.closed
+    q, u = connect()
+    q.data_received(b"NOT HTTP AT ALL\r\n\r\n")
+    assert u.take()[0][0] == b"HTTP/1.1 400 Bad Request" and u.closed
+
+
+async def test_other_requests_are_handed_whole_to_uvicorn():
+    _engine, connect, _, state = make()
+    p, t = connect()
+    raw = request("GET", "/healthz")
+    p.data_received(raw[:10])
+    p.data_received(raw[10:])
+    assert isinstance(t.protocol, HttpToolsProtocol)
+    assert p not in state.connections and t.protocol in state.connections
+    for _ in range(5):
+        await asyncio.sleep(0)
+    [(status, _, body)] = t.take()
+    assert status == b"HTTP/1.1 200 OK" and body == b"hz"  # answered by the ASGI app
+    # after a long-poll on the same connection, too
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    assert len(t.take()) == 1
+    p.data_received(request("GET", "/metrics"))
+    assert isinstance(t.protocol, HttpToolsProtocol)
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert t.take()[0][2] == b"cs"
+
+
+async def test_shutdown_answers_a_held_poll_and_closes_idle_connections():
+    _engine, connect, _, _ = make()
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    p.shutdown()
+    [(_, headers, body)] = t.take()
+    assert body == b"6" and headers[b"connection"] == b"close" and t.closed
+    q, u = connect()
+    q.shutdown()
+    assert u.closed
+
+
+async def test_a_cut_long_poll_ends_its_session_and_big_bodies_are_not_kept():
+    closes = []
+    engine, connect, _, _ = make(max_payload=10)
+    engine.on_close = lambda sock, reason: closes.append(reason)
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    head = request("POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Transfer-Encoding: chunked"])
+    p.data_received(head)
+    for _ in range(100):
+        p.data_received(b"400\r\n" + b"4" * 1024 + b"\r\n")  # 100 KiB of body, over the limit
+    assert len(p.buffer) == 0  # served here: the body is neither buffered nor kept
+    p.data_received(b"0\r\n\r\n")
+    assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large"
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    p.connection_lost(None)
+    assert closes == ["transport error"] and sid not in engine.sockets
+    q, u = connect()
+    q.data_received(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"x" * 70000)
+    assert u.take()[0][0] == b"HTTP/1.1 400 Bad Request" and u.closed
+
+
+async def test_a_client_not_reading_its_responses_is_not_read_from():
+    engine, connect, _, _ = make()
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    p.pause_writing()  # the transport's buffer is past its high-water mark
+    engine.sockets[sid].send("42[1]")
+    assert t.take()[0][2] == b"42[1]" and t.paused  # answered, but no next request is read
+    p.resume_writing()
+    assert not t.paused
+    p.data_received(request(
+        "POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Expect: 100-continue"], b"3",
+    ))
+    assert t.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
