@@ -180,6 +180,10 @@ def test_dev_lock_covers_development_and_is_what_is_installed():
         if version is not None and installed != version:
             drift[name] = (version, installed)
     assert drift == {}, "the venv differs from locks/dev.txt (locked, installed): run `make install`"
+    # ... and nothing else, besides the venv's own installers and our packages.
+    installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    extra = sorted(n for n in installed - set(pins) - {"pip", "setuptools", "wheel"} if not n.startswith("channels-"))
+    assert extra == [], f"installed but not in locks/dev.txt: {extra} (add to requirements-dev.txt, `make lock`)"
 
 
 @pytest.mark.parametrize("service", SERVICES)
