@@ -215,6 +215,8 @@ def test_dockerignore_keeps_tests_caches_and_venv_out_and_sources_in():
                    *[f"services/{s}/pyproject.toml" for s in SERVICES]]:
         assert needed in kept_names, needed
     assert not any("/tests/" in name or "__pycache__" in name for name in kept_names)
+    for service in SERVICES:  # the lock each image installs first
+        assert not docker_ignored(f"locks/{service}.txt", patterns)
 
 
 def test_dockerignore_matcher_follows_docker_rules():
