@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 PACKAGES := -e libs/common[sentry] -e services/records -e services/collab -e services/bots
 # Hashed, pinned locks (locks/*.txt, refreshed by `make lock`): dev.txt is
 # what .venv holds, <service>.txt what that service's image holds. They
-# resolve from PyPI for Python 3.11 and 3.12 (--universal), and omit our own
+# resolve from uv's default index for Python 3.11 and 3.12 (--universal), and omit our own
 # packages, which are installed after them with --no-deps.
 OURS := channels-common channels-records channels-collab channels-bots
 UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
-	--index-url https://pypi.org/simple --custom-compile-command "make lock" \
+	--custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
 
 .PHONY: install run test test-fast bench lint lock clean node doctor
