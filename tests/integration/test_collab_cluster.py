@@ -93,16 +93,20 @@ def test_three_providers_on_three_instances_converge_under_inserts_and_deletes(t
             tab.send(op="text", doc=name, insert=f"<{i}.{rnd}>", **({"at": 0} if rnd % 2 else {}))
     words = {f"<{i}.{rnd}>" for i in range(3) for rnd in range(8)}
     same_text(tabs, name, lambda t: all(w in t for w in words))
-    # Each deletes its own first word, all at once.
+    # Each deletes its own first word while the next one inserts (a delete
+    # by position is only meant for the text the deleting tab sees).
     doomed = set()
     text = tabs[0].read(name)["text"]
     for i, tab in enumerate(tabs):
         word = f"<{i}.0>"
         doomed.add(word)
         tab.send(op="delete", doc=name, at=tab.read(name)["text"].index(word), length=len(word))
-    final = same_text(tabs, name, lambda t: not any(w in t for w in doomed))
+        tabs[(i + 1) % 3].send(op="text", doc=name, insert=f"<{i}.x>")
+        words.add(f"<{i}.x>")
+        same_text(tabs, name, lambda t, word=word: word not in t)
+    final = same_text(tabs, name, lambda t: not any(w in t for w in doomed) and all(w in t for w in words - doomed))
     assert sorted(final.replace(">", ">\n").split()) == sorted(words - doomed)
-    assert len(final) == len(text) - sum(len(w) for w in doomed)
+    assert len(final) == len(text) - sum(len(w) for w in doomed) + sum(len(f"<{i}.x>") for i in range(3))
     for tab in tabs:
         settled(tab, name)
 
