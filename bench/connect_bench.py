@@ -16,7 +16,7 @@ from bench.procstat import cpu_seconds
 from bench.records_bench import RecordsConfig, write_tokens
 
 
-async def run_connects(server: Server, cfg: RecordsConfig, redis_url: str, log) -> dict:
+async def run_connects(server: Server, cfg: RecordsConfig, redis_url: str, log, profiler=None) -> dict:
     redis = create_redis(redis_url, max_connections=4)
     driver = None
     result: dict = {"server": server.name, "clients": cfg.clients}
@@ -26,6 +26,8 @@ async def run_connects(server: Server, cfg: RecordsConfig, redis_url: str, log) 
         server.start()
         await asyncio.sleep(cfg.settle_seconds / 2)
         driver = NodeDriver("records.mjs")
+        if profiler is not None:
+            profiler.start(server.pid)
         before = cpu_seconds(server.pid)
         connect = await asyncio.to_thread(
             driver.call,
@@ -44,7 +46,7 @@ async def run_connects(server: Server, cfg: RecordsConfig, redis_url: str, log) 
         result["error"] = str(exc)
         log(f"  {server.name}: FAILED: {exc}")
     finally:
-        end_run(server, driver, None, result)
+        end_run(server, driver, profiler, result)
         await redis.aclose()
     return result
 

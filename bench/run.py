@@ -324,7 +324,7 @@ async def main_async(args) -> int:
             results["connects"] = await run_rounds(
                 "connects", targets, args, out, stamp, log, median_run,
                 lambda who, profiler: run_connects(records_server(who, redis_server.url), rec_cfg,
-                                                   redis_server.url, log),
+                                                   redis_server.url, log, profiler),
             )
         finally:
             rails.terminate()
