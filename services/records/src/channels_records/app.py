@@ -112,7 +112,7 @@ class RecordsService:
         self.redis = create_redis(s.redis_url, max_connections=s.redis_pool_size)
         self.store = RecoveryStore(
             self.redis,
-            window_seconds=s.recovery_window_seconds,
+            window_ms=s.recovery_window_seconds * 1000,
             instance_id=secrets.token_hex(6),
             max_events_per_room=s.recovery_max_events_per_room,
         )
