@@ -180,3 +180,57 @@ def as_redis_error(exc: BaseException) -> BaseException:
     ):
         return RedisConnectionError(f"redis line: {type(exc).__name__}")
     return exc
+
+
+class BatchedCalls:
+    """Commands on a RedisLine of their own, pipelined: calls made while an
+    exchange is in flight go together in the next one (at most `max_batch`),
+    in call order. A call's future gets its reply, or the error reply or
+    connection failure as its exception; a call whose caller gave up
+    (cancelled) is still sent, its reply dropped."""
+
+    def __init__(self, line: RedisLine, *, max_batch: int = 500, timeout: float | None = None):
+        self.line = line
+        self.max_batch = max_batch
+        self.timeout = timeout
+        self._queue: list[tuple[bytes, asyncio.Future]] = []
+        self._busy = False
+        self._opening: asyncio.Task | None = None
+
+    def call(self, command: bytes) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((command, future))
+        if not self._busy:
+            self._send_next()
+        return future
+
+    def _send_next(self) -> None:
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch:]
+        self._busy = True
+        commands = [command for command, _ in batch]
+        if self.line.ready:
+            self.line.start(commands, self.timeout, lambda replies, error: self._done(batch, replies, error))
+        else:
+            # Not connected yet (or the last connection failed): `run` opens one.
+            self._opening = asyncio.get_running_loop().create_task(self._run(batch, commands))
+
+    async def _run(self, batch, commands) -> None:
+        try:
+            replies, error = await self.line.run(commands, self.timeout), None
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch must hear of it
+            replies, error = None, exc
+        self._opening = None
+        self._done(batch, replies, error)
+
+    def _done(self, batch, replies: list | None, error: BaseException | None) -> None:
+        self._busy = False
+        for i, (_, future) in enumerate(batch):
+            if future.done():
+                continue
+            outcome = error if error is not None else replies[i]
+            if isinstance(outcome, BaseException):
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+        if self._queue:
+            self._send_next()

@@ -14,6 +14,9 @@ import secrets
 from dataclasses import dataclass
 
 from channels_common.auth import current_user_key, parse_current_user
+from channels_common.redis_line import BatchedCalls, RedisLine
+from channels_common.resp import pack_command
+from redis.exceptions import NoScriptError, ResponseError
 
 from ..rooms import rooms_for
 from .keys import Keys
@@ -22,6 +25,8 @@ from .scripts import CREATE_SESSION, OPEN_SESSION, RESTORE, Script
 
 log = logging.getLogger("channels.records.recovery")
 
+# A connect batch that Redis has not answered in this time drops its connection.
+CONNECT_TIMEOUT_SECONDS = 5.0
 _PID_RE = re.compile(r"\A[A-Za-z0-9_-]{16,128}\Z")
 
 
@@ -50,6 +55,8 @@ class SessionStore:
         self._create = Script(CREATE_SESSION)
         self._open = Script(OPEN_SESSION)
         self._restore = Script(RESTORE)
+        # Connects: one EVALSHA each, on a line of their own (see open_session).
+        self._connects = BatchedCalls(RedisLine(redis, CONNECT_TIMEOUT_SECONDS))
 
     async def create_session(self, sid: str, token: str | None, rooms: list[str]) -> tuple[str, str]:
         """A new secret pid for a connected socket, and the offset at connect
@@ -67,15 +74,20 @@ class SessionStore:
     async def open_session(self, sid: str, token: str) -> tuple[str, str, bytes | None]:
         """At connect, in one round trip: the record Rails stored for
         `token` (None when there is none) and a new session (secret pid,
-        connect offset) whose rooms follow from that record."""
+        connect offset) whose rooms follow from that record. Concurrent
+        connects share round trips (a line of their own, pipelined)."""
         pid = secrets.token_urlsafe(24)
-        offset, user = await self._open(
-            self._redis,
-            [self.keys.session(pid), self.keys.last, current_user_key(token)],
-            [sid, token_fingerprint(token), self.window_ms],
-        )
-        offset = offset.decode() if isinstance(offset, bytes) else str(offset)
-        return pid, offset, user
+        keys = [self.keys.session(pid), self.keys.last, current_user_key(token)]
+        args = [sid, token_fingerprint(token), self.window_ms]
+        try:
+            reply = await self._connects.call(pack_command("EVALSHA", self._open.sha, len(keys), *keys, *args))
+        except NoScriptError:
+            await self._open.load(self._redis)  # Redis lost its scripts (restart, SCRIPT FLUSH)
+            reply = await self._connects.call(pack_command("EVALSHA", self._open.sha, len(keys), *keys, *args))
+        if not isinstance(reply, list) or not reply or not isinstance(reply[0], bytes):
+            raise ResponseError("recovery: unexpected reply to open_session")
+        user = reply[1] if len(reply) > 1 else None
+        return pid, reply[0].decode(), user if isinstance(user, bytes) else None
 
     async def touch(self, pids: list[str]) -> None:
         """Restart the window of live (or just disconnected) sessions."""
