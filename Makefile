@@ -3,16 +3,34 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := -e libs/common[sentry] -e services/records -e services/collab -e services/bots
+# Hashed, pinned locks (locks/*.txt, refreshed by `make lock`): dev.txt is
+# what .venv holds, <service>.txt what that service's image holds. They
+# resolve from uv's default index for Python 3.11 and 3.12 (--universal), and omit our own
+# packages, which are installed after them with --no-deps.
+OURS := channels-common channels-records channels-collab channels-bots
+UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+	--custom-compile-command "make lock" \
+	$(addprefix --no-emit-package ,$(OURS))
 
-.PHONY: install run test test-fast bench lint clean node doctor
+.PHONY: install run test test-fast bench lint lock clean node doctor
 
 install: $(BIN)/.installed node
 
-$(BIN)/.installed: requirements-dev.txt libs/common/pyproject.toml services/*/pyproject.toml
+$(BIN)/.installed: locks/dev.txt libs/common/pyproject.toml services/*/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements-dev.txt $(PACKAGES)
+	$(BIN)/pip install -q --require-hashes -r locks/dev.txt
+	$(BIN)/pip install -q --no-deps $(PACKAGES)
+	$(BIN)/pip check
 	touch $@
+
+# Re-resolve the locks after a change to requirements-dev.txt or a
+# pyproject.toml, keeping every pin that still fits. Upgrades are explicit:
+# `make lock UV_ARGS=--upgrade` (everything), `UV_ARGS=--upgrade-package=redis`.
+# Then `make install` and `make test` (tests/test_dependency_contracts.py).
+lock: $(BIN)/uv
+	for name in dev records collab bots; do \
+	  $(BIN)/$(UV_COMPILE) $(UV_ARGS) locks/$$name.in -o locks/$$name.txt || exit 1; \
+	done
 
 node: tests/node/node_modules/.installed bench/node_modules/.installed playground/dist/.built
 
@@ -32,6 +50,11 @@ playground/dist/.built: playground/package.json playground/package-lock.json pla
 	cd playground && npm ci --no-audit --no-fund --loglevel=error && node build.mjs
 	touch $@
 
+# uv is in locks/dev.txt; this only bootstraps a venv that has no lock yet.
+$(BIN)/uv:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q uv
+
 run: install
 	$(BIN)/python scripts/run.py
 
@@ -45,6 +68,11 @@ doctor: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Everything but the tests marked slow (those that start services as
+# processes, real browsers, installs, the tiny bench): under a minute.
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -6,12 +6,19 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
 # Build stage: a virtual environment holding only channels-common and this
 # service with their dependencies (wheels; nothing compiled at run time).
+# Two steps, because hash-checked installs refuse local directories: first
+# exactly the locked dependencies (locks/collab.txt, `make lock`), then our two
+# packages without dependencies of their own; `pip check` proves the lock
+# covers what they require.
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
+COPY locks/collab.txt /src/locks/collab.txt
+RUN /opt/venv/bin/pip install --require-hashes --only-binary :all: -r /src/locks/collab.txt
 COPY libs/common /src/libs/common
 COPY services/collab /src/services/collab
-RUN /opt/venv/bin/pip install "/src/libs/common[sentry]" /src/services/collab
+RUN /opt/venv/bin/pip install --no-deps "/src/libs/common[sentry]" /src/services/collab \
+    && /opt/venv/bin/pip check
 
 # Run stage: the same slim base, the venv, and an unprivileged user. The
 # root filesystem may be mounted read-only (no bytecode is written).

@@ -22,6 +22,31 @@ SERVICES = ("records", "collab", "bots")
 COMPOSE_NAMES = {"records": "channels", "collab": "hocuspocus", "bots": "bots"}
 
 
+def lock_pins(lock: Path) -> dict[str, list[tuple[str, str, list[str]]]]:
+    """A uv/pip-compile hashed lock as {normalized name: [(version, marker,
+    hashes)]} (a universal lock may pin a name twice, under two markers)."""
+    text = lock.read_text()
+    out: dict[str, list[tuple[str, str, list[str]]]] = {}
+    entries = re.split(r"\n(?=[A-Za-z0-9])", text)
+    for entry in entries:
+        line = entry.replace("\\\n", " ")
+        match = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]*?))?\s*(--hash|$)", line)
+        if not match:
+            continue
+        name, version, marker = match.group(1), match.group(2), (match.group(3) or "").strip()
+        hashes = re.findall(r"--hash=(sha256:[0-9a-f]{64})", line)
+        out.setdefault(re.sub(r"[-_.]+", "-", name).lower(), []).append((version, marker, hashes))
+    return out
+
+
+def project_requirements(pyproject: Path, extras: tuple[str, ...] = ()) -> list[str]:
+    project = tomllib.loads(pyproject.read_text())["project"]
+    reqs = list(project.get("dependencies", []))
+    for extra in extras:
+        reqs += project.get("optional-dependencies", {})[extra]
+    return reqs
+
+
 def console_scripts(pyproject: Path) -> dict[str, str]:
     return tomllib.loads(pyproject.read_text())["project"].get("scripts", {})
 
@@ -115,11 +140,27 @@ class Dockerfile:
         _, _, cmd = value.partition("CMD ")
         return json.loads(cmd)
 
-    def pip_install_args(self) -> list[str]:
-        """The arguments of the build stage's `pip install`."""
-        (run,) = [r for r in self.all("RUN") if re.search(r"(^|[\s/])pip install\s", r)]
-        words = shlex.split(run)
-        return words[words.index("install") + 1:]
+    def pip_installs(self) -> list[list[str]]:
+        """The arguments of each `pip install` of the build stage, in order
+        (commands chained with && count one by one)."""
+        out = []
+        for run in self.all("RUN"):
+            for command in re.split(r"\s&&\s", run):
+                words = shlex.split(command)
+                if len(words) > 1 and words[0].endswith("pip") and words[1] == "install":
+                    out.append(words[2:])
+        return out
+
+    def pip_commands(self) -> list[list[str]]:
+        """Every pip command of the build stage, in order, as argument lists
+        after `pip` (for example ["install", ...], ["check"])."""
+        out = []
+        for run in self.all("RUN"):
+            for command in re.split(r"\s&&\s", run):
+                words = shlex.split(command)
+                if words and words[0].endswith("/pip"):
+                    out.append(words[1:])
+        return out
 
     def copies(self) -> list[tuple[str, str]]:
         out = []

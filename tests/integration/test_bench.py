@@ -5,6 +5,7 @@ the /proc sampling. Asserts well-formed results, never timings."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -29,6 +30,18 @@ def run_bench(tmp_path, *targets: str) -> tuple[subprocess.CompletedProcess, dic
     return done, json.loads((tmp_path / "latest.json").read_text())
 
 
+def assert_cpu_ticks(cpu_s: float) -> None:
+    """A CPU time read from /proc: a whole number of clock ticks, not negative."""
+    ticks = cpu_s * os.sysconf("SC_CLK_TCK")
+    assert ticks >= 0 and ticks == pytest.approx(round(ticks), abs=1e-6), cpu_s
+
+
+def assert_cores(cores: float) -> None:
+    """A share of the machine in cores: between none and all of them (plus
+    one tick of rounding over the one-second windows used here)."""
+    assert 0 <= cores <= (os.cpu_count() or 1) + 0.1, cores
+
+
 def check_records(result: dict) -> None:
     assert "error" not in result, result.get("error")
     assert result["connect"]["count"] == 20 and result["connect"]["failed"] == 0
@@ -42,9 +55,12 @@ def check_records(result: dict) -> None:
         assert s["received"] == s["expected"] and s["lost"] == 0 and s["misrouted"] == 0
         assert 0 < s["p50_ms"] <= s["p99_ms"] <= s["max_ms"]
         # /proc counts CPU in 10 ms ticks: a tiny step may cost the server none.
-        assert s["cpu_us_per_delivery"] >= 0 and s["cpu_s"] >= 0 and s["deliveries_per_s"] > 0
+        assert_cpu_ticks(s["cpu_s"])
+        assert s["cpu_us_per_delivery"] == pytest.approx(s["cpu_s"] / s["received"] * 1e6)
+        assert s["deliveries_per_s"] > 0
         assert s["open_clients"] == 20
-        assert 0 <= s["loadgen_cpu_share"] and s["other_processes_cores"] >= 0
+        assert_cores(s["loadgen_cpu_share"])
+        assert_cores(s["other_processes_cores"])
     assert result["headline"] is not None
 
 
@@ -54,9 +70,11 @@ def check_collab(result: dict) -> None:
     edit = result["edit"]
     assert edit["sent"] >= 5 and edit["received"] == edit["sent"] and edit["lost"] == 0
     assert 0 < edit["p50"] <= edit["p99"] <= edit["max"]
-    assert edit["cpu_us_per_update"] >= 0
+    assert_cpu_ticks(edit["cpu_s"])
+    assert edit["cpu_us_per_update"] == pytest.approx(edit["cpu_s"] / edit["sent"] * 1e6)
     gc = edit["gc"]
-    assert gc["count"] >= 0 and gc["totalMs"] >= gc["maxMs"] >= 0 and (gc["count"] > 0) == (gc["totalMs"] > 0)
+    assert type(gc["count"]) is int and gc["totalMs"] >= gc["maxMs"]
+    assert (gc["count"] > 0) == (gc["totalMs"] > 0) == (gc["maxMs"] > 0)
     assert result["memory"]["loaded_rss"] > 0
     big = result["bigsync"]
     assert big["failed"] == 0 and len(big["times"]) == 1 and big["median"] > 0
@@ -66,8 +84,10 @@ def check_trickle(result: dict) -> None:
     assert "error" not in result, result.get("error")
     t = result["trickle"]
     assert t["bytes"] == t["sent"] == 256 * 1024 and t["segments"] == 256
-    assert t["cpu_s"] >= 0 and t["cpu_ms_per_mib"] == pytest.approx(t["cpu_s"] * 1000 * 4)
-    assert t["meanGapMs"] > 0 and t["other_processes_cores"] >= 0
+    assert_cpu_ticks(t["cpu_s"])
+    assert t["cpu_ms_per_mib"] == pytest.approx(t["cpu_s"] * 1000 * 4)
+    assert t["meanGapMs"] > 0
+    assert_cores(t["other_processes_cores"])
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from tests.support import ServiceProcess, free_port
 # The test that first needs the homeserver pays for installing Synapse into
 # its cache (about 45 s, longer on a slow network); the tests themselves bound
 # every wait on their own.
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
 
 
 class World:

@@ -13,8 +13,11 @@ import pytest
 from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
 from tests.support import ServiceProcess, wait_for
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 VERSIONS = ["v3", "v4"]
-_ids = itertools.count(random.randint(1000, 9000) * 1000)
+_ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded: reruns see the same names
 
 
 def doc_name(kind: str = "comment", suffix: str = "-body") -> str:

@@ -16,7 +16,10 @@ import pytest
 
 from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
 
-_ids = itertools.count(random.randint(1000, 9000) * 1000)
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
+_ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded: reruns see the same names
 THROTTLED = "collab_throttled_total"
 
 

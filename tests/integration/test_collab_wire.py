@@ -22,7 +22,10 @@ from websockets.exceptions import ConnectionClosed
 from tests.integration.collab_helpers import Provider, RailsStandIn, RawClient, start_collab, token
 from tests.support import wait_for
 
-_ids = itertools.count(random.randint(10, 90) * 100_000)
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
+_ids = itertools.count(random.Random(__name__).randint(10, 90) * 100_000)  # seeded: reruns see the same names
 
 
 def doc_name() -> str:
@@ -242,11 +245,11 @@ def test_random_frames_never_take_the_process_down(collab, connect):
                 break
             kind = rng.randrange(3)
             if kind == 0:
-                frame = os.urandom(rng.randrange(1, 64))
+                frame = rng.randbytes(rng.randrange(1, 64))
             elif kind == 1:  # a valid address, then noise
-                frame = p.var_string(name) + os.urandom(rng.randrange(1, 32))
+                frame = p.var_string(name) + rng.randbytes(rng.randrange(1, 32))
             else:  # a valid header, then noise
-                frame = p.header(name, rng.choice(list(p.MessageType))) + os.urandom(rng.randrange(0, 32))
+                frame = p.header(name, rng.choice(list(p.MessageType))) + rng.randbytes(rng.randrange(0, 32))
             try:
                 client.send(frame)
             except ConnectionClosed:

@@ -1,6 +1,7 @@
 """Each service is deployable on its own, the way its image builds it: the
 Dockerfile's sources (filtered by .dockerignore) in a fresh, empty virtual
-environment, its own `pip install` line, then the console script (the
+environment, its own pip commands (the hashed lock, then our two packages
+--no-deps, then `pip check`), then the console script (the
 image's entrypoint) starts against real Redis, answers /healthz, satisfies
 the image's HEALTHCHECK command, and stops cleanly on SIGTERM.
 
@@ -68,13 +69,24 @@ def installs(tmp_path_factory):
         dockerfile = Dockerfile.load(DEPLOY / f"{service}.Dockerfile")
         for src, dest in dockerfile.copies():
             if dest.startswith("/src/"):
-                _copy_context(src, root / dest.lstrip("/"), patterns)
-        args = [a.replace("/src/", f"{root}/src/", 1) for a in dockerfile.pip_install_args()]
+                if (ROOT / src).is_file():
+                    (root / dest.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(ROOT / src, root / dest.lstrip("/"))
+                else:
+                    _copy_context(src, root / dest.lstrip("/"), patterns)
         venv = root / "venv"
         # The development pip drives the fresh venv (`--python`): no pip
         # bootstrap per venv; `--no-compile` only skips writing .pyc files.
-        pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q", "--no-compile"]
-        script = f"{shlex.quote(sys.executable)} -m venv --without-pip {shlex.quote(str(venv))} && {shlex.join(pip + args)}"
+        pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin/python")]
+        # Every pip command of the image, in order: the hashed lock, our two
+        # packages --no-deps, `pip check`.
+        steps = [f"{shlex.quote(sys.executable)} -m venv --without-pip {shlex.quote(str(venv))}"]
+        for command in dockerfile.pip_commands():
+            args = [a.replace("/src/", f"{root}/src/", 1) for a in command]
+            if args[0] == "install":
+                args[1:1] = ["-q", "--no-compile"]
+            steps.append(shlex.join(pip + args))
+        script = " && ".join(steps)
         log = open(root / "install.log", "wb")  # noqa: SIM115 -- held until the install ends
         proc = subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT,
                                 env=_clean_env(), cwd=root)

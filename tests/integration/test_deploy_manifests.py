@@ -6,13 +6,19 @@ port, probe and command cross-checked against what the services really are."""
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import json
+import platform
 import re
+import sys
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from packaging.markers import Marker, default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from tests.integration.deploy_support import (
     COMPOSE_NAMES,
@@ -26,7 +32,9 @@ from tests.integration.deploy_support import (
     docker_ignored,
     dockerignore_patterns,
     load_kustomization,
+    lock_pins,
     production_port,
+    project_requirements,
     service_script,
     setting_names,
 )
@@ -60,10 +68,21 @@ def test_dockerfile_builds_one_service_as_non_root(service):
     assert re.fullmatch(r"PYTHON_IMAGE=python:3\.\d+-slim(-\w+)?", arg), arg
     assert all(f.split()[0] == "${PYTHON_IMAGE}" for f in froms)
 
-    # Only channels-common and this service go in, and only they are installed.
-    assert {src for src, _ in df.copies()} - {"/opt/venv"} == {"libs/common", f"services/{service}"}
-    targets = [a.split("[")[0] for a in df.pip_install_args()]
+    # Only channels-common, this service and its lock go in. Hash-checked
+    # installs refuse local directories, hence two steps: exactly the locked
+    # set first, then our two packages with no dependencies of their own,
+    # and `pip check` proves the lock covered them.
+    assert {src for src, _ in df.copies()} - {"/opt/venv"} == {
+        "libs/common", f"services/{service}", f"locks/{service}.txt"}
+    assert (f"locks/{service}.txt", f"/src/locks/{service}.txt") in df.copies()
+    locked, ours = df.pip_installs()
+    assert "--require-hashes" in locked and "--no-deps" not in locked
+    assert locked[locked.index("-r") + 1] == f"/src/locks/{service}.txt"
+    assert [a for a in locked if not a.startswith("-") and a not in (":all:", f"/src/locks/{service}.txt")] == []
+    assert "--no-deps" in ours
+    targets = [a.split("[")[0] for a in ours if not a.startswith("-")]
     assert targets == ["/src/libs/common", f"/src/services/{service}"]
+    assert df.pip_commands()[-1] == ["check"]
 
     user = df.final("USER")
     assert user and user[-1].split(":")[0] not in ("root", "0")
@@ -71,6 +90,100 @@ def test_dockerfile_builds_one_service_as_non_root(service):
     assert env.get("PYTHONUNBUFFERED") == "1"
     assert env.get("RAILS_ENV") == "production", "images never serve the development playground"
     assert df.exec_form("ENTRYPOINT") == [service_script(service)]
+
+
+# The interpreters the locks serve: development (3.11) and the images (3.12).
+LOCK_PYTHONS = ("3.11", "3.12")
+
+
+def _marker_env(python: str) -> dict[str, str]:
+    env = default_environment()
+    env.update(python_version=python, python_full_version=f"{python}.0", implementation_name="cpython",
+               platform_python_implementation="CPython", sys_platform="linux", platform_system="Linux",
+               os_name="posix")
+    return env
+
+
+def _pinned(pins, name: str, env: dict[str, str]) -> str | None:
+    """The version a lock installs for `name` under `env` (None: not at all)."""
+    chosen = [(v, m, h) for v, m, h in pins.get(canonicalize_name(name), [])
+              if not m or Marker(m).evaluate(env)]
+    assert len(chosen) <= 1, f"{name} pinned twice for {env['python_version']}: {chosen}"
+    if not chosen:
+        return None
+    version, _, hashes = chosen[0]
+    assert hashes, f"{name}=={version} has no hash"
+    return version
+
+
+def _closure_problems(pins, requirements: list[str], python: str) -> list[str]:
+    """Every requirement, and theirs in turn (read from the metadata of the
+    development venv, which holds the 3.11 pins), met by a pin of the lock."""
+    env = _marker_env(python)
+    problems, todo, seen = [], [(Requirement(r), "") for r in requirements], set()
+    while todo:
+        req, extra = todo.pop()
+        if req.marker is not None and not req.marker.evaluate({**env, "extra": extra}):
+            continue
+        name = canonicalize_name(req.name)
+        if name.startswith("channels-"):
+            continue  # ours: installed from source with --no-deps
+        version = _pinned(pins, name, env)
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            problems.append(f"{req} (Python {python}): lock has {version}")
+            continue
+        for ex in sorted(req.extras) or [""]:
+            if (name, ex) in seen:
+                continue
+            seen.add((name, ex))
+            try:
+                dist = importlib.metadata.distribution(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue  # not installed here (another platform or Python): pip check covers the image
+            if dist.version == version:
+                todo += [(Requirement(r), ex) for r in dist.requires or ()]
+    return problems
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_image_lock_covers_the_service_with_hashes(service):
+    """locks/<service>.txt meets every requirement of channels-common[sentry]
+    and the service, transitively, on 3.11 and 3.12, each pin hashed."""
+    pins = lock_pins(ROOT / "locks" / f"{service}.txt")
+    requirements = (project_requirements(ROOT / "libs/common/pyproject.toml", ("sentry",))
+                    + project_requirements(ROOT / "services" / service / "pyproject.toml"))
+    for python in LOCK_PYTHONS:
+        assert _closure_problems(pins, requirements, python) == [], f"run `make lock` (locks/{service}.txt)"
+    assert all(h for entries in pins.values() for _, _, h in entries)
+    # Nothing of the development tools rides along into an image.
+    assert not {"pytest", "ruff", "uv", "matplotlib"} & set(pins)
+
+
+def test_dev_lock_covers_development_and_is_what_is_installed():
+    pins = lock_pins(ROOT / "locks" / "dev.txt")
+    requirements = [ln.split("#")[0].strip() for ln in (ROOT / "requirements-dev.txt").read_text().splitlines()]
+    requirements = [r for r in requirements if r]
+    requirements += project_requirements(ROOT / "libs/common/pyproject.toml", ("sentry",))
+    for service in SERVICES:
+        requirements += project_requirements(ROOT / "services" / service / "pyproject.toml")
+    for python in LOCK_PYTHONS:
+        assert _closure_problems(pins, requirements, python) == [], "run `make lock` (locks/dev.txt)"
+    # The venv the tests run in holds the locked versions (`make install`).
+    env = _marker_env(f"{sys.version_info.major}.{sys.version_info.minor}")
+    drift = {}
+    for name in pins:
+        version = _pinned(pins, name, {**env, "python_full_version": platform.python_version()})
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if version is not None and installed != version:
+            drift[name] = (version, installed)
+    assert drift == {}, "the venv differs from locks/dev.txt (locked, installed): run `make install`"
+    # ... and nothing else, besides the venv's own installers and our packages.
+    installed = {canonicalize_name(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    extra = sorted(n for n in installed - set(pins) - {"pip", "setuptools", "wheel"} if not n.startswith("channels-"))
+    assert extra == [], f"installed but not in locks/dev.txt: {extra} (add to requirements-dev.txt, `make lock`)"
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -102,6 +215,8 @@ def test_dockerignore_keeps_tests_caches_and_venv_out_and_sources_in():
                    *[f"services/{s}/pyproject.toml" for s in SERVICES]]:
         assert needed in kept_names, needed
     assert not any("/tests/" in name or "__pycache__" in name for name in kept_names)
+    for service in SERVICES:  # the lock each image installs first
+        assert not docker_ignored(f"locks/{service}.txt", patterns)
 
 
 def test_dockerignore_matcher_follows_docker_rules():

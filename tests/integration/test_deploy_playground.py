@@ -157,6 +157,7 @@ def running_system(redis_url, redis_sync_client):
             service.stop()
 
 
+@pytest.mark.slow
 def test_two_tabs_edit_together_and_see_a_published_record(running_system, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip("Chromium is not installed (Debian package `chromium`; .ci/run installs it): "

@@ -21,6 +21,9 @@ from channels_common.redis_server import start_local_redis
 
 from tests.support import VENV_BIN, ServiceProcess, free_port
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 PASSWORD = "doctor-redis-password-7f3a"
 TOKEN = "secret-channel-token-4b1d9e"
 USER_NAME = "Ada Lovelace-Doctor"

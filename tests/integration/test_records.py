@@ -13,6 +13,9 @@ import socketio
 from tests.integration.records_support import APP_ORIGIN, Rails, SioClients, start_records
 from tests.support import wait_for
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def service(redis_url):

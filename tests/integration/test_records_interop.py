@@ -19,6 +19,9 @@ from bench.processes import BENCH, Server, free_port
 from tests.integration.records_support import APP_ORIGIN, Rails, SioClients, TcpProxy, start_records
 from tests.support import NodeScript
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 # -- the parsers ----------------------------------------------------------------
 
 SOCKETIO_WIRES = [

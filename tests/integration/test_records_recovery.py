@@ -17,6 +17,9 @@ import socketio
 from tests.integration.records_support import Rails, SioClients, TcpProxy, start_records
 from tests.support import ServiceProcess
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def seqs(clients, name):
     return [args[0]["records"]["seq"] for args in clients.events(name, "records")]

@@ -13,6 +13,9 @@ import redis as redis_sync
 from tests.integration.records_support import Rails, RawWebSocket, SioClients, TcpProxy, start_records
 from tests.support import ServiceProcess, wait_for
 
+# Starts the service as a process per module or test: out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
