@@ -12,6 +12,7 @@ summary and a PNG chart under bench/results/.
     python bench/run.py --scenario trickle    # one 9 MiB frame in 1 KiB segments
     python bench/run.py --profile             # also py-spy our records server
     python bench/run.py --scenario polling    # records over long-polling only
+    python bench/run.py --scenario connects --clients 10000 --repeat 3   # connect bursts only
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from channels_common.redis_server import start_local_redis
 
 from bench import profile_summary, report
 from bench.collab_bench import CollabConfig, run_collab, run_collab_cluster
+from bench.connect_bench import median_run, run_connects
+from bench.connect_bench import table as connects_table
 from bench.processes import BENCH, VENV_BIN, Server, free_port
 from bench.records_bench import POLLING_RATES, RecordsConfig, run_records
 from bench.trickle_bench import TrickleConfig, best_trickle_run, run_trickle
@@ -79,9 +82,10 @@ def rate_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=("records", "polling", "collab", "trickle", "cluster", "all"),
+    p.add_argument("--scenario", choices=("records", "polling", "collab", "trickle", "cluster", "connects", "all"),
                    default="all",
-                   help="cluster: collab on two instances and one Redis, against Hocuspocus + extension-redis")
+                   help="cluster: collab on two instances and one Redis, against Hocuspocus + extension-redis; "
+                        "connects (not part of all): websocket connect bursts, the median of --repeat rounds")
     p.add_argument("--targets", default="ours,reference", help="comma-separated: ours, reference")
     p.add_argument("--quick", action="store_true", help="fewer clients, documents and steps")
     p.add_argument("--clients", type=positive_int, help="records: websocket clients (default 2000, quick 500)")
@@ -324,6 +328,22 @@ async def main_async(args) -> int:
         "machine": {"cpus": __import__("os").cpu_count()},
     }
     started = time.monotonic()
+    if args.scenario == "connects":
+        try:
+            log(f"connects: {rec_cfg.clients} websockets, {args.repeat} rounds")
+            results["connects"] = await run_rounds(
+                "connects", targets, args, out, stamp, log, median_run,
+                lambda who, profiler: run_connects(records_server(who, redis_server.url), rec_cfg,
+                                                   redis_server.url, log, profiler),
+            )
+        finally:
+            rails.terminate()
+            rails.wait()
+            redis_server.cleanup()
+        print()
+        print(connects_table(results["connects"]))
+        report.write_json(results, out / f"connects-{stamp}.json")
+        return 1 if any(r.get("error") for r in results["connects"].values()) else 0
     try:
         if args.scenario in ("records", "all"):
             log(f"records: {rec_cfg.clients} clients in {rec_cfg.groups} groups, "

@@ -80,13 +80,9 @@ CONTRACTS = {c.name: c for c in (
     Contract("uvicorn ServerState.default_headers", "default_headers", (WSSERVER,)),
     Contract("uvicorn ws protocol class (config=, server_state=, app_state=; connection_made, data_received)",
              "server_state", (WSSERVER, HTTPSERVER)),
-    # records' HTTP protocol is a class for Config(http=...) that hands
-    # anything but long-polling to uvicorn's own httptools protocol.
+    # records' HTTP protocol is a class for Config(http=...); it serves the
+    # whole port itself and builds the websocket class (above) itself.
     Contract("uvicorn http protocol class (config=, server_state=, app_state=)", "server_state", (HTTPSERVER,)),
-    Contract("uvicorn.protocols.http.httptools_impl.HttpToolsProtocol(config=, server_state=, app_state=, _loop=)",
-             "HttpToolsProtocol", (HTTPSERVER,)),
-    Contract("uvicorn.Config.ws_protocol_class", "ws_protocol_class", (HTTPSERVER,)),
-    Contract("uvicorn.Config.timeout_keep_alive", "timeout_keep_alive", (HTTPSERVER,)),
     Contract("uvicorn connection.shutdown() on stop", "shutdown", (WSSERVER,)),
     Contract("uvicorn.Server.shutdown(sockets=None)", "shutdown", (SERVER,)),
     Contract("uvicorn.Server.servers", "servers", (SERVER,)),
@@ -134,10 +130,6 @@ def _config(**options) -> uvicorn.Config:
 def test_uvicorn_config_has_what_the_websocket_protocol_reads():
     config = _config(ws_max_size=12345, root_path="/base", timeout_graceful_shutdown=3)
     c = CONTRACTS
-    assert getattr(config, "ws_protocol_class", None) is LeanWebSocketProtocol, \
-        c["uvicorn.Config.ws_protocol_class"].broken("Config(ws=<class>) is not ws_protocol_class")
-    assert isinstance(getattr(config, "timeout_keep_alive", None), int | float), \
-        c["uvicorn.Config.timeout_keep_alive"].broken("timeout_keep_alive")
     assert callable(getattr(config, "loaded_app", None)), c["uvicorn.Config.loaded_app"].broken("no loaded_app after load()")
     assert getattr(config, "root_path", None) == "/base", c["uvicorn.Config.root_path"].broken("root_path")
     assert getattr(config, "asgi_version", None) == "3.0", c["uvicorn.Config.asgi_version"].broken("asgi_version")
@@ -190,13 +182,10 @@ async def test_uvicorn_builds_a_websocket_protocol_the_way_ours_expects():
     transport = Transport()
     request = (b"GET /ws?x=1 HTTP/1.1\r\nHost: example\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
-    name = "uvicorn.protocols.http.httptools_impl.HttpToolsProtocol(config=, server_state=, app_state=, _loop=)"
-    with breaks(WS_CLASS, name):
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
+    with breaks(WS_CLASS):
         state = uvicorn.Server(config).server_state
-        # As records' httpserver.py builds it, to replay a request to it.
-        http = HttpToolsProtocol(config=config, server_state=state, app_state={}, _loop=asyncio.get_running_loop())
+        # uvicorn's own http protocol (collab's), as uvicorn builds it.
+        http = config.http_protocol_class(config=config, server_state=state, app_state={})
         http.connection_made(transport)
         http.data_received(request)
 

@@ -6,6 +6,7 @@ Every test counts deliveries: each event once, in publish order."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import signal
 import threading
 import time
@@ -71,6 +72,16 @@ def setup_factory(redis_url):
     yield make
     for s in made:
         s.close()
+
+
+def session_expired(s, pid: str, timeout: float = 15.0) -> None:
+    """Wait until Redis has expired the session of `pid` (its window has
+    passed since the last sign of life), rather than guess how long it takes."""
+    key = "recovery:session:" + hashlib.sha256(pid.encode()).hexdigest()
+    deadline = time.monotonic() + timeout
+    while s.rails.r.exists(key):
+        assert time.monotonic() < deadline, "the session never expired"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("transport", ["websocket", "polling"])
@@ -147,7 +158,7 @@ def test_long_connection_then_drop_then_expiry(setup_factory):
     s.proxy.outage()
     c.wait(lambda _: len(c.of("a", "disconnect")) >= 2, 20, "second drop")
     s.publish("group-1020", 4, 5)  # lost for good: the window passes
-    time.sleep(4.5)
+    session_expired(s, first["pid"])
     s.proxy.restore()
     c.wait_connected(["a"], count=3)
     third = connects(c, "a")[2]

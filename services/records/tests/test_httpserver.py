@@ -9,11 +9,13 @@ import asyncio
 import json
 import types
 
+import logging
+
 import uvicorn
+from channels_common.wsserver import LeanWebSocketProtocol
 from channels_records.httpserver import RecordsHttpProtocol
 from channels_records.polling import Cors, Polling
 from channels_records.sockets import Engine
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 ORIGIN = b"https://app.test"
 
@@ -63,17 +65,44 @@ class Transport(asyncio.Transport):
 async def asgi_app(scope, receive, send):
     if scope["type"] != "http":
         return
+    path = scope["path"]
+    if path == "/boom":
+        raise RuntimeError("boom")
+    if path == "/silent":
+        return
+    if path == "/echo":
+        message = await receive()
+        body = message["body"]
+        await send({"type": "http.response.start", "status": 201, "headers": [
+            (b"content-length", str(len(body)).encode()), (b"x-method", scope["method"].encode()),
+            (b"x-query", scope["query_string"]), (b"x-client", scope["client"][0].encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+        return
+    if path == "/stream":
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        for part in (b"ab", b"", b"cde"):
+            await send({"type": "http.response.body", "body": part, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+        return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
-    await send({"type": "http.response.body", "body": scope["path"][-2:].encode()})
+    await send({"type": "http.response.body", "body": path[-2:].encode()})
+
+
+async def settle():
+    for _ in range(10):
+        await asyncio.sleep(0)
 
 
 def make(max_payload=1000):
     messages = []
     engine = Engine(max_payload=max_payload, on_message=lambda sock, data: messages.append(data))
-    config = uvicorn.Config(asgi_app, lifespan="off", log_config=None)
+    config = uvicorn.Config(asgi_app, lifespan="off", log_config=None, ws=LeanWebSocketProtocol)
     config.load()
     state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
-    cls = RecordsHttpProtocol.serving(Polling(engine, Cors(ORIGIN.decode())))
+    cls = RecordsHttpProtocol.serving(
+        Polling(engine, Cors(ORIGIN.decode())), app=asgi_app, websocket=LeanWebSocketProtocol,
+    )
 
     def connect():
         protocol = cls(config, state, {})
@@ -150,27 +179,80 @@ async def test_refusals_limits_and_connection_close():
     assert u.take()[0][0] == b"HTTP/1.1 400 Bad Request" and u.closed
 
 
-async def test_other_requests_are_handed_whole_to_uvicorn():
+async def test_other_requests_are_served_by_the_application():
     _engine, connect, _, state = make()
     p, t = connect()
     raw = request("GET", "/healthz")
     p.data_received(raw[:10])
     p.data_received(raw[10:])
-    assert isinstance(t.protocol, HttpToolsProtocol)
-    assert p not in state.connections and t.protocol in state.connections
-    for _ in range(5):
-        await asyncio.sleep(0)
+    assert t.paused  # nothing more is read while the application answers
+    await settle()
     [(status, _, body)] = t.take()
     assert status == b"HTTP/1.1 200 OK" and body == b"hz"  # answered by the ASGI app
+    assert t.protocol is None and p in state.connections and not t.paused and not state.tasks
     # after a long-poll on the same connection, too
     p, t = connect()
     p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
     assert len(t.take()) == 1
     p.data_received(request("GET", "/metrics"))
-    assert isinstance(t.protocol, HttpToolsProtocol)
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert t.take()[0][2] == b"cs"
+    await settle()
+    assert t.take()[0][2] == b"cs" and not t.closed
+    # a body, the scope, and pipelined requests answered in order
+    p.data_received(request("POST", "/echo?a=1", body=b"hello") + request("GET", "/xyz")
+                    + request("HEAD", "/echo", body=b"abc"))
+    await settle()
+    [(s1, h1, b1), (s2, _, b2), (s3, h3, b3)] = t.take()
+    assert (s1, b1, h1[b"x-method"], h1[b"x-query"], h1[b"x-client"]) == (
+        b"HTTP/1.1 201 Created", b"hello", b"POST", b"a=1", b"127.0.0.1")
+    assert (s2, b2) == (b"HTTP/1.1 200 OK", b"yz")
+    # HEAD: the length of what GET would send, no body
+    assert h3[b"content-length"] == b"3" and b3 == b"" and t.data == b""
+
+
+async def test_application_responses_chunked_errors_and_connection_close(caplog):
+    _engine, connect, _, _ = make()
+    p, t = connect()
+    p.data_received(request("GET", "/stream"))
+    await settle()
+    assert bytes(t.data) == (b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+                             b"2\r\nab\r\n3\r\ncde\r\n0\r\n\r\n")
+    t.data.clear()
+    with caplog.at_level(logging.ERROR, logger="channels.records.http"):
+        p.data_received(request("GET", "/boom"))
+        await settle()
+    [(status, headers, body)] = t.take()
+    assert status == b"HTTP/1.1 500 Internal Server Error" and headers[b"connection"] == b"close" and t.closed
+    assert any("boom" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+    p, t = connect()
+    p.data_received(request("GET", "/silent"))
+    await settle()
+    assert t.take()[0][0] == b"HTTP/1.1 500 Internal Server Error" and t.closed
+    p, t = connect()
+    p.data_received(request("GET", "/ok", ["Connection: close"]))
+    await settle()
+    [(status, headers, body)] = t.take()
+    assert body == b"ok" and headers[b"connection"] == b"close" and t.closed
+    p, t = connect()  # a body over the bound is refused, not kept
+    p.data_received(request("POST", "/echo", body=b"x" * (1024 * 1024 + 1)))
+    assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large" and t.closed
+
+
+async def test_a_websocket_upgrade_is_handed_whole_to_our_websocket_protocol():
+    _engine, connect, _, state = make()
+    p, t = connect()
+    raw = request("GET", "/socket.io/?EIO=4&transport=websocket", [
+        "Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+    ])
+    p.data_received(raw[:20])
+    p.data_received(raw[20:])
+    assert isinstance(t.protocol, LeanWebSocketProtocol)
+    assert p not in state.connections and t.protocol in state.connections
+    assert t.protocol.scope["query_string"] == b"EIO=4&transport=websocket"  # it read the whole request
+    # an upgrade pipelined behind a request served here cannot be handed over
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling") + raw)
+    assert t.protocol is None and t.closed and t.take()[-1][0] == b"HTTP/1.1 400 Bad Request"
 
 
 async def test_shutdown_answers_a_held_poll_and_closes_idle_connections():

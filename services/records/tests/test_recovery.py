@@ -11,18 +11,35 @@ import random
 import pytest
 import redis.asyncio as aioredis
 from channels_common.redis import create_redis
+from channels_common.redis_line import settles
+from channels_common.resp import pack_command
 from channels_records.recovery import (
     ZERO_OFFSET,
     LoggedEvent,
     RecoveryStore,
     offset_key,
-    pack_command,
     parse_offset,
     token_fingerprint,
 )
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-WINDOW = 1800
+WINDOW = 1800 * 1000  # ms
+
+
+async def log_message(store: RecoveryStore, room: str, event: str, data: bytes) -> str:
+    """One message through the relay's own entry point (log_batch)."""
+    future = asyncio.get_running_loop().create_future()
+    store.log_batch([(room, event, data)], settles(future))
+    (result,) = await future
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+async def last_offset(redis) -> str:
+    """The newest offset handed out, as Redis holds it."""
+    value = await redis.get("recovery:last")
+    return ZERO_OFFSET if value is None else value.decode()
 
 
 class FakeClock:
@@ -57,7 +74,7 @@ async def clients(redis_url, redis):
 
 
 def stores(clients, **kw):
-    kw.setdefault("window_seconds", WINDOW)
+    kw.setdefault("window_ms", WINDOW)
     return [RecoveryStore(c, instance_id=f"inst-{i}", **kw) for i, c in enumerate(clients)]
 
 
@@ -85,7 +102,7 @@ _jitter = random.Random(11)  # seeded: the same interleaving on every run
 async def feed(store: RecoveryStore, msgs, *, yield_every: int = 0) -> list[str]:
     out = []
     for i, (room, event, data) in enumerate(msgs):
-        out.append(await store.log_message(room, event, data))
+        out.append(await log_message(store, room, event, data))
         if yield_every and i % yield_every == 0:
             await asyncio.sleep(_jitter.random() / 1000)
     return out
@@ -119,8 +136,7 @@ async def test_offsets_are_global_increasing_and_identical_on_every_instance(cli
     for room in {m[0] for m in msgs}:
         expected = [(o, e, d) for o, (r, e, d) in zip(offs_a, msgs) if r == room]
         assert await stream(redis, room) == expected
-    assert await a.high_water() == offs_a[-1]
-    assert a.current_offset == offs_a[-1]
+    assert await last_offset(redis) == offs_a[-1]
 
 
 async def test_instances_interleaved_concurrently_agree(clients, redis):
@@ -137,10 +153,10 @@ async def test_same_payload_published_twice_is_two_events(clients, redis):
     a, b = stores(clients)[:2]
     data = record("group-1", 1)
     # a sees both occurrences before b sees the first
-    a1 = await a.log_message("group-1", "records", data)
-    a2 = await a.log_message("group-1", "records", data)
-    b1 = await b.log_message("group-1", "records", data)
-    b2 = await b.log_message("group-1", "records", data)
+    a1 = await log_message(a, "group-1", "records", data)
+    a2 = await log_message(a, "group-1", "records", data)
+    b1 = await log_message(b, "group-1", "records", data)
+    b2 = await log_message(b, "group-1", "records", data)
     assert (a1, a2) == (b1, b2)
     assert offset_key(a1) < offset_key(a2)
     assert [e[0] for e in await stream(redis, "group-1")] == [a1, a2]
@@ -149,8 +165,8 @@ async def test_same_payload_published_twice_is_two_events(clients, redis):
 async def test_same_bytes_in_different_rooms_are_different_messages(clients, redis):
     a, b = stores(clients)[:2]
     data = b'{"x":1}'
-    offs_a = [await a.log_message("group-1", "records", data), await a.log_message("group-2", "records", data)]
-    offs_b = [await b.log_message("group-1", "records", data), await b.log_message("group-2", "records", data)]
+    offs_a = [await log_message(a, "group-1", "records", data), await log_message(a, "group-2", "records", data)]
+    offs_b = [await log_message(b, "group-1", "records", data), await log_message(b, "group-2", "records", data)]
     assert offs_a == offs_b
     assert offs_a[0] != offs_a[1]
 
@@ -158,48 +174,48 @@ async def test_same_bytes_in_different_rooms_are_different_messages(clients, red
 @pytest.mark.parametrize("late_first", [False, True])
 async def test_instance_started_later_does_not_reuse_an_old_occurrence(clients, redis, late_first):
     clock = FakeClock()
-    old = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="old", clock=clock)
+    old = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="old", clock=clock)
     data = notice(1)
-    first = await old.log_message("notice", "notice", data)
+    first = await log_message(old, "notice", "notice", data)
     clock.advance(5)
-    late = RecoveryStore(clients[1], window_seconds=WINDOW, instance_id="late", clock=clock)
+    late = RecoveryStore(clients[1], window_ms=WINDOW, instance_id="late", clock=clock)
     clock.advance(0.01)
     # Rails publishes the same bytes again; both instances receive it
     if late_first:
-        from_late = await late.log_message("notice", "notice", data)
-        from_old = await old.log_message("notice", "notice", data)
+        from_late = await log_message(late, "notice", "notice", data)
+        from_old = await log_message(old, "notice", "notice", data)
     else:
-        from_old = await old.log_message("notice", "notice", data)
-        from_late = await late.log_message("notice", "notice", data)
+        from_old = await log_message(old, "notice", "notice", data)
+        from_late = await log_message(late, "notice", "notice", data)
     assert from_old == from_late != first
     assert len(await stream(redis, "notice")) == 2
 
 
 async def test_restarted_instance_with_same_id_starts_a_fresh_count(clients, redis):
     clock = FakeClock()
-    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", clock=clock)
-    b = RecoveryStore(clients[1], window_seconds=WINDOW, instance_id="b", clock=clock)
+    a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", clock=clock)
+    b = RecoveryStore(clients[1], window_ms=WINDOW, instance_id="b", clock=clock)
     data = notice(1)
-    o1 = await a.log_message("notice", "notice", data)
-    assert await b.log_message("notice", "notice", data) == o1
+    o1 = await log_message(a, "notice", "notice", data)
+    assert await log_message(b, "notice", "notice", data) == o1
     clock.advance(3)
-    b = RecoveryStore(clients[1], window_seconds=WINDOW, instance_id="b", clock=clock)  # restart
+    b = RecoveryStore(clients[1], window_ms=WINDOW, instance_id="b", clock=clock)  # restart
     clock.advance(0.01)
-    o2 = await b.log_message("notice", "notice", data)  # a republish while a lags
-    assert await a.log_message("notice", "notice", data) == o2 != o1
+    o2 = await log_message(b, "notice", "notice", data)  # a republish while a lags
+    assert await log_message(a, "notice", "notice", data) == o2 != o1
 
 
 async def test_pub_sub_reconnect_via_mark_live_starts_a_fresh_count(clients, redis):
-    a, b = stores(clients)[:2]
+    a, b = stores(clients, start_grace_ms=50)[:2]
     data = notice(1)
-    o1 = await a.log_message("notice", "notice", data)
-    await b.log_message("notice", "notice", data)
+    o1 = await log_message(a, "notice", "notice", data)
+    await log_message(b, "notice", "notice", data)
     # b's subscription drops; meanwhile the payload is republished and a logs it
-    o2 = await a.log_message("notice", "notice", data)
-    await asyncio.sleep(1.1)  # the start grace
+    o2 = await log_message(a, "notice", "notice", data)
+    await asyncio.sleep(0.1)  # the start grace (50 ms)
     await b.mark_live()
-    o3 = await a.log_message("notice", "notice", data)
-    assert await b.log_message("notice", "notice", data) == o3
+    o3 = await log_message(a, "notice", "notice", data)
+    assert await log_message(b, "notice", "notice", data) == o3
     assert len({o1, o2, o3}) == 3
 
 
@@ -207,15 +223,15 @@ async def test_concurrent_calls_are_pipelined_in_call_order(clients, redis):
     a, b = stores(clients)[:2]
     msgs = [("group-1", "records", record("group-1", n)) for n in range(300)]
     round_trips = 0
-    original = a._line.run
+    original = a.log._line.run
 
     async def counting_run(commands, timeout=None):
         nonlocal round_trips
         round_trips += 1
         return await original(commands, timeout)
 
-    a._line.run = counting_run
-    offs_a = await asyncio.gather(*(a.log_message(*m) for m in msgs))
+    a.log._line.run = counting_run
+    offs_a = await asyncio.gather(*(log_message(a, *m) for m in msgs))
     assert_increasing(offs_a)
     assert 0 < round_trips < len(msgs)  # batched: fewer round trips than messages
     assert [e[2] for e in await stream(redis, "group-1")] == [m[2] for m in msgs]
@@ -224,10 +240,11 @@ async def test_concurrent_calls_are_pipelined_in_call_order(clients, redis):
 
 async def test_a_retried_script_call_is_idempotent(clients, redis):
     a = stores(clients)[0]
-    keys = [a._last_key, a.room_key("group-1"), a.dedup_key("group-1", "records", b"{}")]
-    args = [a._me(), a._start_ms, 1, "records", b"{}", a.window_ms, a.dedup_ms, "", 64]
-    first = await a._log(a._redis, keys, args)
-    again = await a._log(a._redis, keys, args)  # the same call, as after a lost reply
+    log = a.log
+    keys = [a.keys.last, a.keys.room("group-1"), a.keys.dedup("group-1", "records", b"{}")]
+    args = [log._me(), log._start_ms, 1, "records", b"{}", a.window_ms, log.dedup_ms, "", 64]
+    first = await log._log(redis, keys, args)
+    again = await log._log(redis, keys, args)  # the same call, as after a lost reply
     assert first == again
     assert await redis.xlen("recovery:room:group-1") == 1
 
@@ -235,11 +252,11 @@ async def test_a_retried_script_call_is_idempotent(clients, redis):
 async def test_script_cache_flush_is_survived(clients, redis):
     a = stores(clients)[0]
     pid, _ = await a.create_session("sid1", "tok", ["notice"])
-    o1 = await a.log_message("notice", "notice", notice(1))
+    o1 = await log_message(a, "notice", "notice", notice(1))
     await redis.script_flush()
-    o2 = await a.log_message("notice", "notice", notice(2))
+    o2 = await log_message(a, "notice", "notice", notice(2))
     await redis.script_flush()
-    batch = await asyncio.gather(*(a.log_message("notice", "notice", notice(n)) for n in range(3, 10)))
+    batch = await asyncio.gather(*(log_message(a, "notice", "notice", notice(n)) for n in range(3, 10)))
     await redis.script_flush()
     restored = await a.restore(pid, "tok", o1)
     assert [e.offset for e in restored.missed] == [o2, *batch]
@@ -269,20 +286,20 @@ async def test_restore_returns_exactly_the_missed_events_of_the_session_rooms(cl
 async def test_client_that_received_nothing_recovers_from_connect_offset(clients, redis):
     # socket.io#5538: no event received before the drop, so no offset to send
     a = stores(clients)[0]
-    before = await a.log_message("user-7", "records", record("user-7", 0))
+    before = await log_message(a, "user-7", "records", record("user-7", 0))
     pid, connect = await a.create_session("sid-1", "tok", ["notice", "user-7"])
     assert connect == before
-    after = await a.log_message("user-7", "records", record("user-7", 1))
+    after = await log_message(a, "user-7", "records", record("user-7", 1))
     restored = await a.restore(pid, "tok", None)
     assert [e.offset for e in restored.missed] == [after]
 
 
 async def test_session_created_before_any_traffic(clients, redis):
     a = stores(clients)[0]
-    assert await a.high_water() == ZERO_OFFSET
+    assert await last_offset(redis) == ZERO_OFFSET
     pid, connect = await a.create_session("sid-1", None, ["notice"])
     assert connect == ZERO_OFFSET
-    o = await a.log_message("notice", "notice", notice(1))
+    o = await log_message(a, "notice", "notice", notice(1))
     restored = await a.restore(pid, None, None)
     assert [e.offset for e in restored.missed] == [o]
 
@@ -308,45 +325,48 @@ async def test_several_restores_in_a_row_each_replay_only_what_is_new(clients, r
 async def test_restore_long_after_connecting(clients, redis):
     # socket.io-redis-streams-adapter#48 failed past 10 s: nothing here depends on it
     clock = FakeClock()
-    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", clock=clock)
+    a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", clock=clock)
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
     clock.advance(11)
-    first = await a.log_message("notice", "notice", notice(1))
+    first = await log_message(a, "notice", "notice", notice(1))
     clock.advance(600)
-    second = await a.log_message("notice", "notice", notice(2))
+    second = await log_message(a, "notice", "notice", notice(2))
     restored = await a.restore(pid, "tok", first)
     assert [e.offset for e in restored.missed] == [second]
 
 
 async def test_session_older_than_window_stays_while_touched(clients, redis):
     # socket.io#5282: the window counts from the last sign of life, not from connect
-    a = stores(clients, window_seconds=1)[0]
+    a = stores(clients, window_ms=500)[0]
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
     idle, _ = await a.create_session("sid-2", "tok", ["notice"])
     for _ in range(3):
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.25)
         await a.touch([pid, "no-such-session-0000000"])
-    # 1.5 s after connecting, with a 1 s window
-    o = await a.log_message("notice", "notice", notice(1))
+    # 0.75 s after connecting, with a 0.5 s window
+    o = await log_message(a, "notice", "notice", notice(1))
     restored = await a.restore(pid, "tok", None)
     assert [e.offset for e in restored.missed] == [o]
     assert await a.restore(idle, "tok", None) is None
 
 
 async def test_restore_extends_the_window(clients, redis):
-    a = stores(clients, window_seconds=1)[0]
+    a = stores(clients, window_ms=500)[0]
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(0.3)
     assert await a.restore(pid, "tok", None) is not None
-    await asyncio.sleep(0.7)
+    await asyncio.sleep(0.3)
     assert await a.restore(pid, "tok", None) is not None
 
 
 async def test_expired_window_gives_none(clients, redis):
-    a = stores(clients, window_seconds=1)[0]
+    a = stores(clients, window_ms=100)[0]
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
-    await a.log_message("notice", "notice", notice(1))
-    await asyncio.sleep(1.2)
+    await log_message(a, "notice", "notice", notice(1))
+    assert 0 < await redis.pttl(a.keys.session(pid)) <= 100
+    async with asyncio.timeout(5):
+        while await redis.exists(a.keys.session(pid)):  # Redis expires it, on its own clock
+            await asyncio.sleep(0.02)
     assert await a.restore(pid, "tok", None) is None
 
 
@@ -360,9 +380,9 @@ async def test_forgotten_session_cannot_be_restored(clients, redis):
 async def test_session_on_another_instance_and_after_restart(clients, redis):
     a = stores(clients)[0]
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
-    o = await a.log_message("notice", "notice", notice(1))
+    o = await log_message(a, "notice", "notice", notice(1))
     del a  # process gone; a new one with a new connection
-    fresh = RecoveryStore(clients[2], window_seconds=WINDOW, instance_id="new")
+    fresh = RecoveryStore(clients[2], window_ms=WINDOW, instance_id="new")
     restored = await fresh.restore(pid, "tok", None)
     assert [e.offset for e in restored.missed] == [o]
 
@@ -389,7 +409,7 @@ async def test_session_on_another_instance_and_after_restart(clients, redis):
 async def test_refusals_give_none_and_never_log_secrets(clients, redis, caplog, pid_of, token, offset, reason):
     a = stores(clients)[0]
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
-    await a.log_message("notice", "notice", notice(1))
+    await log_message(a, "notice", "notice", notice(1))
     caplog.set_level(logging.INFO, logger="channels.records.recovery")
     assert await a.restore(pid_of(pid), token, offset) is None
     text = " ".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
@@ -403,10 +423,10 @@ async def test_offset_from_before_the_session_replays_only_the_session(clients, 
     # socket.io-client keeps its last offset across a fresh (not recovered)
     # connection and sends it with the new pid if it drops before any event
     a = stores(clients)[0]
-    early = await a.log_message("notice", "notice", notice(1))
-    await a.log_message("notice", "notice", notice(2))
+    early = await log_message(a, "notice", "notice", notice(1))
+    await log_message(a, "notice", "notice", notice(2))
     pid, _connect = await a.create_session("sid-1", "tok", ["notice"])
-    later = await a.log_message("notice", "notice", notice(3))
+    later = await log_message(a, "notice", "notice", notice(3))
     restored = await a.restore(pid, "tok", early)
     assert [e.offset for e in restored.missed] == [later]
     restored = await a.restore(pid, "tok", ZERO_OFFSET)
@@ -414,14 +434,14 @@ async def test_offset_from_before_the_session_replays_only_the_session(clients, 
 
 
 async def test_too_much_missed_gives_a_fresh_connection(clients, redis):
-    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", max_replay=5)
+    a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", max_replay=5)
     pid, _ = await a.create_session("sid-1", "tok", ["notice", "user-1"])
     for n in range(3):
-        await a.log_message("notice", "notice", notice(n))
-        await a.log_message("user-1", "records", record("user-1", n))
+        await log_message(a, "notice", "notice", notice(n))
+        await log_message(a, "user-1", "records", record("user-1", n))
     assert await a.restore(pid, "tok", None) is None
     # from a later offset the rest fits
-    restored = await a.restore(pid, "tok", await a.log_message("notice", "notice", notice(9)))
+    restored = await a.restore(pid, "tok", await log_message(a, "notice", "notice", notice(9)))
     assert restored is not None and restored.missed == []
 
 
@@ -451,10 +471,10 @@ async def test_pids_are_unguessable_and_distinct(clients, redis):
 
 async def test_trimming_keeps_streams_and_keys_bounded(clients, redis):
     clock = FakeClock()
-    a = RecoveryStore(clients[0], window_seconds=1, instance_id="a", clock=clock, dedup_seconds=2)
+    a = RecoveryStore(clients[0], window_ms=1000, instance_id="a", clock=clock, dedup_ms=2000)
     for n in range(2000):
         clock.advance(0.01)  # 100 messages per simulated second, 20 s in all
-        await a.log_message("group-1", "records", record("group-1", n))
+        await log_message(a, "group-1", "records", record("group-1", n))
     pid, _ = await a.create_session("sid-1", "tok", ["group-1"])
     length = await redis.xlen("recovery:room:group-1")
     # one window of messages, plus at most one stream node (100 entries) of slack
@@ -462,7 +482,7 @@ async def test_trimming_keeps_streams_and_keys_bounded(clients, redis):
     first = (await redis.xrange("recovery:room:group-1", count=1))[0][0].decode()
     assert offset_key(first)[0] >= clock.now - 1000 - 1100
     assert 0 < await redis.pttl("recovery:room:group-1") <= 1000
-    assert 0 < await redis.pttl(a.session_key(pid)) <= 1000
+    assert 0 < await redis.pttl(a.keys.session(pid)) <= 1000
     dedup = [k async for k in redis.scan_iter(match="recovery:dedup:*")]
     assert dedup
     for key in dedup[:50]:
@@ -473,8 +493,8 @@ async def test_dedup_state_of_a_repeated_payload_stays_small(clients, redis):
     a, _b = stores(clients)[:2]
     data = notice(0)
     for _ in range(200):
-        await a.log_message("notice", "notice", data)
-    key = a.dedup_key("notice", "notice", data)
+        await log_message(a, "notice", "notice", data)
+    key = a.keys.dedup("notice", "notice", data)
     assert await redis.hlen(key) <= 2 * 64 + 10
     assert await redis.xlen("recovery:room:notice") == 200
 
@@ -484,10 +504,10 @@ async def test_restore_reads_only_the_session_rooms_after_the_offset(clients, re
     rooms = ["notice", "user-1", "group-1"]
     pid, _ = await a.create_session("sid-1", "tok", rooms)
     noise = [("group-2", "records", record("group-2", n)) for n in range(3000)]
-    await asyncio.gather(*(a.log_message(*m) for m in noise[:1500]))
-    seen = await a.log_message("group-1", "records", record("group-1", 0))
-    await asyncio.gather(*(a.log_message(*m) for m in noise[1500:]))
-    missed = [await a.log_message("user-1", "records", record("user-1", n)) for n in range(3)]
+    await asyncio.gather(*(log_message(a, *m) for m in noise[:1500]))
+    seen = await log_message(a, "group-1", "records", record("group-1", 0))
+    await asyncio.gather(*(log_message(a, *m) for m in noise[1500:]))
+    missed = [await log_message(a, "user-1", "records", record("user-1", n)) for n in range(3)]
     await redis.config_resetstat()
     restored = await a.restore(pid, "tok", seen)
     assert [e.offset for e in restored.missed] == missed
@@ -506,19 +526,19 @@ async def test_restore_reads_only_the_session_rooms_after_the_offset(clients, re
 
 async def test_log_raises_during_an_outage_and_works_after(private_redis):
     client = create_redis(private_redis.url, socket_timeout=1.0)
-    a = RecoveryStore(client, window_seconds=WINDOW, instance_id="a", log_timeout_seconds=0.5)
+    a = RecoveryStore(client, window_ms=WINDOW, instance_id="a", log_timeout_seconds=0.5)
     try:
         pid, _ = await a.create_session("sid-1", "tok", ["notice"])
-        o1 = await a.log_message("notice", "notice", notice(1))
+        o1 = await log_message(a, "notice", "notice", notice(1))
         private_redis.kill()
         with pytest.raises(RedisError):
-            await a.log_message("notice", "notice", notice(2))
+            await log_message(a, "notice", "notice", notice(2))
         private_redis.start()
 
         async def log_again():
             while True:
                 try:
-                    return await a.log_message("notice", "notice", notice(3))
+                    return await log_message(a, "notice", "notice", notice(3))
                 except RedisError:
                     await asyncio.sleep(0.2)
 
@@ -532,13 +552,13 @@ async def test_log_raises_during_an_outage_and_works_after(private_redis):
 
 async def test_log_connection_cut_by_redis_is_replaced(clients, redis):
     a = stores(clients)[0]
-    o1 = await a.log_message("notice", "notice", notice(1))
+    o1 = await log_message(a, "notice", "notice", notice(1))
     # Every client connection but this test's own.
     await redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
     offsets = []
     for n in range(2, 5):
         try:
-            offsets.append(await a.log_message("notice", "notice", notice(n)))
+            offsets.append(await log_message(a, "notice", "notice", notice(n)))
         except RedisError:
             pass  # the call that found its connection gone
     assert len(offsets) >= 2
@@ -547,11 +567,11 @@ async def test_log_connection_cut_by_redis_is_replaced(clients, redis):
 
 async def test_log_errors_reach_the_caller_and_the_line_carries_on(clients, redis):
     a = stores(clients)[0]
-    (reply,) = await a._line.run([pack_command("EVALSHA", "0" * 40, 0)])
+    (reply,) = await a.log._line.run([pack_command("EVALSHA", "0" * 40, 0)])
     assert isinstance(reply, NoScriptError)
-    (reply,) = await a._line.run([pack_command("INCRBY", "x", "not a number")])
+    (reply,) = await a.log._line.run([pack_command("INCRBY", "x", "not a number")])
     assert isinstance(reply, ResponseError) and not isinstance(reply, NoScriptError)
-    assert await a._line.run([pack_command("SET", "x", "1"), pack_command("GET", "x")]) == [b"OK", b"1"]
+    assert await a.log._line.run([pack_command("SET", "x", "1"), pack_command("GET", "x")]) == [b"OK", b"1"]
 
 
 # -- pure helpers -----------------------------------------------------------------
@@ -596,8 +616,8 @@ def test_token_fingerprint():
 async def test_room_names_outside_ascii_and_empty_room_lists(clients, redis):
     a, b = stores(clients)[:2]
     pid, _ = await a.create_session("sid-1", "tok", ["group-é", "notice", "group-é"])
-    o = await a.log_message("group-é", "records", b'{"room":"group-\\u00e9"}')
-    assert await b.log_message("group-é", "records", b'{"room":"group-\\u00e9"}') == o
+    o = await log_message(a, "group-é", "records", b'{"room":"group-\\u00e9"}')
+    assert await log_message(b, "group-é", "records", b'{"room":"group-\\u00e9"}') == o
     restored = await b.restore(pid, "tok", None)
     assert restored.rooms == ["group-é", "notice"]
     assert [e.offset for e in restored.missed] == [o]
@@ -624,13 +644,13 @@ async def test_a_garbled_log_reply_fails_that_call_and_the_next_one_gets_a_fresh
     fake = ScriptedRedis(answer)
     url = await fake.start()
     client = create_redis(url)
-    store = RecoveryStore(client, window_seconds=WINDOW, instance_id="x")
+    store = RecoveryStore(client, window_ms=WINDOW, instance_id="x")
     try:
         with pytest.raises(RedisConnectionError):
-            await store.log_message("group-1", "records", b"{}")
-        assert await store.log_message("group-1", "records", b"{}") == "1700000000000-0"
+            await log_message(store, "group-1", "records", b"{}")
+        assert await log_message(store, "group-1", "records", b"{}") == "1700000000000-0"
         assert len(fake.connections) == 2  # the garbled one was dropped
-        assert await store.log_message("group-1", "records", b"{}") == "1700000000000-0"
+        assert await log_message(store, "group-1", "records", b"{}") == "1700000000000-0"
         assert len(fake.connections) == 2  # and the fresh one kept
     finally:
         await client.aclose()
@@ -639,14 +659,14 @@ async def test_a_garbled_log_reply_fails_that_call_and_the_next_one_gets_a_fresh
 
 async def test_a_log_connection_that_dies_while_idle_goes_back_to_the_pool(private_redis):
     client = create_redis(private_redis.url, max_connections=2, pool_timeout=3.0)
-    store = RecoveryStore(client, window_seconds=WINDOW, instance_id="x")
+    store = RecoveryStore(client, window_ms=WINDOW, instance_id="x")
 
     async def log_once_redis_answers() -> str:
         # Right after a restart a call may fail (the script is gone, pooled
         # connections are stale): the relay then emits without an offset.
         for _ in range(20):
             try:
-                return await store.log_message("group-1", "records", b"{}")
+                return await log_message(store, "group-1", "records", b"{}")
             except RedisError:
                 await asyncio.sleep(0.1)
         raise AssertionError("the log never worked again")
@@ -667,18 +687,18 @@ async def test_a_log_connection_that_dies_while_idle_goes_back_to_the_pool(priva
 
 
 async def test_the_per_room_cap_bounds_each_stream(clients, redis):
-    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", max_events_per_room=100)
+    a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", max_events_per_room=100)
     for n in range(450):
-        await a.log_message("group-1", "records", record("group-1", n))
+        await log_message(a, "group-1", "records", record("group-1", n))
     length = await redis.xlen("recovery:room:group-1")
     assert 100 <= length <= 100 + 101  # approximate: whole stream nodes go
 
 
 async def test_a_client_that_missed_more_than_the_cap_is_refused_whole(clients, redis, caplog):
-    a = RecoveryStore(clients[0], window_seconds=WINDOW, instance_id="a", max_events_per_room=100)
+    a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", max_events_per_room=100)
     pid, _ = await a.create_session("sid-1", "tok", ["group-1", "notice"])
-    offsets = [await a.log_message("group-1", "records", record("group-1", n)) for n in range(450)]
-    await a.log_message("notice", "notice", notice(1))
+    offsets = [await log_message(a, "group-1", "records", record("group-1", n)) for n in range(450)]
+    await log_message(a, "notice", "notice", notice(1))
     with caplog.at_level(logging.INFO, logger="channels.records.recovery"):
         assert await a.restore(pid, "tok", offsets[10]) is None  # entries after it were trimmed
         assert await a.restore(pid, "tok", None) is None  # from the connect offset: the same
@@ -698,7 +718,7 @@ async def test_open_session_reads_the_token_and_restores_the_rooms_it_gives(clie
     assert json.loads(raw)["id"] == 7 and offset == ZERO_OFFSET
     logged = {}
     for room in ("notice", "user-7", "group-3", "group-4", "group-5", "user-8"):
-        logged[room] = await a.log_message(room, "records", record(room, 0))
+        logged[room] = await log_message(a, room, "records", record(room, 0))
     restored = await a.restore(pid, "tok-o", None)
     assert restored.sid == "sid-o"
     assert restored.rooms == ["notice", "user-7", "group-3", "group-4"]

@@ -43,11 +43,15 @@ _DENYING = 4  # an HTTP response instead of the upgrade, its body still to come
 # idle client keeps no task or coroutine stack. The protocol is `send.__self__`:
 # its `transport` takes frames (wsframe.py) and `close(code, reason)` ends it.
 DETACH = "channels.websocket.detach"
+# Another: a "websocket.accept" message may carry {FIRST_FRAMES: bytes},
+# pre-encoded frames (wsframe.py) written in the same write as the 101
+# response, so a server that speaks first costs the client one segment.
+FIRST_FRAMES = "channels.websocket.first_frames"
 # ASGI's denial response: before accepting, an application may send
 # "websocket.http.response.start" (status, headers), then
 # "websocket.http.response.body" messages, instead of the upgrade.
 HTTP_RESPONSE = "websocket.http.response"
-_EXTENSIONS = {DETACH: {}, HTTP_RESPONSE: {}}
+_EXTENSIONS = {DETACH: {}, HTTP_RESPONSE: {}, FIRST_FRAMES: {}}
 
 
 def _address(info):
@@ -337,7 +341,9 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         if self._state == _HANDSHAKE:
             if kind == "websocket.accept":
                 headers = [*self.server_state.default_headers, *message.get("headers", ())]
-                self.transport.write(accept_response(self.key, headers, message.get("subprotocol")))
+                response = accept_response(self.key, headers, message.get("subprotocol"))
+                first = message.get(FIRST_FRAMES)
+                self.transport.write(response + first if first else response)
                 self.accepted = True
                 self._state = _OPEN
                 self._parser = wsframe.FrameParser(self.config.ws_max_size)

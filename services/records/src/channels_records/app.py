@@ -112,7 +112,7 @@ class RecordsService:
         self.redis = create_redis(s.redis_url, max_connections=s.redis_pool_size)
         self.store = RecoveryStore(
             self.redis,
-            window_seconds=s.recovery_window_seconds,
+            window_ms=s.recovery_window_seconds * 1000,
             instance_id=secrets.token_hex(6),
             max_events_per_room=s.recovery_max_events_per_room,
         )
@@ -200,11 +200,12 @@ def main() -> None:
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,
         on_stop=service.stop,
-        # Our own websocket protocol: the least state per idle client and
-        # its transport within reach of the broadcast fast path.
         ws=LeanWebSocketProtocol,
-        # Long-polling answered inside the HTTP protocol; the rest goes to uvicorn's.
-        http=RecordsHttpProtocol.serving(service.polling),
+        # The whole port is ours: long-polling answered inside the HTTP
+        # protocol, other requests run on service.app, and upgrades go to our
+        # websocket protocol (the least state per idle client, its transport
+        # within reach of the broadcast fast path).
+        http=RecordsHttpProtocol.serving(service.polling, app=service.app, websocket=LeanWebSocketProtocol),
         ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
         interface="asgi3",  # service.app is a bound coroutine method
     )

@@ -15,6 +15,10 @@ import json
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
+# One compact encoder for the packets sent per connect (json.dumps with
+# options would build a new one per call).
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
 PROTOCOL = 4
 
 OPEN, CLOSE, PING, PONG, MESSAGE, UPGRADE, NOOP = "0", "1", "2", "3", "4", "5", "6"
@@ -93,7 +97,7 @@ def open_packet(sid: str, upgrades: list[str], ping_interval_ms: int, ping_timeo
         "pingTimeout": ping_timeout_ms,
         "maxPayload": max_payload,
     }
-    return OPEN + json.dumps(body, separators=(",", ":"))
+    return OPEN + _COMPACT(body)
 
 
 # -- requests ----------------------------------------------------------------

@@ -1,25 +1,30 @@
-"""HTTP/1.1 of the records port, for uvicorn (`uvicorn.Config(http=...)`):
-Engine.IO long-polling is served in the protocol itself; anything else
-(the websocket upgrade, /healthz, /readyz, /metrics, the playground) is
-handed, bytes and all, to uvicorn's own httptools protocol (a websocket
-upgrade of /socket.io/ straight to the configured websocket protocol), as
-uvicorn itself hands an upgrade to its websocket protocol.
+"""HTTP/1.1 of the records port, for uvicorn (`uvicorn.Config(http=...)`),
+served here in full: Engine.IO long-polling in the protocol itself; other
+requests (/healthz, /readyz, /metrics, the playground) by the service's ASGI
+application through asgihttp.py; a websocket upgrade handed, bytes and all,
+to the websocket protocol class given to `serving` (no uvicorn class is
+involved, only uvicorn's protocol-class contract: the constructor,
+`server_state.connections`/`tasks`, `shutdown()`).
 
 Served here, a held GET costs no task and no ASGI messages: the session's
 waiter is this connection, and the broadcast that sends to the session
 writes the response, once per recipient, from inside its loop. Parsing is
-httptools (llhttp), the parser uvicorn uses.
+httptools (llhttp), the parser uvicorn uses. Responses go out in request
+order: requests pipelined behind an application's response wait for it
+(reading pauses meanwhile); anything pipelined behind a held long-poll, or
+a long-poll behind an application's response, closes the connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from . import engineio as eio
+from .asgihttp import MAX_BODY_BYTES, Exchange, http_scope
 from .polling import Get, Polling, Post, Reply
 
 log = logging.getLogger("channels.records.http")
@@ -28,7 +33,8 @@ SOCKET_IO_PATH = b"/socket.io/"
 REASONS = {200: b"OK", 400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed", 413: b"Payload Too Large"}
 # Bytes of one request's head (line and headers) at most.
 MAX_HEAD_BYTES = 64 * 1024
-
+# As uvicorn's default: a keep-alive connection idle this long is closed.
+KEEP_ALIVE_SECONDS = 5.0
 
 class _Held:
     """A held long-poll, as the session sees it (the `waiter` interface of
@@ -54,13 +60,30 @@ class _Held:
 
 
 class RecordsHttpProtocol(asyncio.Protocol):
-    # The long-polling decisions of the service this protocol serves (see `serving`).
+    # What the protocol serves, for one service (see `serving`).
     polling: Polling | None = None
+    app = None
+    websocket_class: type | None = None
+    keep_alive_seconds: float = KEEP_ALIVE_SECONDS
 
     @classmethod
-    def serving(cls, polling: Polling) -> type[RecordsHttpProtocol]:
-        """The protocol class to give uvicorn for one service."""
-        return type(cls.__name__, (cls,), {"polling": polling})
+    def serving(
+        cls,
+        polling: Polling | None,
+        *,
+        app,
+        websocket: type | None = None,
+        keep_alive_seconds: float = KEEP_ALIVE_SECONDS,
+    ) -> type[RecordsHttpProtocol]:
+        """The protocol class to give uvicorn for one service: long-polling
+        decided by `polling`, other requests served by the ASGI `app`, a
+        websocket upgrade handed to `websocket`, a protocol class with
+        uvicorn's constructor (config, server_state, app_state) that reads
+        the request itself (None: upgrades are served as plain requests)."""
+        return type(cls.__name__, (cls,), {
+            "polling": polling, "app": staticmethod(app), "websocket_class": websocket,
+            "keep_alive_seconds": keep_alive_seconds,
+        })
 
     def __init__(self, config, server_state, app_state=None, _loop=None):
         self.config = config
@@ -70,19 +93,22 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.secure = False
-        # Bytes of the current request (and what follows), in case it goes to uvicorn.
+        # Bytes of the current request (and what follows), in case it is an upgrade.
         self.buffer = bytearray()
         self.buffering = True  # until the current request is known to be served here
         self.in_message = False
         self.completed = 0  # requests finished within the current data_received
         self.mixed = False  # the buffer holds an earlier request's bytes too
-        self.foreign = False
         self.upgrade = False
         self.handed_off = False
         self.keep_alive = True
         self.idle_timer: asyncio.TimerHandle | None = None
         self.write_paused = False
+        self.read_paused = False
         self.held: _Held | None = None
+        self.exchange: Exchange | None = None  # the application's request in flight
+        self.waiting: deque[Exchange] = deque()  # pipelined behind it
+        self.closing_after = False  # close once the response in flight is written
         self._cors_key = None
         self._cors: list[tuple[bytes, bytes]] = []
         self._reset()
@@ -90,11 +116,14 @@ class RecordsHttpProtocol(asyncio.Protocol):
     def _reset(self) -> None:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
+        self.header_list: list[tuple[bytes, bytes]] = []
         self.reply: Reply | None = None
         self.get = None
         self.post = None
         self.body: bytearray | None = None
         self.too_large = False
+        self.to_app = False
+        self.ignored = False
 
     # -- asyncio.Protocol ------------------------------------------------------
 
@@ -106,6 +135,9 @@ class RecordsHttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.server_state.connections.discard(self)
         self._cancel_idle()
+        self.waiting.clear()
+        if self.exchange is not None:
+            self.exchange.lost()
         held, self.held = self.held, None
         if held is not None and not held.answered:
             held.answered = True
@@ -123,21 +155,28 @@ class RecordsHttpProtocol(asyncio.Protocol):
         if self.buffering:
             self.buffer += data
         self.completed = 0
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # the upgrade request is foreign: handed off below
-        except httptools.HttpParserCallbackError:
-            log.exception("serving a long-polling request failed")
-            self._refuse_and_close()
-            return
-        except httptools.HttpParserError as exc:
-            log.warning("bad http request from client, refused", extra={"error": str(exc)})
-            self._refuse_and_close()
-            return
-        if self.foreign:
-            self._hand_off()
-        elif self.in_message and self.buffering and len(self.buffer) > MAX_HEAD_BYTES:
+        while True:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as exc:
+                if self.upgrade:
+                    self._hand_off()
+                    return
+                # An upgrade we do not do (h2c...) was served as a plain
+                # request, as a server may (RFC 9110 7.8): read on.
+                data = data[exc.args[0]:] if exc.args else b""
+                if data:
+                    continue
+            except httptools.HttpParserCallbackError:
+                log.exception("serving an http request failed")
+                self._refuse_and_close()
+                return
+            except httptools.HttpParserError as exc:
+                log.warning("bad http request from client, refused", extra={"error": str(exc)})
+                self._refuse_and_close()
+                return
+            break
+        if self.in_message and self.buffering and len(self.buffer) > MAX_HEAD_BYTES:
             log.warning("http request head from client too large, refused")
             self._refuse_and_close()
 
@@ -145,20 +184,26 @@ class RecordsHttpProtocol(asyncio.Protocol):
         # The client is not reading its responses: read no further requests
         # (so none is answered) until it does. TCP backpressure, not buffering.
         self.write_paused = True
-        self.transport.pause_reading()
+        self._pause_reading()
+        if self.exchange is not None:
+            self.exchange.unwritable()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        if self.held is None and not self.transport.is_closing():
-            self.transport.resume_reading()
+        if self.exchange is not None:
+            self.exchange.writable()
+        self._resume_reading()
 
     def shutdown(self) -> None:
         """uvicorn is stopping: a held poll is answered (the sessions were
-        closed first: it carries their CLOSE), idle connections close."""
+        closed first: it carries their CLOSE), an application's response
+        in flight ends the connection, idle connections close."""
         self.keep_alive = False
         held = self.held
         if held is not None:
             held.set_result(None)
+        elif self.exchange is not None:
+            self.exchange.keep_alive = False
         elif not self.in_message:
             self.transport.close()
 
@@ -174,21 +219,35 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers[name.lower()] = value
+        name = name.lower()
+        self.headers[name] = value
+        self.header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
-        if self.foreign:
-            return
-        path, _, query = self.url.partition(b"?")
-        if path != SOCKET_IO_PATH or self.parser.should_upgrade() or self.polling is None:
-            self.foreign = True
-            self.upgrade = path == SOCKET_IO_PATH and self.parser.should_upgrade()
+        parser = self.parser
+        if (parser.should_upgrade() and self.websocket_class is not None
+                and self.headers.get(b"upgrade", b"").lower() == b"websocket"):
+            self.upgrade = True  # handed off once httptools stops at it
             return
         # Served here: nothing of it will be handed over, so nothing is kept.
         self.buffering = False
         self.buffer.clear()
-        self.keep_alive = self.parser.should_keep_alive()
-        method = self.parser.get_method().decode("latin-1")
+        busy = self.held is not None or self.exchange is not None
+        path, _, query = self.url.partition(b"?")
+        if path != SOCKET_IO_PATH or self.polling is None:
+            self.to_app = True
+            if self.closing_after or (self.held is not None):
+                self._ignore("request pipelined behind a long-poll, connection closed")
+                return
+            self.body = bytearray()
+            if self.headers.get(b"expect", b"").lower() == b"100-continue" and not busy:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            return
+        if busy or self.closing_after:
+            self._ignore("long-poll pipelined behind another response, connection closed")
+            return
+        self.keep_alive = self.keep_alive and parser.should_keep_alive()
+        method = parser.get_method().decode("latin-1")
         polling = self.polling
         decision = polling.route(method, query, self.headers, self.secure)
         key = (method, self.headers.get(b"origin"), self.headers.get(b"access-control-request-headers"))
@@ -207,9 +266,10 @@ class RecordsHttpProtocol(asyncio.Protocol):
                 self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
-        if self.foreign or self.body is None or self.too_large:
+        if self.body is None or self.too_large:
             return
-        if len(self.body) + len(body) > self.polling.max_payload:
+        limit = MAX_BODY_BYTES if self.to_app else self.polling.max_payload
+        if len(self.body) + len(body) > limit:
             self.too_large = True
             return
         self.body += body
@@ -217,7 +277,10 @@ class RecordsHttpProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         self.in_message = False
         self.completed += 1
-        if self.foreign:
+        if self.upgrade or self.ignored:
+            return
+        if self.to_app:
+            self._app_request()
             return
         polling = self.polling
         if self.reply is not None:
@@ -234,10 +297,69 @@ class RecordsHttpProtocol(asyncio.Protocol):
                 self._write(Polling.answer(sock))
             else:
                 # Held: no further request is read from this connection
-                # until it is answered (TCP backpressure, no pipelining).
+                # until it is answered (TCP backpressure).
                 self.held = held = _Held(self, sock)
                 sock.waiter = held
-                self.transport.pause_reading()
+                self._pause_reading()
+
+    def _ignore(self, why: str) -> None:
+        """The current request is not served: the connection ends once the
+        response in flight is written."""
+        if not self.closing_after:
+            log.info(why)
+        self.ignored = True
+        self.closing_after = True
+        self.waiting.clear()
+        self._pause_reading()
+
+    # -- the application's requests ------------------------------------------------
+
+    def _app_request(self) -> None:
+        parser = self.parser
+        body, self.body = self.body, None
+        keep_alive = self.keep_alive and parser.should_keep_alive()
+        if self.too_large:
+            log.warning("http request body over the size limit, refused", extra={"limit": MAX_BODY_BYTES})
+            if self.exchange is None:
+                self._close_with(413, b"Payload Too Large")
+            else:
+                self._ignore("http request body over the size limit")
+            return
+        scope = http_scope(
+            parser.get_method().decode("latin-1"), self.url, self.header_list,
+            parser.get_http_version(), self.transport, self.secure, self.app_state.copy(),
+        )
+        exchange = Exchange(self.app, scope, bytes(body), self.transport, keep_alive, self._app_done)
+        if self.exchange is None:
+            self._start_exchange(exchange)
+        else:
+            self.waiting.append(exchange)
+
+    def _start_exchange(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        # One response at a time: nothing more is read until it is written.
+        self._pause_reading()
+        if self.write_paused:
+            exchange.unwritable()
+        task = self.loop.create_task(exchange.run())
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def _app_done(self, keep_alive: bool) -> None:
+        self.exchange = None
+        transport = self.transport
+        if transport.is_closing():
+            return
+        if not keep_alive or not self.keep_alive or (self.closing_after and not self.waiting):
+            transport.close()
+            return
+        if self.waiting:
+            self._start_exchange(self.waiting.popleft())
+            return
+        self._resume_reading()
+        if not self.in_message:
+            self._start_idle()
 
     # -- responses -----------------------------------------------------------
 
@@ -248,8 +370,10 @@ class RecordsHttpProtocol(asyncio.Protocol):
         if self.transport.is_closing():
             return
         self._write(Polling.answer(held.sock))
-        if not self.transport.is_closing() and not self.write_paused:
-            self.transport.resume_reading()
+        if self.closing_after:
+            self.transport.close()
+        else:
+            self._resume_reading()
 
     def _write(self, reply: Reply, cors: bool = True) -> None:
         transport = self.transport
@@ -272,19 +396,34 @@ class RecordsHttpProtocol(asyncio.Protocol):
         elif self.held is None:
             self._start_idle()
 
-    def _refuse_and_close(self) -> None:
+    def _close_with(self, status: int, text: bytes) -> None:
         if self.transport.is_closing():
             return
         self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: 11\r\n"
-            b"connection: close\r\n\r\nBad Request"
+            b"HTTP/1.1 %d %b\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%b" % (status, text, len(text), text)
         )
         self.transport.close()
 
+    def _refuse_and_close(self) -> None:
+        self._close_with(400, b"Bad Request")
+
+    # -- reading and idling ------------------------------------------------------
+
+    def _pause_reading(self) -> None:
+        if not self.read_paused and not self.transport.is_closing():
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if (self.read_paused and self.held is None and self.exchange is None and not self.write_paused
+                and not self.closing_after and not self.transport.is_closing()):
+            self.read_paused = False
+            self.transport.resume_reading()
+
     def _start_idle(self) -> None:
-        # As uvicorn: a keep-alive connection with no next request is closed.
         if self.idle_timer is None:
-            self.idle_timer = self.loop.call_later(self.config.timeout_keep_alive, self._idle)
+            self.idle_timer = self.loop.call_later(self.keep_alive_seconds, self._idle)
 
     def _cancel_idle(self) -> None:
         if self.idle_timer is not None:
@@ -293,31 +432,26 @@ class RecordsHttpProtocol(asyncio.Protocol):
 
     def _idle(self) -> None:
         self.idle_timer = None
-        if self.held is None and not self.in_message and not self.transport.is_closing():
+        if (self.held is None and self.exchange is None and not self.in_message
+                and not self.transport.is_closing()):
             self.transport.close()
 
-    # -- everything else goes to uvicorn ---------------------------------------
+    # -- the websocket upgrade -------------------------------------------------------
 
     def _hand_off(self) -> None:
         if self.handed_off:
             return
         self.handed_off = True
-        if self.mixed or self.held is not None:
+        if self.mixed or self.held is not None or self.exchange is not None:
             # Bytes of a request served here precede it (pipelining):
             # they cannot be replayed to another protocol.
-            log.info("foreign request pipelined behind a long-poll, refused")
+            log.info("websocket upgrade pipelined behind another request, refused")
             self._refuse_and_close()
             return
         self.server_state.connections.discard(self)
-        ws_class = getattr(self.config, "ws_protocol_class", None)
-        if self.upgrade and ws_class is not None:
-            # Straight to the websocket protocol, as uvicorn's own would
-            # hand it over, without parsing the request a second time.
-            protocol = ws_class(config=self.config, server_state=self.server_state, app_state=self.app_state)
-        else:
-            protocol = HttpToolsProtocol(
-                config=self.config, server_state=self.server_state, app_state=self.app_state, _loop=self.loop
-            )
+        self._cancel_idle()
+        # Straight to the websocket protocol, which reads the request itself.
+        protocol = self.websocket_class(config=self.config, server_state=self.server_state, app_state=self.app_state)
         protocol.connection_made(self.transport)
         self.transport.set_protocol(protocol)
         data, self.buffer = bytes(self.buffer), bytearray()

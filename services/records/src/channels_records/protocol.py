@@ -11,6 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+# One compact encoder for the packets sent per connect (json.dumps with
+# options would build a new one per call).
+_COMPACT = json.JSONEncoder(separators=(",", ":")).encode
+
 CONNECT = "0"
 EVENT = "2"
 
@@ -31,7 +35,7 @@ def encode_event(event: str, payload_json: str, offset: str | None = None) -> st
 
 def encode_connect(sid: str, pid: str | None = None) -> str:
     body = {"sid": sid} if pid is None else {"sid": sid, "pid": pid}
-    return CONNECT + json.dumps(body, separators=(",", ":"))
+    return CONNECT + _COMPACT(body)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 
 from channels_common.wsframe import text_frame
-from channels_common.wsserver import DETACH
+from channels_common.wsserver import DETACH, FIRST_FRAMES
 
 from . import engineio as eio
 from .polling import Cors
@@ -120,21 +120,23 @@ class WebSockets:
         if code is not None:
             await send({"type": "websocket.close"})
             return
-        if DETACH not in (scope.get("extensions") or {}):
-            log.error("websocket server without the detach extension: run under LeanWebSocketProtocol")
+        if not {DETACH, FIRST_FRAMES} <= (scope.get("extensions") or {}).keys():
+            log.error("websocket server without our extensions: run under LeanWebSocketProtocol")
             await send({"type": "websocket.close"})
             return
         if (await receive())["type"] != "websocket.connect":
             return
-        await send({"type": "websocket.accept"})
-        protocol = send.__self__  # the lean protocol (see wsserver.DETACH)
         if query.sid is None:
             sock, packet = self.engine.open(scope.get("query_string", b"").decode("latin-1"), "websocket")
+            # The OPEN packet goes out with the 101, in one write.
+            await send({"type": "websocket.accept", FIRST_FRAMES: text_frame(packet.encode())})
+            protocol = send.__self__  # the lean protocol (see wsserver.DETACH)
             sock.websocket = protocol
-            protocol.transport.write(text_frame(packet.encode()))
             sock.go_direct(protocol.transport)
             handler = Direct(sock)
         else:
+            await send({"type": "websocket.accept"})
+            protocol = send.__self__
             sock = self.engine.sockets[query.sid]
             if sock.upgrading or sock.closing:
                 await send({"type": "websocket.close", "code": 1000})

@@ -1,0 +1,1 @@
+"""Loomio live record updates: a Socket.IO relay of Redis /records and /system_notice"""

@@ -1,0 +1,201 @@
+"""Redis pub/sub messages -> validated broadcasts. Bad input is decided on
+here: the caller logs the reason and drops the message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from .protocol import encode_event
+from .rooms import NOTICE_ROOM
+
+log = logging.getLogger("channels.records.relay")
+
+RECORDS_CHANNEL = "/records"
+NOTICE_CHANNEL = "/system_notice"
+RECORDS_EVENT = "records"
+NOTICE_EVENT = "notice"
+
+MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+MAX_ROOM_LENGTH = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Broadcast:
+    room: str
+    event: str
+    payload: str  # the message's JSON text, exactly as Rails published it
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    reason: str
+
+
+def _reject_constant(name: str):
+    # NaN and Infinity are Python extensions; JSON.parse in the browser
+    # rejects them, which would break the whole packet on the client.
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+# One decoder for every message: json.loads with an option builds a new
+# decoder per call, which showed in the relay's profile.
+_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _decode(data: bytes) -> tuple[str, object] | Dropped:
+    if len(data) > MAX_MESSAGE_BYTES:
+        return Dropped("too_large")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return Dropped("not_utf8")
+    try:
+        value = _JSON.decode(text)
+    except (ValueError, RecursionError):
+        return Dropped("not_json")
+    return text.strip(), value
+
+
+def parse_message(channel: str, data: bytes) -> Broadcast | Dropped:
+    if channel not in (RECORDS_CHANNEL, NOTICE_CHANNEL):
+        return Dropped("unknown_channel")
+    decoded = _decode(data)
+    if isinstance(decoded, Dropped):
+        return decoded
+    text, value = decoded
+    if channel == NOTICE_CHANNEL:
+        return Broadcast(room=NOTICE_ROOM, event=NOTICE_EVENT, payload=text)
+    if not isinstance(value, dict):
+        return Dropped("not_object")
+    room = value.get("room")
+    if not isinstance(room, str) or not room:
+        return Dropped("no_room")
+    if len(room) > MAX_ROOM_LENGTH or not room.isprintable():
+        return Dropped("bad_room")
+    return Broadcast(room=room, event=RECORDS_EVENT, payload=text)
+
+
+class _Pending:
+    """A validated message waiting for its recovery offset."""
+
+    __slots__ = ("broadcast", "done", "offset")
+
+    def __init__(self, broadcast: Broadcast):
+        self.broadcast = broadcast
+        self.offset: str | None = None
+        self.done = False
+
+
+class Relay:
+    """The subscription handler: validate, give each message its recovery
+    offset, broadcast. Called with the messages of one pub/sub read at a
+    time, in publish order.
+
+    Logging messages for recovery is a Redis round trip per batch. Several
+    are in flight at once (the store sends concurrent calls in one pipeline,
+    in call order), and broadcasts still go out strictly in publish order: a
+    message waits for the ones before it, never the other way round."""
+
+    def __init__(self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000):
+        self.broadcaster = broadcaster
+        self.metrics = metrics
+        self.store = store
+        self.max_in_flight = max_in_flight
+        self._in_flight: deque[_Pending] = deque()
+        self._room = asyncio.Event()  # set while there is room for more in flight
+        self._room.set()
+        # Offset of the newest event this instance has broadcast. Set in the
+        # same step as the broadcast, so a recovery running meanwhile can
+        # tell which logged events this instance has yet to send live.
+        self.last_offset: str | None = None
+
+    async def handle(self, message) -> None:
+        pending = self.handle_batch([message])
+        if pending is not None:
+            await pending
+
+    def handle_batch(self, messages):
+        """Messages that arrived together, in publish order: logged for
+        recovery in one Redis round trip, then broadcast in that order.
+        Returns None, or an awaitable while too many are in flight (the
+        subscription holds what it reads next until it is done)."""
+        batch = []
+        for message in messages:
+            result = parse_message(message.channel, message.data)
+            if isinstance(result, Dropped):
+                log.warning(
+                    "message dropped",
+                    extra={"channel": message.channel, "size": len(message.data), "reason": result.reason},
+                )
+                self.metrics.dropped.labels(result.reason).inc()
+            else:
+                batch.append(_Pending(result))
+        if not batch:
+            return None
+        if self.store is None:
+            if not self._in_flight:
+                for pending in batch:
+                    self._emit(pending.broadcast, None)
+                return None
+            for pending in batch:
+                pending.done = True
+            self._in_flight.extend(batch)
+            self._drain()
+            return None
+        self._in_flight.extend(batch)
+        messages = [(p.broadcast.room, p.broadcast.event, p.broadcast.payload.encode("utf-8")) for p in batch]
+        try:
+            # The store answers within its log timeout, maybe at once.
+            self.store.log_batch(messages, lambda results, error: self._settle(batch, results, error))
+        except Exception as exc:
+            log.exception("logging messages for recovery failed")
+            self._settle(batch, None, exc)
+        if len(self._in_flight) >= self.max_in_flight:
+            # Redis is slow: hold the feed until it catches up, so that
+            # memory stays bounded (the subscription stops reading past its
+            # limit, and Redis buffers the rest meanwhile).
+            self._room.clear()
+            return self._room.wait()
+        return None
+
+    def _settle(self, batch: list[_Pending], results: list | None, error: BaseException | None) -> None:
+        if batch[0].done:
+            return  # already settled (a store answering twice would be a bug)
+        if error is not None:
+            # Live delivery never waits on the log longer than the store's
+            # timeout: sent without an offset, the events cannot be replayed.
+            log.warning("message not logged for recovery", extra={"error": type(error).__name__})
+            for pending in batch:
+                pending.done = True
+        else:
+            failed = None
+            for pending, result in zip(batch, results):
+                if isinstance(result, str):
+                    pending.offset = result
+                else:
+                    failed = result
+                pending.done = True
+            if failed is not None:
+                log.warning("message not logged for recovery", extra={"error": type(failed).__name__})
+        self._drain()
+
+    def _drain(self) -> None:
+        queue = self._in_flight
+        while queue and queue[0].done:
+            pending = queue.popleft()
+            try:
+                self._emit(pending.broadcast, pending.offset)
+            except Exception:
+                log.exception("broadcast failed", extra={"room": pending.broadcast.room})
+        if len(queue) < self.max_in_flight:
+            self._room.set()
+
+    def _emit(self, result: Broadcast, offset: str | None) -> None:
+        self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
+        if offset is not None:
+            self.last_offset = offset
+        self.metrics.hot.relayed_one(result.event)

@@ -1,0 +1,147 @@
+"""Engine.IO over the lean websocket protocol (channels_common.wsserver):
+a session opened on a websocket, or a polling session's upgrade probe.
+
+Once accepted, the connection is detached from ASGI: its messages arrive
+as callbacks, and the session writes frames straight to the connection's
+transport, so an idle client costs no task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from channels_common.wsframe import text_frame
+from channels_common.wsserver import DETACH, FIRST_FRAMES
+
+from . import engineio as eio
+from .polling import Cors
+from .sockets import Engine, EngineSocket
+
+log = logging.getLogger("channels.records.websocket")
+
+# As engine.io: a probe that does not complete in this time is dropped.
+UPGRADE_TIMEOUT_SECONDS = 10.0
+
+
+def decode_or_log(data) -> eio.Packet | None:
+    try:
+        return eio.decode_packet(data)
+    except eio.ParseError as exc:
+        log.warning(
+            "malformed engine.io packet from client, connection closed",
+            extra={"error": str(exc), "size": len(data) if data else 0},
+        )
+        return None
+
+
+class Direct:
+    """The callbacks of a session that is on its websocket for good."""
+
+    __slots__ = ("sock",)
+
+    def __init__(self, sock: EngineSocket):
+        self.sock = sock
+
+    def on_message(self, data) -> None:
+        sock = self.sock
+        if sock.closing:
+            return
+        packet = decode_or_log(data)
+        if packet is None:
+            sock.close(eio.PARSE_ERROR)
+            return
+        sock.receive(packet)
+
+    def on_close(self, code) -> None:
+        self.sock.close(eio.TRANSPORT_CLOSE, notify_client=False)
+
+
+class Upgrade:
+    """The callbacks of a websocket probing to take over a polling session."""
+
+    __slots__ = ("direct", "probe", "protocol", "sock", "timer")
+
+    def __init__(self, sock: EngineSocket, protocol):
+        self.sock = sock
+        self.protocol = protocol
+        self.probe = eio.UpgradeProbe()
+        self.direct: Direct | None = None
+        self.timer = asyncio.get_running_loop().call_later(UPGRADE_TIMEOUT_SECONDS, self._fail)
+
+    def on_message(self, data) -> None:
+        if self.direct is not None:
+            self.direct.on_message(data)
+            return
+        sock = self.sock
+        if sock.closing:
+            return
+        packet = decode_or_log(data)
+        action = "fail" if packet is None else self.probe.feed(packet)
+        if action == "probe":
+            self.protocol.transport.write(text_frame(b"3probe"))
+            sock.send(eio.NOOP)  # ends the pending long-poll
+        elif action == "upgrade":
+            self.timer.cancel()
+            self.direct = Direct(sock)
+            sock.go_direct(self.protocol.transport)
+        elif action == "fail":
+            self._fail()
+
+    def _fail(self) -> None:
+        if self.direct is not None:
+            return
+        self.timer.cancel()
+        sock = self.sock
+        if sock.websocket is self.protocol:
+            sock.websocket = None
+            sock.upgrading = False
+        self.protocol.close(1000)
+
+    def on_close(self, code) -> None:
+        if self.direct is not None:
+            self.direct.on_close(code)
+        else:
+            self._fail()
+
+
+class WebSockets:
+    def __init__(self, engine: Engine, cors: Cors):
+        self.engine = engine
+        self.cors = cors
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.cors.refuses(dict(scope.get("headers") or ()), scope.get("scheme") == "wss"):
+            log.info("websocket from a refused origin")
+            await send({"type": "websocket.close"})
+            return
+        query = eio.parse_query(scope.get("query_string", b""))
+        code = eio.check_request(query, "GET", True, self.engine.transport_of)
+        if code is not None:
+            await send({"type": "websocket.close"})
+            return
+        if not {DETACH, FIRST_FRAMES} <= (scope.get("extensions") or {}).keys():
+            log.error("websocket server without our extensions: run under LeanWebSocketProtocol")
+            await send({"type": "websocket.close"})
+            return
+        if (await receive())["type"] != "websocket.connect":
+            return
+        if query.sid is None:
+            sock, packet = self.engine.open(scope.get("query_string", b"").decode("latin-1"), "websocket")
+            # The OPEN packet goes out with the 101, in one write.
+            await send({"type": "websocket.accept", FIRST_FRAMES: text_frame(packet.encode())})
+            protocol = send.__self__  # the lean protocol (see wsserver.DETACH)
+            sock.websocket = protocol
+            sock.go_direct(protocol.transport)
+            handler = Direct(sock)
+        else:
+            await send({"type": "websocket.accept"})
+            protocol = send.__self__
+            sock = self.engine.sockets[query.sid]
+            if sock.upgrading or sock.closing:
+                await send({"type": "websocket.close", "code": 1000})
+                return
+            sock.upgrading = True
+            sock.websocket = protocol
+            handler = Upgrade(sock, protocol)
+        await send({"type": DETACH, "on_message": handler.on_message, "on_close": handler.on_close})
