@@ -95,8 +95,10 @@ def name() -> str:
 
 
 async def xadd(redis, keys: Keys, doc: str, update: bytes, instance: bytes = b"other") -> str:
-    """Append as another instance would: to the log, and the feed."""
-    entry = await redis.eval(APPEND_SCRIPT, 2, keys.log(doc), keys.feed(), instance, update, 600_000, 1000, doc)
+    """Append as another instance would: to the log, and the inboxes of the
+    instances that have the document open."""
+    entry = await redis.eval(APPEND_SCRIPT, 2, keys.log(doc), keys.members(doc), instance, update, 600_000, 1000,
+                             doc, keys.inbox_prefix())
     return entry.decode()
 
 
@@ -212,16 +214,16 @@ async def test_the_same_entry_twice_changes_the_document_once(cluster_factory, r
     await until(lambda: str(live.ydoc.get("body", type=Text)) == "once")
     await asyncio.sleep(0.2)
     assert str(live.ydoc.get("body", type=Text)) == "once"
-    # And one feed entry handed to the reader twice is applied once.
+    # And one inbox entry handed to the reader twice is applied once.
     entries = [(b"9999999999999-0", {b"d": doc.encode(), b"e": b"9999999999999-0", b"i": b"x",
                                      b"u": edits("!")[1][0]})]
-    c._deliver_feed(entries)
-    c._deliver_feed(entries)
+    c._deliver_inbox(entries)
+    c._deliver_inbox(entries)
     assert registry.docs[doc].ydoc.get("body", type=Text).to_py() in ("once!", "!once")
 
 
-async def test_awareness_travels_on_the_capped_feed_never_in_the_history(cluster_factory, redis):
-    a, b = cluster_factory(feed_maxlen=100), cluster_factory()
+async def test_awareness_travels_on_the_capped_inbox_never_in_the_history(cluster_factory, redis):
+    a, b = cluster_factory(inbox_maxlen=100), cluster_factory()
     doc = name()
     b.track(doc, await b.load(doc))
     await until(lambda: not b._tracked[doc].catch_up)
@@ -230,25 +232,114 @@ async def test_awareness_travels_on_the_capped_feed_never_in_the_history(cluster
     await until(lambda: len(b.listener.awareness) >= 1)
     await until(lambda: not a._aw_queue)
     assert await redis.exists(a.keys.log(doc)) == 0  # never in the document's history
-    assert await redis.xlen(a.keys.feed()) < 300  # capped
+    assert await redis.xlen(b.inbox) < 300  # capped
+    assert await redis.exists(a.inbox) == 0  # the sender's own inbox never hears it
 
 
-async def test_a_reader_behind_the_capped_feed_catches_up_from_the_logs(cluster_factory, redis):
+async def test_a_reader_behind_its_capped_inbox_catches_up_from_the_logs(cluster_factory, redis):
     reader = cluster_factory(start=False)
     doc = name()
     reader.track(doc, await reader.load(doc))
     reader._tracked[doc].catch_up = False
     _, ups = edits("seed", *[f"{i} " for i in range(60)])
     await xadd(redis, reader.keys, doc, ups[0])
-    reader._feed_cursor = (await redis.xrevrange(reader.keys.feed(), count=1))[0][0].decode()
-    writer = cluster_factory(feed_maxlen=10)
+    reader._inbox_cursor = (await redis.xrevrange(reader.inbox, count=1))[0][0].decode()
+    writer = cluster_factory(inbox_maxlen=10)
     for u in ups[1:]:
         writer.append(doc, u, None)
     await until(lambda: writer.unacked_updates == 0)
-    assert await redis.xlen(writer.keys.feed()) < 60  # what the reader would have read is gone
+    assert await redis.xlen(reader.inbox) < 60  # what the reader would have read is gone
     reader.start()
     await until(lambda: len(reader.listener.updates) >= 61)
     assert text_of(*[u for _, u in reader.listener.updates]) == "seed" + "".join(f"{i} " for i in range(60))
+
+
+async def test_an_instance_with_the_document_open_gets_exactly_the_other_instances_updates(cluster_factory, redis):
+    a, b, outsider = cluster_factory(), cluster_factory(), cluster_factory()
+    doc = name()
+    for c in (a, b):
+        c.track(doc, await c.load(doc))
+    await until(lambda: not a._tracked[doc].catch_up and not b._tracked[doc].catch_up)
+    _, ups = edits("a1 ", "b1 ", "x1 ", "a2 ")
+    for writer, update in zip((a, b, outsider, a), ups, strict=True):
+        writer.append(doc, update, None)
+        await until(lambda w=writer: w.unacked_updates == 0)
+    await until(lambda: len(a.listener.updates) == 2 and len(b.listener.updates) == 3)
+    await asyncio.sleep(0.2)
+    assert [u for _, u in a.listener.updates] == [ups[1], ups[2]]
+    assert [u for _, u in b.listener.updates] == [ups[0], ups[2], ups[3]]
+    # The outsider has it not open: its inbox never heard of it.
+    assert outsider.listener.updates == [] and await redis.exists(outsider.inbox) == 0
+    assert await redis.zscore(a.keys.members(doc), b.instance) is not None
+    assert await redis.zscore(a.keys.members(doc), outsider.instance) is None
+
+
+async def test_a_single_instance_never_wakes_its_reader_and_compacts_its_own_appends(cluster_factory, redis):
+    c = cluster_factory()
+    registry = DocumentRegistry(DraftStore(0, 60), debounce_seconds=5, max_debounce_seconds=30, history=c)
+    doc = name()
+    await registry.prepare(doc)
+    live = registry.open(doc, Peer(doc))
+    await until(lambda: c._inbox_cursor is not None and not c._unsettled)
+    woken = c.wakeups
+    _, ups = edits(*[f"w{i} " for i in range(50)])
+    acked = []
+    for u in ups:
+        c.append(doc, u, lambda: acked.append(1))
+        live.ydoc.apply_update(u)
+    await until(lambda: len(acked) == 50)
+    await asyncio.sleep(0.3)
+    assert c.wakeups == woken  # no inbox read returned anything
+    assert [e[1] for e in await redis.xrange(c.inbox)] in ([], [{b"h": c.instance.encode()}])
+    # Compaction covers its own appends, though the reader never saw them.
+    last = (await redis.xrevrange(c.keys.log(doc), count=1))[0][0].decode()
+    c.compact(doc, live.state)
+    await until(lambda: not c._compacting and not c._compactions)
+    assert (await redis.hget(c.keys.snap(doc), "id")).decode() == last
+    assert [e[1] for e in await redis.xrange(c.keys.log(doc))] == [{b"t": last.encode()}]
+
+
+async def test_an_expired_member_gets_no_more_writes_and_is_pruned(cluster_factory, redis):
+    crashed = cluster_factory(start=False, member_ttl_ms=400)  # registers, then never renews
+    doc = name()
+    crashed.track(doc, await crashed.load(doc))
+    _, ups = edits("before ", "after")
+    await xadd(redis, crashed.keys, doc, ups[0])
+    assert await redis.xlen(crashed.inbox) == 2  # hello, and the update
+    await asyncio.sleep(0.5)
+    await xadd(redis, crashed.keys, doc, ups[1])
+    assert await redis.xlen(crashed.inbox) == 2
+    assert await redis.zcard(crashed.keys.members(doc)) == 0
+    assert 0 < await redis.pttl(crashed.inbox) <= 800
+
+
+async def test_a_lapsed_registration_is_renewed_and_caught_up_from_the_log(cluster_factory, redis):
+    stalled = cluster_factory(start=False, member_ttl_ms=300)
+    doc = name()
+    stalled.track(doc, await stalled.load(doc))
+    stalled._tracked[doc].catch_up = False
+    stalled._unsettled.clear()
+    await asyncio.sleep(0.4)
+    _, ups = edits("missed")
+    await xadd(redis, stalled.keys, doc, ups[0])  # not in its inbox: its registration had lapsed
+    stalled.member_ttl_ms = 60_000
+    await stalled.refresh_membership()
+    assert stalled._tracked[doc].catch_up
+    stalled.start()
+    await until(lambda: [u for _, u in stalled.listener.updates] == ups)
+
+
+async def test_a_document_left_here_is_no_longer_written_to_this_inbox(cluster_factory, redis):
+    c = cluster_factory()
+    doc = name()
+    c.track(doc, await c.load(doc))
+    assert await redis.zscore(c.keys.members(doc), c.instance) is not None
+    c.untrack(doc)
+    assert await c.flush(2)
+    assert await redis.zscore(c.keys.members(doc), c.instance) is None
+    before = await redis.xlen(c.inbox)
+    await xadd(redis, c.keys, doc, edits("x")[1][0])
+    assert await redis.xlen(c.inbox) == before
 
 
 async def test_without_redis_acks_wait_and_the_bound_pauses(cluster_factory):

@@ -226,6 +226,9 @@ class CollabService:
         # instances (published to Redis), and compacts the documents.
         for conn in closing:
             conn.close(RESET_CONNECTION, "Reset Connection")
+        if self.cluster:
+            # Other instances stop writing to this one's inbox.
+            self.cluster.leave_all()
         flushed = await self.cluster.flush(DRAIN_FLUSH_SECONDS) if self.cluster else True
         # Close frames are flushed by the transports as the server shuts them.
         log.info(

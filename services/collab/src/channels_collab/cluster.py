@@ -1,11 +1,14 @@
 """This instance's view of Redis: append client updates (acknowledged only
-once appended), one blocking reader of the shared feed for the documents
-open here, catch-up and gap reloads from the documents' logs, compaction,
-awareness across instances.
+once appended), membership of the documents open here, one blocking reader
+of this instance's own inbox, catch-up and gap reloads from the documents'
+logs, compaction, awareness across instances.
 
-Pure bookkeeping is synchronous; the I/O is three tasks: the appender
-(the append script, pipelined), the reader (XREAD BLOCK of the feed on its
-own connection) and compactions. A `Listener` (the document registry) hears what arrives.
+Pure bookkeeping is synchronous; the I/O is four tasks: the appender (the
+append script, pipelined, and membership removals), the reader (XREAD BLOCK
+of the inbox on its own connection), the membership refresher and
+compactions. A `Listener` (the document registry) hears what arrives. The
+reader wakes only for other instances' updates of documents open here: an
+instance alone on a document (the single-instance default) never reads.
 
 While Redis is unreachable nothing is dropped: appends wait in memory (their
 acknowledgements with them) up to `max_unacked_bytes`, beyond which the
@@ -31,8 +34,10 @@ from redis.exceptions import NoScriptError, RedisError
 from .metrics import CollabMetrics
 from .snapshot import (
     APPEND_SCRIPT,
+    AWARENESS_SCRIPT,
     COMPACT_SCRIPT,
     LOAD_SCRIPT,
+    REGISTER_SCRIPT,
     ZERO_ID,
     Keys,
     Loaded,
@@ -48,9 +53,18 @@ log = logging.getLogger("channels.collab.cluster")
 # document opened here needs loading or catching up.
 READ_BLOCK_MS = 2000
 READ_COUNT = 1000
-# Entries the feed keeps (about): a reader further behind catches up from
+# Entries an inbox keeps (about): a reader further behind catches up from
 # the documents' logs.
-FEED_MAXLEN = 10_000
+INBOX_MAXLEN = 10_000
+# A registration as a member of an open document lasts this long and is
+# renewed this often (one pipeline for every open document); a crashed
+# instance gets no more writes once its registrations expire.
+MEMBER_TTL_MS = 60_000
+MEMBER_REFRESH_SECONDS = 15.0
+# The inbox outlives the registrations that fill it.
+INBOX_TTL_MS = 2 * MEMBER_TTL_MS
+# Documents per registration script call.
+REGISTER_BATCH = 500
 # One pipeline carries at most this many appends / bytes.
 APPEND_BATCH = 512
 APPEND_BATCH_BYTES = 4 * 1024 * 1024
@@ -98,8 +112,8 @@ class _Tracked:
         # the trimmed history (`gap`).
         self.needs_load = cursor is None
         self.gap = False
-        # Its log after `cursor` is to be read before the feed is applied to it:
-        # the feed may have passed its entries before it was opened here.
+        # Its log after `cursor` is to be read before the inbox is applied to
+        # it: the reader may have passed its entries before it was opened here.
         self.catch_up = True
         self.ttl_refreshed = time.monotonic()
         # Its first append sets the TTL: the key may not have existed before.
@@ -121,23 +135,35 @@ class Cluster:
         metrics: CollabMetrics | None = None,
         instance_id: str | None = None,
         redis=None,
-        feed_maxlen: int = FEED_MAXLEN,
+        inbox_maxlen: int = INBOX_MAXLEN,
+        member_ttl_ms: int = MEMBER_TTL_MS,
     ):
         self.url = url
         self.keys = Keys(prefix)
-        self.feed_maxlen = feed_maxlen
-        self._feed_cursor: str | None = None
+        self.inbox_maxlen = inbox_maxlen
+        self.member_ttl_ms = member_ttl_ms
+        self.inbox_ttl_ms = 2 * member_ttl_ms
+        self._inbox_cursor: str | None = None
+        # Reads of the inbox that returned entries.
+        self.wakeups = 0
         self.ttl_ms = max(1000, int(ttl_seconds * 1000))
         self.max_unacked_bytes = max_unacked_bytes
         self.metrics = metrics or CollabMetrics()
         self.instance = instance_id or secrets.token_hex(6)
         self._instance_b = self.instance.encode()
+        self.inbox = self.keys.inbox(self.instance)
         self.redis = redis if redis is not None else create_redis(url, max_connections=8)
         self._own_redis = redis is None
         self.listener: Listener | None = None
         self._load_sha: str | None = None
         self._compact_sha: str | None = None
         self._append_sha: str | None = None
+        self._awareness_sha: str | None = None
+        self._register_sha: str | None = None
+        # Documents left here whose membership is still to be removed, and
+        # those whose removal is on its way (a load waits for it to land).
+        self._unregister: set[str] = set()
+        self._unregistering: set[str] = set()
         # Appends in order; acknowledged (and removed) once in Redis.
         self._queue: deque[_Append] = deque()
         self._unacked_by_doc: dict[str, int] = {}
@@ -186,6 +212,7 @@ class Cluster:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._append_loop(), name="collab-append"))
         self._tasks.append(loop.create_task(self._read_loop(), name="collab-read"))
+        self._tasks.append(loop.create_task(self._member_loop(), name="collab-members"))
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued append, awareness update and compaction is
@@ -193,7 +220,7 @@ class Cluster:
         deadline = time.monotonic() + timeout
         try:
             async with asyncio.timeout(timeout):
-                while self._queue or self._aw_queue or not self._idle.is_set():
+                while self._queue or self._aw_queue or self._unregister or not self._idle.is_set():
                     self._wake.set()
                     await asyncio.sleep(0.01)
                 pending = list(self._compactions)
@@ -243,7 +270,12 @@ class Cluster:
         # leave the queue before the caller looks (the reader skips our own
         # entries): they come with the result.
         ours = self.pending_updates(name)
-        reply = await self._script("_load_sha", LOAD_SCRIPT, [k.snap(name), k.log(name)], [])
+        self._unregister.discard(name)
+        while name in self._unregistering:
+            await asyncio.sleep(0.005)  # a removal on its way must not land after this registration
+        reply = await self._script("_load_sha", LOAD_SCRIPT,
+                                   [self.inbox, k.members(name), k.snap(name), k.log(name)],
+                                   [self._instance_b, self.member_ttl_ms, self.inbox_ttl_ms])
         loaded = parse_loaded(reply)
         loaded.updates += ours
         self.metrics.documents_loaded.inc()
@@ -272,6 +304,17 @@ class Cluster:
         self._unsettled.discard(name)
         if self._tracked.pop(name, None) is not None:
             self._set_changed()
+            # No more of its updates to this inbox (left to expire if Redis is down).
+            self._unregister.add(name)
+            self._idle.clear()
+            self._wake.set()
+
+    def leave_all(self) -> None:
+        """Shutting down: remove this instance from every open document's
+        members (with the next append pipeline; `flush` waits for it)."""
+        self._unregister.update(self._tracked)
+        self._idle.clear()
+        self._wake.set()
 
     def cursor(self, name: str) -> str | None:
         t = self._tracked.get(name)
@@ -328,7 +371,7 @@ class Cluster:
     async def _append_loop(self) -> None:
         attempt = 0
         while True:
-            if not self._queue and not self._aw_queue:
+            if not self._queue and not self._aw_queue and not self._unregister:
                 self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
@@ -341,11 +384,17 @@ class Cluster:
                 batch.append(entry)
                 size += entry.size
             aw = list(itertools.islice(self._aw_queue, APPEND_BATCH))
+            leaving = list(itertools.islice(self._unregister, APPEND_BATCH))
+            self._unregister.difference_update(leaving)
+            self._unregistering.update(leaving)
             try:
-                await self._write(batch, aw)
+                await self._write(batch, aw, leaving)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                # Still to remove, unless opened here again meanwhile.
+                self._unregister.update(n for n in leaving if n not in self._tracked)
+                self._unregistering.difference_update(leaving)
                 self._failed("append", exc)
                 self.append_ok = False
                 attempt += 1
@@ -355,16 +404,19 @@ class Cluster:
                 log.info("redis answers again; queued edits appended", extra={"updates": self.unacked_updates})
             attempt = 0
             self.append_ok = True
+            self._unregistering.difference_update(leaving)
             for _ in aw:
                 self._aw_queue.popleft()
             self._done(batch)
 
-    async def _write(self, batch: list[_Append], aw: list[tuple[str, bytes, bytes]]) -> None:
+    async def _write(self, batch: list[_Append], aw: list[tuple[str, bytes, bytes]], leaving: list[str]) -> None:
         if self._append_sha is None:
             self._append_sha = await self.redis.script_load(APPEND_SCRIPT)
+        if self._awareness_sha is None and aw:
+            self._awareness_sha = await self.redis.script_load(AWARENESS_SCRIPT)
         pipe = self.redis.pipeline(transaction=False)
         k = self.keys
-        feed = k.feed()
+        inboxes = k.inbox_prefix()
         now = time.monotonic()
         positions: list[tuple[int, str]] = []
         for entry in batch:
@@ -381,16 +433,19 @@ class Cluster:
             positions.append((len(pipe), entry.name))
             # EVALSHA straight into the pipeline: redis-py's Script objects
             # would ask SCRIPT EXISTS on every execute.
-            pipe.evalsha(self._append_sha, 2, k.log(entry.name), feed, self._instance_b, entry.update, ttl,
-                         self.feed_maxlen, entry.name)
+            pipe.evalsha(self._append_sha, 2, k.log(entry.name), k.members(entry.name), self._instance_b,
+                         entry.update, ttl, self.inbox_maxlen, entry.name, inboxes)
         for name, kind, update in aw:
-            pipe.xadd(feed, {b"d": name, b"i": self._instance_b, kind: update},
-                      maxlen=self.feed_maxlen, approximate=True)
+            pipe.evalsha(self._awareness_sha, 1, k.members(name), self._instance_b, kind, update,
+                         self.inbox_maxlen, name, inboxes)
+        for name in leaving:
+            pipe.zrem(k.members(name), self._instance_b)
         if len(pipe):
             try:
                 results = await pipe.execute()
             except NoScriptError:
-                self._append_sha = None  # Redis restarted or was flushed: load it, then retry
+                # Redis restarted or was flushed: load them, then retry.
+                self._append_sha = self._awareness_sha = None
                 raise
             for index, name in positions:
                 if name in self._tracked:
@@ -436,10 +491,16 @@ class Cluster:
             covers = self.cursor(name)
             if covers is None:
                 return
+            t = self._tracked[name]
+            # Whether the reader had applied all its inbox then: if so, and
+            # nothing came into the inbox since, the state covers this
+            # instance's own appends too.
+            seen = self._inbox_cursor if not t.catch_up else None
+            appended = self._appended.get(name)
             state = snapshot()
             if state is None:
                 return
-            task = asyncio.get_running_loop().create_task(self._compact(name, state, covers))
+            task = asyncio.get_running_loop().create_task(self._compact(name, state, covers, appended, seen))
         self._compactions.add(task)
         task.add_done_callback(self._compactions.discard)
 
@@ -490,16 +551,42 @@ class Cluster:
             task.add_done_callback(self._compactions.discard)
 
     async def _caught_up(self, name: str, timeout: float = CATCH_UP_SECONDS) -> None:
-        """Until the reader has passed this instance's last append (briefly)."""
+        """Move `name`'s position past this instance's last append, once the
+        reader has applied everything the inbox held after it (briefly).
+
+        Our own appends never come back through the inbox; any other
+        instance's update before one of them was in the inbox (one script
+        wrote both) by the time it was acknowledged, so it is applied once
+        the reader has passed the inbox's end as read after the ack."""
+        appended, cursor = self._appended.get(name), self.cursor(name)
+        if appended is None or cursor is None or parse_id(cursor) >= parse_id(appended):
+            return
+        try:
+            mark = await self._inbox_end(self.redis)
+        except (RedisError, OSError) as exc:
+            log.debug("inbox position unknown", extra={"error": str(exc)})
+            return
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            appended, cursor = self._appended.get(name), self.cursor(name)
-            if appended is None or cursor is None or parse_id(cursor) >= parse_id(appended):
+            t = self._tracked.get(name)
+            if t is None or t.needs_load:
+                return
+            if parse_id(t.cursor) >= parse_id(appended):
+                return
+            passed = self._inbox_cursor
+            if not t.catch_up and passed is not None and parse_id(passed) >= parse_id(mark):
+                t.cursor = appended
                 return
             await asyncio.sleep(0.005)
 
-    async def _compact(self, name: str, state: bytes, covers: str) -> None:
+    async def _compact(self, name: str, state: bytes, covers: str, appended: str | None = None,
+                       seen: str | None = None) -> None:
         try:
+            # As `_caught_up`, for a document leaving: when nothing arrived
+            # unread since, its state holds this instance's appends too.
+            if (appended is not None and seen is not None and parse_id(appended) > parse_id(covers)
+                    and parse_id(await self._inbox_end(self.redis)) <= parse_id(seen)):
+                covers = appended
             written = await self.compact_to(name, state, covers)
         except asyncio.CancelledError:
             raise
@@ -540,6 +627,51 @@ class Cluster:
             if t is not None:
                 t.ttl_refreshed = now
 
+    # ---------------------------------------------------------- membership
+
+    async def _member_loop(self) -> None:
+        while True:
+            await asyncio.sleep(MEMBER_REFRESH_SECONDS * (0.9 + random.random() / 5))
+            try:
+                await self.refresh_membership()
+            except asyncio.CancelledError:
+                raise
+            except (RedisError, OSError) as exc:
+                log.debug("membership refresh failed", extra={"error": str(exc)})
+
+    async def refresh_membership(self) -> None:
+        """Renew this instance's registration on every document open here,
+        and its inbox's TTL. A registration that had lapsed (a stall longer
+        than its TTL) or an inbox gone means updates may have been missed:
+        those documents catch up from their logs."""
+        names = [n for n, t in self._tracked.items() if not t.needs_load]
+        batches = [names[i:i + REGISTER_BATCH] for i in range(0, len(names), REGISTER_BATCH)] or [[]]
+        if self._register_sha is None:
+            self._register_sha = await self.redis.script_load(REGISTER_SCRIPT)
+        pipe = self.redis.pipeline(transaction=False)
+        for batch in batches:
+            keys = [self.inbox, *(self.keys.members(n) for n in batch)]
+            pipe.evalsha(self._register_sha, len(keys), *keys, self._instance_b, self.member_ttl_ms,
+                         self.inbox_ttl_ms)
+        try:
+            replies = await pipe.execute()
+        except NoScriptError:
+            self._register_sha = None
+            raise
+        missed: list[str] = []
+        for batch, alive in zip(batches, replies, strict=True):
+            inbox_lost = not alive[0] and self._inbox_cursor is not None
+            missed += [n for n, live in zip(batch, alive[1:], strict=False) if inbox_lost or not live]
+        for name in missed:
+            t = self._tracked.get(name)
+            if t is not None:
+                t.catch_up = True
+                self._unsettled.add(name)
+        if missed:
+            log.info("registration lapsed or inbox gone; catching up from the logs",
+                     extra={"documents": len(missed)})
+            self._set_changed()
+
     # -------------------------------------------------------------- reader
 
     async def _read_loop(self) -> None:
@@ -561,13 +693,14 @@ class Cluster:
                     attempt += 1
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * (0.5 + random.random() / 2))
                 except Exception:
-                    # A bug of ours must not stop every document's feed.
+                    # A bug of ours must not stop every document's updates.
                     log.exception("reader failed; restarting it")
                     await asyncio.sleep(1.0)
         finally:
             try:
-                await client.aclose()
-            except Exception as exc:  # noqa: BLE001
+                # Bounded: closing a connection cancelled mid-read may never end.
+                await asyncio.wait_for(client.aclose(), 1.0)
+            except (Exception, TimeoutError) as exc:  # noqa: BLE001
                 log.debug("closing the reader failed", extra={"error": str(exc)})
 
     async def _read_once(self, client) -> None:
@@ -576,8 +709,8 @@ class Cluster:
             if not self.reader_live:
                 self._back_online()
             self.reader_live = True
-            if self._feed_cursor is not None:
-                await self._check_feed_gap(client, self._feed_cursor)
+            if self._inbox_cursor is not None:
+                await self._check_inbox_gap(client, self._inbox_cursor)
             if not self._warned:
                 self._warned = True
                 await self._check_redis_config()
@@ -585,9 +718,9 @@ class Cluster:
         # (the read is skipped and the loop comes round again).
         self._changed.clear()
         self._unblock_sent = False
-        if self._feed_cursor is None and self._tracked:
+        if self._inbox_cursor is None and self._tracked:
             # Before any catch-up: what is appended after it is then after this.
-            self._feed_cursor = await self._feed_end(client)
+            self._inbox_cursor = await self._inbox_end(client)
         for name in list(self._unsettled):
             t = self._tracked.get(name)
             if t is not None and t.needs_load:
@@ -600,38 +733,38 @@ class Cluster:
             if t is None or not (t.catch_up or t.needs_load):
                 self._unsettled.discard(name)
         if not self._tracked:
-            # Nothing open here: no need to follow the feed meanwhile (what
+            # Nothing open here: no need to follow the inbox meanwhile (what
             # is opened next catches up from its log).
-            self._feed_cursor = None
+            self._inbox_cursor = None
             try:
                 await asyncio.wait_for(self._changed.wait(), READ_BLOCK_MS / 1000)
             except TimeoutError:
                 await client.ping()
             return
-        if self._feed_cursor is None or self._changed.is_set():
+        if self._inbox_cursor is None or self._changed.is_set():
             return  # a document was opened meanwhile: start over
         self._reading = True
         try:
-            reply = await client.xread({self.keys.feed(): self._feed_cursor}, count=READ_COUNT,
-                                       block=READ_BLOCK_MS)
+            reply = await client.xread({self.inbox: self._inbox_cursor}, count=READ_COUNT, block=READ_BLOCK_MS)
         finally:
             self._reading = False
         if not reply:
             return
-        before = self._feed_cursor
+        self.wakeups += 1
+        before = self._inbox_cursor
         entries = _stream_entries(reply)
-        self._deliver_feed(entries)
+        self._deliver_inbox(entries)
         if len(entries) >= READ_COUNT:
             # Behind: entries after `before` may have gone with the cap.
-            await self._check_feed_gap(client, before)
+            await self._check_inbox_gap(client, before)
 
-    async def _feed_end(self, client) -> str:
-        last = await client.xrevrange(self.keys.feed(), count=1)
+    async def _inbox_end(self, client) -> str:
+        last = await client.xrevrange(self.inbox, count=1)
         return id_text(last[0][0]) if last else ZERO_ID
 
-    async def _check_feed_gap(self, client, position: str) -> None:
+    async def _check_inbox_gap(self, client, position: str) -> None:
         try:
-            info = await client.xinfo_stream(self.keys.feed())
+            info = await client.xinfo_stream(self.inbox)
         except RedisError as exc:
             if "no such key" in str(exc).lower():
                 return
@@ -648,7 +781,7 @@ class Cluster:
         except ValueError:
             behind = True
         if behind:
-            log.info("reader behind the feed's cap; catching up from the documents' logs")
+            log.info("reader behind its inbox's cap; catching up from the documents' logs")
             for t in self._tracked.values():
                 t.catch_up = True
             self._unsettled.update(self._tracked)
@@ -678,6 +811,7 @@ class Cluster:
         log.info("redis reader connected again; reloading open documents")
         # Redis may have lost data (no persistence): everything open here is
         # merged back from the log, and compacted, so the snapshot is whole.
+        # The reload registers each again (its registration may have lapsed).
         for t in self._tracked.values():
             t.needs_load = True
         self._unsettled.update(self._tracked)
@@ -693,26 +827,28 @@ class Cluster:
         if self.listener is not None:
             self.listener.reload(name, loaded)
 
-    def _deliver_feed(self, entries) -> None:
+    def _deliver_inbox(self, entries) -> None:
         now_ms = time.time() * 1000
         lag = self.metrics.receive_lag
         updates: dict[str, list[bytes]] = {}
         listener = self.listener
         for raw_id, raw in entries:
-            self._feed_cursor = entry_id = id_text(raw_id)
+            self._inbox_cursor = entry_id = id_text(raw_id)
             fields = fields_of(raw)
             doc = fields.get(b"d")
             t = self._tracked.get(doc.decode("utf-8", "replace")) if doc else None
-            if t is None or t.needs_load or t.catch_up:
-                continue  # not open here, or its log is read first
+            if t is None:
+                continue  # left here since, or a hello entry
             name = doc.decode("utf-8", "replace")
             position = fields.get(b"e")
             if position is not None:
+                if t.needs_load or t.catch_up:
+                    continue  # its log is read first
                 try:
                     if parse_id(position) <= parse_id(t.cursor):
                         continue  # delivered twice, or already read from the log
                 except ValueError:
-                    log.warning("feed entry with a bad log id skipped", extra={"document": name})
+                    log.warning("inbox entry with a bad log id skipped", extra={"document": name})
                     continue
                 t.cursor = id_text(position)
                 if fields.get(b"i") == self._instance_b:

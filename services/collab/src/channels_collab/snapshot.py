@@ -9,12 +9,19 @@ Per document (the name in a hash tag, so its keys share a cluster slot):
   last stream id whose update the state contains;
 - `{prefix}{name}:lease`: who compacts right now (only saves duplicate work).
 
-And one `{prefix}feed`, a capped stream every instance reads (one key per
-XREAD however many documents are open): each appended update again, with
-its document (`d`) and log id (`e`), in log order (one script writes both),
-and awareness (`a`) and awareness queries (`q`), which are never part of any
-document's history. Its cap bounds it; a reader that falls behind it catches
-up from the documents' logs.
+- `{prefix}{name}:members`: sorted set of the instances that have it open,
+  scored by when their registration expires (ms, Redis clock); each
+  registers before it loads, so what is appended later reaches its inbox.
+
+And per instance one `{prefix}inbox:{instance}`, a capped stream only its
+owner reads (one key per XREAD however many documents are open): each
+update appended by another instance to a document open here, with its
+document (`d`) and log id (`e`), in log order (the append script writes the
+log and the inboxes), and awareness (`a`) and awareness queries (`q`),
+which are never part of any document's history. A reader that falls behind
+its cap catches up from the documents' logs. The scripts name the inboxes
+themselves (from the members set), so they need one Redis, not a Redis
+Cluster (as the shared feed before them).
 
 Invariant: the snapshot's state contains every update with id <= its `id`,
 and the log holds every update with a greater id. Compaction moves the
@@ -28,27 +35,94 @@ from dataclasses import dataclass, field
 
 ZERO_ID = "0-0"
 
-# Returns {state|false, snapshot id|false, tail entries}.
-LOAD_SCRIPT = """
-local snap = redis.call('HMGET', KEYS[1], 'state', 'id')
+# Registers `me` as a member of each document whose members key is in
+# `members` for `member_ttl` ms, and keeps `inbox` alive for `inbox_ttl` ms
+# (created with a hello entry `h`, so that it never exists without a TTL).
+# Returns {inbox existed, then per document: `me` was a live member}.
+_REGISTER = """
+local function register(inbox, members, me, member_ttl, inbox_ttl)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local alive = {redis.call('EXISTS', inbox)}
+  if alive[1] == 0 then
+    redis.call('XADD', inbox, '*', 'h', me)
+  end
+  redis.call('PEXPIRE', inbox, inbox_ttl)
+  for i = 1, #members do
+    local score = redis.call('ZSCORE', members[i], me)
+    alive[i + 1] = (score and tonumber(score) > now) and 1 or 0
+    redis.call('ZADD', members[i], now + tonumber(member_ttl), me)
+    redis.call('PEXPIRE', members[i], inbox_ttl)
+  end
+  return alive
+end
+"""
+
+# KEYS: inbox, members of each document. ARGV: instance, member ttl ms,
+# inbox ttl ms. Returns {inbox existed, was live per document}.
+REGISTER_SCRIPT = _REGISTER + """
+local members = {}
+for i = 2, #KEYS do
+  members[i - 1] = KEYS[i]
+end
+return register(KEYS[1], members, ARGV[1], ARGV[2], ARGV[3])
+"""
+
+# KEYS: inbox, members, snap, log. ARGV: as REGISTER_SCRIPT. Registers, then
+# returns {state|false, snapshot id|false, tail entries}: atomically, so what
+# is appended after it reaches the inbox and what was before is in the tail.
+LOAD_SCRIPT = _REGISTER + """
+register(KEYS[1], {KEYS[2]}, ARGV[1], ARGV[2], ARGV[3])
+local snap = redis.call('HMGET', KEYS[3], 'state', 'id')
 local tail
 if snap[2] then
-  tail = redis.call('XRANGE', KEYS[2], '(' .. snap[2], '+')
+  tail = redis.call('XRANGE', KEYS[4], '(' .. snap[2], '+')
 else
-  tail = redis.call('XRANGE', KEYS[2], '-', '+')
+  tail = redis.call('XRANGE', KEYS[4], '-', '+')
 end
 return {snap[1] or false, snap[2] or false, tail}
 """
 
-# KEYS: log, feed. ARGV: instance, update, ttl ms (0: leave the TTL), feed
-# cap, document name. Returns the log id.
-APPEND_SCRIPT = """
+# Appends `fields` to the inbox of every live member of KEYS[members] but
+# ARGV[1] (the writer), and prunes the expired ones.
+_DELIVER = """
+local function deliver(members, me, prefix, cap, fields)
+  local m = redis.call('ZRANGE', members, 0, -1, 'WITHSCORES')
+  if #m == 0 then
+    return
+  end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local expired = false
+  for i = 1, #m, 2 do
+    if tonumber(m[i + 1]) <= now then
+      expired = true
+    elseif m[i] ~= me then
+      redis.call('XADD', prefix .. m[i], 'MAXLEN', '~', cap, '*', unpack(fields))
+    end
+  end
+  if expired then
+    redis.call('ZREMRANGEBYSCORE', members, '-inf', now)
+  end
+end
+"""
+
+# KEYS: log, members. ARGV: instance, update, ttl ms (0: leave the TTL),
+# inbox cap, document name, inbox key prefix. Returns the log id.
+APPEND_SCRIPT = _DELIVER + """
 local id = redis.call('XADD', KEYS[1], '*', 'i', ARGV[1], 'u', ARGV[2])
 if ARGV[3] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', 'd', ARGV[5], 'e', id, 'i', ARGV[1], 'u', ARGV[2])
+deliver(KEYS[2], ARGV[1], ARGV[6], ARGV[4], {'d', ARGV[5], 'e', id, 'i', ARGV[1], 'u', ARGV[2]})
 return id
+"""
+
+# KEYS: members. ARGV: instance, kind (`a` awareness, `q` query), payload,
+# inbox cap, document name, inbox key prefix. Never touches the history.
+AWARENESS_SCRIPT = _DELIVER + """
+deliver(KEYS[1], ARGV[1], ARGV[6], ARGV[4], {'d', ARGV[5], 'i', ARGV[1], ARGV[2], ARGV[3]})
+return 0
 """
 
 # KEYS: snap, log. ARGV: state, id, ttl ms. Returns 1 written, 0 stale.
@@ -107,8 +181,14 @@ class Keys:
     def snap(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}:snap"
 
-    def feed(self) -> str:
-        return f"{self.prefix}feed"
+    def members(self, name: str) -> str:
+        return f"{self.prefix}{{{name}}}:members"
+
+    def inbox_prefix(self) -> str:
+        return f"{self.prefix}inbox:"
+
+    def inbox(self, instance: str) -> str:
+        return f"{self.inbox_prefix()}{instance}"
 
     def lease(self, name: str) -> str:
         return f"{self.prefix}{{{name}}}:lease"
