@@ -235,8 +235,8 @@ def test_the_same_stream_entry_twice_shows_once(three, open_provider, redis_url,
     client = redis_sync.Redis.from_url(redis_url)
     try:
         for _ in range(2):  # as a writer that retried its pipeline
-            client.eval(APPEND_SCRIPT, 2, f"{prefix}{{{name}}}:log", f"{prefix}feed", "elsewhere", update, 60_000,
-                        1000, name)
+            client.eval(APPEND_SCRIPT, 2, f"{prefix}{{{name}}}:log", f"{prefix}{{{name}}}:members", "elsewhere",
+                        update, 60_000, 1000, name, f"{prefix}inbox:")
     finally:
         client.close()
     tab.wait_content(name, lambda c: c["text"] == "twice?")
