@@ -21,7 +21,7 @@ log and the inboxes), and awareness (`a`) and awareness queries (`q`),
 which are never part of any document's history. A reader that falls behind
 its cap catches up from the documents' logs. The scripts name the inboxes
 themselves (from the members set), so they need one Redis, not a Redis
-Cluster (as the shared feed before them).
+Cluster.
 
 Invariant: the snapshot's state contains every update with id <= its `id`,
 and the log holds every update with a greater id. Compaction moves the
