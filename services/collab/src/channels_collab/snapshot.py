@@ -1,5 +1,5 @@
-"""A document's durable home in Redis: its keys, and the two scripts that
-read and compact it.
+"""A document's durable home in Redis: its keys, and the scripts that
+register, load, append to and compact it.
 
 Per document (the name in a hash tag, so its keys share a cluster slot):
 - `{prefix}{name}:log`: append-only stream of raw client updates, fields
@@ -7,8 +7,7 @@ Per document (the name in a hash tag, so its keys share a cluster slot):
   `t`, the snapshot id the trim went up to);
 - `{prefix}{name}:snap`: hash of `state` (merged Yjs update) and `id`, the
   last stream id whose update the state contains;
-- `{prefix}{name}:lease`: who compacts right now (only saves duplicate work).
-
+- `{prefix}{name}:lease`: who compacts right now (only saves duplicate work);
 - `{prefix}{name}:members`: sorted set of the instances that have it open,
   scored by when their registration expires (ms, Redis clock); each
   registers before it loads, so what is appended later reaches its inbox.
