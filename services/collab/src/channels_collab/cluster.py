@@ -61,8 +61,6 @@ INBOX_MAXLEN = 10_000
 # instance gets no more writes once its registrations expire.
 MEMBER_TTL_MS = 60_000
 MEMBER_REFRESH_SECONDS = 15.0
-# The inbox outlives the registrations that fill it.
-INBOX_TTL_MS = 2 * MEMBER_TTL_MS
 # Documents per registration script call.
 REGISTER_BATCH = 500
 # One pipeline carries at most this many appends / bytes.
@@ -142,6 +140,7 @@ class Cluster:
         self.keys = Keys(prefix)
         self.inbox_maxlen = inbox_maxlen
         self.member_ttl_ms = member_ttl_ms
+        # The inbox outlives the registrations that fill it.
         self.inbox_ttl_ms = 2 * member_ttl_ms
         self._inbox_cursor: str | None = None
         # Reads of the inbox that returned entries.
@@ -392,6 +391,7 @@ class Cluster:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as exc:
+                _raise_if_cancelled()
                 # Still to remove, unless opened here again meanwhile.
                 self._unregister.update(n for n in leaving if n not in self._tracked)
                 self._unregistering.difference_update(leaving)
@@ -645,7 +645,9 @@ class Cluster:
         than its TTL) or an inbox gone means updates may have been missed:
         those documents catch up from their logs."""
         names = [n for n, t in self._tracked.items() if not t.needs_load]
-        batches = [names[i:i + REGISTER_BATCH] for i in range(0, len(names), REGISTER_BATCH)] or [[]]
+        if not names:
+            return  # the next load registers again, and creates the inbox
+        batches = [names[i:i + REGISTER_BATCH] for i in range(0, len(names), REGISTER_BATCH)]
         if self._register_sha is None:
             self._register_sha = await self.redis.script_load(REGISTER_SCRIPT)
         pipe = self.redis.pipeline(transaction=False)
@@ -679,12 +681,14 @@ class Cluster:
         attempt = 0
         try:
             while True:
+                _raise_if_cancelled()
                 try:
                     await self._read_once(client)
                     attempt = 0
                 except asyncio.CancelledError:
                     raise
                 except (RedisError, OSError) as exc:
+                    _raise_if_cancelled()
                     self._reading = False
                     self._reader_id = None
                     if self.reader_live:
@@ -693,6 +697,7 @@ class Cluster:
                     attempt += 1
                     await asyncio.sleep(min(2.0, 0.05 * 2 ** min(attempt, 6)) * (0.5 + random.random() / 2))
                 except Exception:
+                    _raise_if_cancelled()
                     # A bug of ours must not stop every document's updates.
                     log.exception("reader failed; restarting it")
                     await asyncio.sleep(1.0)
@@ -737,7 +742,9 @@ class Cluster:
             # is opened next catches up from its log).
             self._inbox_cursor = None
             try:
-                await asyncio.wait_for(self._changed.wait(), READ_BLOCK_MS / 1000)
+                # Not wait_for: on 3.11 it can swallow the reader's cancellation.
+                async with asyncio.timeout(READ_BLOCK_MS / 1000):
+                    await self._changed.wait()
             except TimeoutError:
                 await client.ping()
             return
@@ -938,6 +945,14 @@ class Cluster:
                 " (acknowledged edits are only as durable as that Redis).",
                 extra={"maxmemory_policy": policy, "appendonly": aof},
             )
+
+
+def _raise_if_cancelled() -> None:
+    """The redis client may turn a cancellation caught mid-read into a
+    connection error; a task being cancelled must still end."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _stream_entries(reply) -> list:
