@@ -1,5 +1,5 @@
 """Every setting of every service, read from the environment names that the
-original Node.js deployment used (see shared/spec/contracts.md)."""
+original Node.js deployment used (see docs/contracts.md)."""
 
 from __future__ import annotations
 
