@@ -70,6 +70,7 @@ def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
     from .observability import health_routes
     from .publish import set_channel_token
     from .redis import create_redis
+    from .tasks import spawn
 
     registry = CollectorRegistry()
     answered = Counter(
@@ -92,7 +93,7 @@ def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         redis = create_redis(redis_url, max_connections=2)
-        task = asyncio.create_task(keep_token(redis))
+        task = spawn(keep_token(redis), name="dev-rails-token")
         try:
             yield
         finally:

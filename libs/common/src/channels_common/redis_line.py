@@ -13,6 +13,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .redis import RespConnection
 from .resp import ProtocolError, ReplyError
+from .tasks import spawn
 
 
 class RedisLine:
@@ -103,9 +104,7 @@ class RedisLine:
             link, conn, self._link, self._conn = self._link, self._conn, None, None
             if link is not None:
                 link.abort(error)
-            task = asyncio.get_running_loop().create_task(self._release(link, conn))
-            self._dropping.add(task)
-            task.add_done_callback(self._dropping.discard)
+            spawn(self._release(link, conn), name="redis-line-release", tasks=self._dropping)
         if on_done is not None:
             on_done(None if error is not None else replies, error)
 
@@ -212,7 +211,7 @@ class BatchedCalls:
             self.line.start(commands, self.timeout, lambda replies, error: self._done(batch, replies, error))
         else:
             # Not connected yet (or the last connection failed): `run` opens one.
-            self._opening = asyncio.get_running_loop().create_task(self._run(batch, commands))
+            self._opening = spawn(self._run(batch, commands), name="redis-line-open")
 
     async def _run(self, batch, commands) -> None:
         try:

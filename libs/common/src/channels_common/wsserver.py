@@ -17,6 +17,7 @@ import logging
 from urllib.parse import unquote
 
 from . import wsframe
+from .tasks import spawn
 from .wshandshake import (
     MAX_REQUEST_BYTES,
     Refusal,
@@ -182,9 +183,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             "extensions": _EXTENSIONS,
         }
         self._inbox.append({"type": "websocket.connect"})
-        self.task = self.loop.create_task(self._run_asgi())
-        self.server_state.tasks.add(self.task)
-        self.task.add_done_callback(self.server_state.tasks.discard)
+        self.task = spawn(self._run_asgi(), tasks=self.server_state.tasks, loop=self.loop)
 
     def _frames(self, data: bytes) -> None:
         try:

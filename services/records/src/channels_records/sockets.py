@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from channels_common.tasks import spawn
 from channels_common.wsframe import text_frame
 
 from . import engineio as eio
@@ -262,7 +263,7 @@ class Engine:
 
     def start_pinger(self) -> None:
         if self._pinger is None or self._pinger.done():
-            self._pinger = asyncio.get_running_loop().create_task(self._ping_forever(), name="engineio-pinger")
+            self._pinger = spawn(self._ping_forever(), name="engineio-pinger")
 
     def stop_pinger(self) -> None:
         if self._pinger is not None:
