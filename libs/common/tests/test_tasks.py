@@ -6,7 +6,6 @@ import gc
 import logging
 
 import pytest
-
 from channels_common import tasks
 from channels_common.tasks import spawn
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from .closecodes import APPLICATION_RANGE, INVALID_DATA, MESSAGE_TOO_BIG, NO_STATUS, PROTOCOL_ERROR, SENDABLE
+
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 FIN = 0x80
@@ -45,17 +47,6 @@ OP_PONG = 0xA
 _DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
-# Close codes (RFC 6455 section 7.4.1).
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-NO_STATUS = 1005
-INVALID_DATA = 1007
-TOO_BIG = 1009
-SERVICE_RESTART = 1012
-# Codes a peer may put in a close frame (7.4.1, 7.4.2): 1004-1006 and 1015
-# are reserved for local use and never sent.
-_SENDABLE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 
 
 class Message:
@@ -240,7 +231,7 @@ class FrameParser:
                 raise ProtocolError(PROTOCOL_ERROR, "unknown opcode")
             elif length + self._fragments_size > self.max_size:
                 # Refused from the header alone: the payload is never buffered.
-                raise ProtocolError(TOO_BIG, "message too big")
+                raise ProtocolError(MESSAGE_TOO_BIG, "message too big")
             start = pos + header + 4
             if end - start < length:
                 need = start + length - pos
@@ -307,7 +298,7 @@ class FrameParser:
         if len(payload) == 1:
             raise ProtocolError(PROTOCOL_ERROR, "bad close frame")
         code = int.from_bytes(payload[:2], "big")
-        if code not in _SENDABLE and not 3000 <= code <= 4999:
+        if code not in SENDABLE and code not in APPLICATION_RANGE:
             raise ProtocolError(PROTOCOL_ERROR, "bad close code")
         try:
             reason = payload[2:].decode("utf-8")

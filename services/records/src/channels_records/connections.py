@@ -9,9 +9,9 @@ import logging
 from urllib.parse import parse_qs
 
 from channels_common.auth import ChannelUser, lookup_channel_user, parse_current_user, valid_token
+from channels_common.closecodes import SERVICE_RESTART
 from channels_common.redis import with_backoff
 from channels_common.tasks import spawn
-from channels_common.wsframe import SERVICE_RESTART
 from redis.exceptions import RedisError
 
 from . import engineio as eio

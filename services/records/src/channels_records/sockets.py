@@ -17,6 +17,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from channels_common.closecodes import NORMAL
 from channels_common.tasks import spawn
 from channels_common.wsframe import text_frame
 
@@ -174,7 +175,7 @@ class EngineSocket:
 
     # -- closing -------------------------------------------------------------
 
-    def close(self, reason: str, notify_client: bool = True, abort: bool = False, ws_code: int = 1000) -> None:
+    def close(self, reason: str, notify_client: bool = True, abort: bool = False, ws_code: int = NORMAL) -> None:
         """End the session (once). The Socket.IO layer hears of it first; then
         a websocket gets a close frame with `ws_code` (or is cut off:
         `abort`), a polling client its CLOSE packet on the next poll."""
