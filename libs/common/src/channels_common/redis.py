@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .resp import ProtocolError, ReplyError, ReplyReader, pack_command
+from .resp import ReplyError, ReplyReader, RespProtocolError, pack_command
 from .tasks import spawn
 
 log = logging.getLogger("channels.redis")
@@ -145,7 +145,7 @@ class RespConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             replies = self.parser.feed(data)
-        except ProtocolError as exc:
+        except RespProtocolError as exc:
             self.abort(exc)
             return
         if replies:
@@ -276,7 +276,7 @@ class Subscription:
                 raise RedisConnectionError("redis subscription closed")
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, EOFError, ProtocolError, ReplyError) as exc:
+            except (RedisError, OSError, EOFError, RespProtocolError, ReplyError) as exc:
                 if self.live:
                     log.warning("redis subscription lost", extra={"error": _describe(exc)})
                 else:

@@ -89,7 +89,7 @@ class Close:
         return f"Close({self.code}, {self.reason!r})"
 
 
-class ProtocolError(Exception):
+class WebSocketProtocolError(Exception):
     """The peer broke the protocol: close with `code`, read nothing more."""
 
     def __init__(self, code: int, reason: str):
@@ -119,7 +119,7 @@ def pong_frame(payload: bytes) -> bytes:
 
 class FrameParser:
     """Bytes from a client in, events out (Message, Ping, Close; pongs are
-    swallowed). Raises ProtocolError on anything RFC 6455 forbids of a
+    swallowed). Raises WebSocketProtocolError on anything RFC 6455 forbids of a
     client, on a message over `max_size` bytes, and on invalid UTF-8 text;
     after that, or after a Close, it must not be fed again.
 
@@ -205,9 +205,9 @@ class FrameParser:
             fin = first & 0x80
             opcode = first & 0x0F
             if first & 0x70:
-                raise ProtocolError(PROTOCOL_ERROR, "reserved bits set")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "reserved bits set")
             if not second & 0x80:
-                raise ProtocolError(PROTOCOL_ERROR, "unmasked client frame")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "unmasked client frame")
             length = second & 0x7F
             header = 2
             if length == 126:
@@ -222,16 +222,16 @@ class FrameParser:
                     break
                 length = int.from_bytes(buffer[pos + 2:pos + 10], "big")
                 if length >> 63:
-                    raise ProtocolError(PROTOCOL_ERROR, "bad frame length")
+                    raise WebSocketProtocolError(PROTOCOL_ERROR, "bad frame length")
                 header = 10
             if opcode in _CONTROL_OPCODES:
                 if not fin or length > 125:
-                    raise ProtocolError(PROTOCOL_ERROR, "bad control frame")
+                    raise WebSocketProtocolError(PROTOCOL_ERROR, "bad control frame")
             elif opcode not in _DATA_OPCODES:
-                raise ProtocolError(PROTOCOL_ERROR, "unknown opcode")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "unknown opcode")
             elif length + self._fragments_size > self.max_size:
                 # Refused from the header alone: the payload is never buffered.
-                raise ProtocolError(MESSAGE_TOO_BIG, "message too big")
+                raise WebSocketProtocolError(MESSAGE_TOO_BIG, "message too big")
             start = pos + header + 4
             if end - start < length:
                 need = start + length - pos
@@ -270,7 +270,7 @@ class FrameParser:
     def _data(self, opcode: int, fin: int, payload: bytes) -> Message | None:
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
-                raise ProtocolError(PROTOCOL_ERROR, "continuation without a message")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "continuation without a message")
             self._fragments.append(payload)
             self._fragments_size += len(payload)
             if not fin:
@@ -280,7 +280,7 @@ class FrameParser:
             opcode = self._message_opcode
             self._fragments, self._fragments_size = None, 0
         elif self._fragments is not None:
-            raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
+            raise WebSocketProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
         elif not fin:
             self._fragments, self._fragments_size, self._message_opcode = [payload], len(payload), opcode
             return None
@@ -289,19 +289,19 @@ class FrameParser:
         try:
             return Message(payload.decode("utf-8"))
         except UnicodeDecodeError:
-            raise ProtocolError(INVALID_DATA, "invalid UTF-8 text") from None
+            raise WebSocketProtocolError(INVALID_DATA, "invalid UTF-8 text") from None
 
     @staticmethod
     def _close(payload: bytes) -> Close:
         if not payload:
             return Close(NO_STATUS)
         if len(payload) == 1:
-            raise ProtocolError(PROTOCOL_ERROR, "bad close frame")
+            raise WebSocketProtocolError(PROTOCOL_ERROR, "bad close frame")
         code = int.from_bytes(payload[:2], "big")
         if code not in SENDABLE and code not in APPLICATION_RANGE:
-            raise ProtocolError(PROTOCOL_ERROR, "bad close code")
+            raise WebSocketProtocolError(PROTOCOL_ERROR, "bad close code")
         try:
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
-            raise ProtocolError(INVALID_DATA, "invalid UTF-8 in close reason") from None
+            raise WebSocketProtocolError(INVALID_DATA, "invalid UTF-8 in close reason") from None
         return Close(code, reason)

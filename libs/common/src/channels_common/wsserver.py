@@ -188,7 +188,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
     def _frames(self, data: bytes) -> None:
         try:
             events = self._parser.feed(data)
-        except wsframe.ProtocolError as exc:
+        except wsframe.WebSocketProtocolError as exc:
             log.warning("websocket protocol error from client, closing", extra={"code": exc.code, "reason": exc.reason})
             if self._state == _OPEN:
                 self.transport.write(wsframe.close_frame(exc.code, exc.reason))

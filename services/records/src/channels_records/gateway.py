@@ -36,7 +36,7 @@ class Gateway:
     def on_message(self, sock: EngineSocket, data) -> None:
         try:
             packet = sio.decode(data)
-        except sio.ParseError as exc:
+        except sio.SocketIOProtocolError as exc:
             log.warning(
                 "malformed packet from client, connection closed",
                 extra={"error": str(exc), "size": len(data) if data else 0},

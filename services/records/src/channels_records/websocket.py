@@ -28,7 +28,7 @@ UPGRADE_TIMEOUT_SECONDS = 10.0
 def decode_or_log(data) -> eio.Packet | None:
     try:
         return eio.decode_packet(data)
-    except eio.ParseError as exc:
+    except eio.EngineIOProtocolError as exc:
         log.warning(
             "malformed engine.io packet from client, connection closed",
             extra={"error": str(exc), "size": len(data) if data else 0},
