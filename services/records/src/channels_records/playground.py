@@ -89,7 +89,13 @@ def playground_routes(settings: PlaygroundSettings | None = None) -> list[BaseRo
     if not settings.enabled:
         return []
     try:
-        from channels_dev.dev_rails import DEMO_GROUP_IDS, DEMO_TOKEN, DEMO_USER_ID, DEMO_USER_NAME, collab_token
+        from channels_dev.dev_rails import (
+            DEMO_GROUP_IDS,
+            DEMO_TOKEN,
+            DEMO_USER_ID,
+            DEMO_USER_NAME,
+            collab_token,
+        )
     except ModuleNotFoundError as exc:
         if exc.name != "channels_dev":
             raise  # channels_dev is there but broken: say so loudly
