@@ -94,3 +94,79 @@ async def run_collab(
     finally:
         end_run(server, driver, profiler, result)
     return result
+
+
+async def run_collab_cluster(
+    servers: list[Server], cfg: CollabConfig, log, redis_url: str, redis_pid: int, helper_pids: tuple[int, ...] = ()
+) -> dict:
+    """Two instances on one Redis: each document's editor on the first, its
+    observer on the second. Propagation across instances, CPU per update
+    summed over both, Redis CPU per update, Redis memory per document."""
+    import redis as redis_sync
+
+    driver = None
+    name = servers[0].name
+    result: dict = {"server": name, "instances": len(servers), "config": cfg.__dict__.copy()}
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        client.flushall()
+        memory_before = client.info("memory")["used_memory"]
+        for server in servers:
+            server.start()
+        driver = NodeDriver("collab.mjs")
+        first, second = (f"ws://127.0.0.1:{s.port}" for s in servers[:2])
+        loaded = await asyncio.to_thread(
+            driver.call, {"cmd": "load", "url": first, "observerUrl": second, "docs": cfg.docs}, "loaded", 300.0
+        )
+        result["load"] = loaded
+        log(f"  {name} x{len(servers)}: {loaded['docs']} documents loaded in {loaded['ms'] / 1000:.1f} s"
+            + (f", {loaded['failed']} failed" if loaded["failed"] else ""))
+        await asyncio.sleep(cfg.settle_seconds)
+        pids = [s.pid for s in servers]
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        redis_before = cpu_seconds(redis_pid)
+        others = OtherLoad([*pids, redis_pid, driver.pid, os.getpid(), *helper_pids])
+        edited = await asyncio.to_thread(
+            driver.call,
+            {"cmd": "edit", "rate": cfg.edit_rate, "seconds": cfg.edit_seconds, "drainMs": 3000},
+            "edited",
+            cfg.edit_seconds + 120,
+        )
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        redis_cpu = cpu_seconds(redis_pid) - redis_before
+        await asyncio.sleep(cfg.settle_seconds / 2)
+        docs = max(1, loaded["docs"])
+        sent = edited["sent"]
+        result["edit"] = {
+            **edited,
+            "lost": max(0, sent - edited["received"]),
+            "cpu_s": cpu,
+            "cpu_us_per_update": cpu / sent * 1e6 if sent else None,
+            "redis_cpu_s": redis_cpu,
+            "redis_cpu_us_per_update": redis_cpu / sent * 1e6 if sent else None,
+            "other_processes_cores": others.cores(),
+        }
+        result["redis"] = {
+            "used_memory_before": memory_before,
+            "used_memory_after": client.info("memory")["used_memory"],
+        }
+        result["redis"]["per_doc_bytes"] = (result["redis"]["used_memory_after"] - memory_before) / docs
+        log(
+            f"  {name} x{len(servers)}: {sent} updates, p50 {edited['p50'] or 0:.1f} ms, "
+            f"p99 {edited['p99'] or 0:.1f} ms across instances, "
+            f"{result['edit']['cpu_us_per_update'] or 0:.0f} µs CPU/update (instances), "
+            f"{result['edit']['redis_cpu_us_per_update'] or 0:.0f} µs Redis CPU/update, "
+            f"{result['redis']['per_doc_bytes'] / 1024:.1f} KiB Redis/doc"
+        )
+    except Exception as exc:  # noqa: BLE001 - a broken server is a result, not a crash of the bench
+        result["error"] = str(exc)
+        log(f"  {name}: FAILED: {exc}")
+    finally:
+        for server in servers[1:]:
+            alive = server.alive()
+            server.stop()
+            if not alive and "error" not in result:
+                result["error"] = "an instance exited during the run"
+        end_run(servers[0], driver, None, result)
+        client.close()
+    return result

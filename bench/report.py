@@ -23,7 +23,7 @@ def _verdict(ratio, bar):
     op, limit = bar
     if ratio is None:
         return f"{op}{limit:g}  n/a"
-    ok = ratio >= limit if op == ">=" else ratio <= limit
+    ok = ratio >= limit if op == ">=" else ratio < limit if op == "<" else ratio <= limit
     return f"{op}{limit:g}  {'PASS' if ok else 'FAIL'}"
 
 
@@ -190,6 +190,24 @@ def collab_rows(ours: dict, ref: dict) -> list:
         ("load generator GC pauses during edits (ms)", _get(ours, "edit", "gc", "totalMs"),
          _get(ref, "edit", "gc", "totalMs"), ".0f", NO_RATIO),
         ("  longest (ms)", _get(ours, "edit", "gc", "maxMs"), _get(ref, "edit", "gc", "maxMs"), ".1f", NO_RATIO),
+    ]
+
+
+def cluster_rows(ours: dict, ref: dict) -> list:
+    def kib(result):
+        value = _get(result, "redis", "per_doc_bytes")
+        return None if value is None else value / 1024
+
+    return [
+        ("propagation across instances p50 (ms)", _get(ours, "edit", "p50"), _get(ref, "edit", "p50"), ".1f", None),
+        ("propagation across instances p99 (ms)", _get(ours, "edit", "p99"), _get(ref, "edit", "p99"), ".1f",
+         ("<=", 1.0)),
+        ("updates lost", _get(ours, "edit", "lost"), _get(ref, "edit", "lost"), "d", None),
+        ("CPU per update, both instances (µs)", _get(ours, "edit", "cpu_us_per_update"),
+         _get(ref, "edit", "cpu_us_per_update"), ".0f", None),
+        ("Redis CPU per update (µs)", _get(ours, "edit", "redis_cpu_us_per_update"),
+         _get(ref, "edit", "redis_cpu_us_per_update"), ".0f", ("<", 1.0)),
+        ("Redis memory per document (KiB)", kib(ours), kib(ref), ".1f", None),
     ]
 
 

@@ -36,7 +36,7 @@ import httpx
 from channels_dev.redis_server import start_local_redis
 
 from bench import profile_summary, report
-from bench.collab_bench import CollabConfig, run_collab
+from bench.collab_bench import CollabConfig, run_collab, run_collab_cluster
 from bench.connect_bench import median_run, run_connects
 from bench.connect_bench import table as connects_table
 from bench.processes import BENCH, VENV_BIN, Server, free_port
@@ -82,8 +82,10 @@ def rate_list(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--scenario", choices=("records", "polling", "collab", "trickle", "connects", "all"),
-                   help="connects (not part of all): websocket connect bursts, the median of --repeat rounds", default="all")
+    p.add_argument("--scenario", choices=("records", "polling", "collab", "trickle", "cluster", "connects", "all"),
+                   default="all",
+                   help="cluster: collab on two instances and one Redis, against Hocuspocus + extension-redis; "
+                        "connects (not part of all): websocket connect bursts, the median of --repeat rounds")
     p.add_argument("--targets", default="ours,reference", help="comma-separated: ours, reference")
     p.add_argument("--quick", action="store_true", help="fewer clients, documents and steps")
     p.add_argument("--clients", type=positive_int, help="records: websocket clients (default 2000, quick 500)")
@@ -247,8 +249,16 @@ def collab_server(who: str, redis_url: str, rails_url: str) -> Server:
     return Server("reference", ["node", str(BENCH / "reference" / "collab.mjs")], free_port(), env, cwd=BENCH)
 
 
+def collab_cluster(who: str, redis_url: str, rails_url: str, instances: int = 2) -> list[Server]:
+    servers = [collab_server(who, redis_url, rails_url) for _ in range(instances)]
+    for server in servers:
+        if who == "reference":
+            server.env["REFERENCE_CLUSTER"] = "1"
+    return servers
+
+
 def ensure_node_modules() -> None:
-    if not (BENCH / "node_modules" / "@hocuspocus" / "server").exists():
+    if not (BENCH / "node_modules" / "@hocuspocus" / "extension-redis").exists():
         log("installing bench/ npm packages (npm ci)")
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=BENCH, check=True)
 
@@ -376,6 +386,16 @@ async def main_async(args) -> int:
                     helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
                 ),
             )
+        if args.scenario in ("cluster", "all"):
+            log(f"collab cluster: 2 instances on one Redis, {col_cfg.docs} documents, editor on one instance "
+                f"and observer on the other, {col_cfg.edit_rate:g} updates/s for {col_cfg.edit_seconds:g} s")
+            results["cluster"] = await run_rounds(
+                "cluster", targets, args, out, stamp, log, best_collab_run,
+                lambda who, profiler: run_collab_cluster(
+                    collab_cluster(who, redis_server.url, rails_url), col_cfg, log, redis_server.url,
+                    redis_server.process.pid, helper_pids=(rails.pid,),
+                ),
+            )
     finally:
         rails.terminate()
         rails.wait()
@@ -411,9 +431,16 @@ async def main_async(args) -> int:
                  f"{tri_cfg.gap_ms:g} ms apart, best of {args.trickle_repeat}")
         tables.append(report.table(title, rows))
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
+    if "cluster" in results:
+        c = results["cluster"]
+        rows = report.cluster_rows(c.get("ours", empty), c.get("reference", empty))
+        title = (f"Collab on 2 instances, one Redis: {col_cfg.docs} documents, writer and observer on "
+                 "different instances (reference: Hocuspocus 3.4 + extension-redis 3.4.4)")
+        tables.append(report.table(title, rows))
+        markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     errors = [
         f"{scenario} {who}: {res['error']}"
-        for scenario in ("records", "polling", "collab", "trickle")
+        for scenario in ("records", "polling", "collab", "trickle", "cluster")
         for who, res in (results.get(scenario) or {}).items()
         if res.get("error")
     ]

@@ -7,6 +7,7 @@
 //
 // Driven over stdin/stdout, one JSON object per line:
 //   {"cmd":"load","url":"ws://127.0.0.1:4444","docs":D}        -> {"event":"loaded",...}
+//     (with "observerUrl": the observers connect there: another instance)
 //   {"cmd":"edit","rate":1,"seconds":10,"drainMs":3000}        -> {"event":"edited",...}
 //   {"cmd":"bigsync","bytes":100000,"repeats":3}               -> {"event":"bigsync",...}
 //   {"cmd":"close"}
@@ -23,13 +24,14 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const pairs = [];
 let latencies = [];
 let url = null;
+let observerUrl = null;
 let errors = 0;
 // Loomio's token shape is "{user_id},{secret}"; the stand-in Rails allows all.
 const TOKEN = "1,bench-secret";
 
-function provider(name, doc) {
+function provider(name, doc, target = url) {
   return new HocuspocusProvider({
-    url,
+    url: target,
     name,
     document: doc,
     token: TOKEN,
@@ -71,7 +73,7 @@ async function loadPair(i) {
     editorDoc,
     observerDoc,
     editor: provider(name, editorDoc),
-    observer: provider(name, observerDoc),
+    observer: provider(name, observerDoc, observerUrl ?? url),
     sent: 0,
   };
   observerDoc.getMap("bench").observe((event) => {
@@ -84,8 +86,9 @@ async function loadPair(i) {
   return ok;
 }
 
-async function load({ url: target, docs, concurrency = 20 }) {
+async function load({ url: target, observerUrl: observerTarget = null, docs, concurrency = 20 }) {
   url = target;
+  observerUrl = observerTarget;
   const started = now();
   let next = 0;
   let failed = 0;

@@ -105,8 +105,11 @@ class RailsStandIn:
         self.server.server_close()
 
 
-def start_collab(rails_url: str | None, **env) -> ServiceProcess:
+def start_collab(rails_url: str | None, redis_url: str, **env) -> ServiceProcess:
+    """One collab process on `redis_url` (collab needs Redis: without it,
+    acknowledgements wait)."""
     base = {
+        "REDIS_URL": redis_url,
         "COLLAB_TIMEOUT_MS": "30000",
         "COLLAB_DEBOUNCE_MS": "300",
         "COLLAB_MAX_DEBOUNCE_MS": "1000",

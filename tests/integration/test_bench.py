@@ -24,7 +24,7 @@ def run_bench(tmp_path, *targets: str) -> tuple[subprocess.CompletedProcess, dic
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), *TINY, "--targets", ",".join(targets),
          "--out", str(tmp_path)],
-        check=False, cwd=ROOT, capture_output=True, text=True, timeout=170,
+        check=False, cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done, json.loads((tmp_path / "latest.json").read_text())
@@ -90,6 +90,16 @@ def check_trickle(result: dict) -> None:
     assert_cores(t["other_processes_cores"])
 
 
+def check_cluster(result: dict) -> None:
+    assert "error" not in result, result.get("error")
+    assert result["instances"] == 2 and result["load"]["docs"] == 5 and result["load"]["failed"] == 0
+    edit = result["edit"]
+    assert edit["sent"] >= 5 and edit["received"] == edit["sent"] and edit["lost"] == 0
+    assert 0 < edit["p50"] <= edit["p99"] <= edit["max"]
+    assert edit["cpu_us_per_update"] >= 0 and edit["redis_cpu_us_per_update"] >= 0
+    assert result["redis"]["used_memory_after"] > 0
+
+
 @pytest.mark.slow
 def test_tiny_bench_of_ours_and_the_reference_gives_well_formed_results(tmp_path):
     done, results = run_bench(tmp_path, "ours", "reference")
@@ -97,9 +107,11 @@ def test_tiny_bench_of_ours_and_the_reference_gives_well_formed_results(tmp_path
         check_records(results["records"][who])
         check_collab(results["collab"][who])
         check_trickle(results["trickle"][who])
+        check_cluster(results["cluster"][who])
     # One table per scenario, with both columns and the ratio.
     assert "Records: 20 clients, 2 groups" in done.stdout and "Collab: 5 documents" in done.stdout
     assert "Trickle (collab): one 0.25 MiB frame" in done.stdout
+    assert "Collab on 2 instances, one Redis: 5 documents" in done.stdout
     assert "ours  reference  ratio" in done.stdout
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| memory per idle connection (KiB) |" in (tmp_path / "latest.md").read_text()

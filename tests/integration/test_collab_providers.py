@@ -32,8 +32,8 @@ def rails():
 
 
 @pytest.fixture(scope="module")
-def collab(rails):
-    service = start_collab(rails.url)
+def collab(rails, redis_url):
+    service = start_collab(rails.url, redis_url)
     yield service
     service.stop()
 
@@ -235,10 +235,10 @@ def test_edits_are_stored_while_editing_continues(providers, collab):
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_restart_loses_nothing(rails, version):
+def test_restart_loses_nothing(rails, redis_url, version):
     """SIGTERM: stored, sockets closed with 4205; the providers reconnect to
     the next process and their state flows back into it."""
-    service = start_collab(rails.url)
+    service = start_collab(rails.url, redis_url)
     name = doc_name()
     tab = Provider(version, f"ws://127.0.0.1:{service.port}")
     successor = None
@@ -268,12 +268,12 @@ def test_restart_loses_nothing(rails, version):
             successor.stop()
 
 
-def test_rails_down_denies_without_leaking(rails):
+def test_rails_down_denies_without_leaking(rails, redis_url):
     name = doc_name()
     # Nothing listens on this port: Rails is down.
     from tests.support import free_port
 
-    service = start_collab(f"http://127.0.0.1:{free_port()}")
+    service = start_collab(f"http://127.0.0.1:{free_port()}", redis_url)
     try:
         tab = Provider("v3", f"ws://127.0.0.1:{service.port}")
         try:

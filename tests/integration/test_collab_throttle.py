@@ -31,11 +31,11 @@ def rails():
 
 
 @pytest.fixture
-def services():
+def services(redis_url):
     started = []
 
     def start(rails_url: str, **env):
-        service = start_collab(rails_url, **env)
+        service = start_collab(rails_url, redis_url, **env)
         started.append(service)
         return service
 

@@ -40,16 +40,16 @@ def rails():
 
 
 @pytest.fixture(scope="module")
-def collab(rails):
-    service = start_collab(rails.url, COLLAB_MAX_FRAME_BYTES=str(1024 * 1024))
+def collab(rails, redis_url):
+    service = start_collab(rails.url, redis_url, COLLAB_MAX_FRAME_BYTES=str(1024 * 1024))
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="module")
-def short(rails):
+def short(rails, redis_url):
     """A service with a 2 s timeout, for the deadlines."""
-    service = start_collab(rails.url, COLLAB_TIMEOUT_MS="2000")
+    service = start_collab(rails.url, redis_url, COLLAB_TIMEOUT_MS="2000")
     yield service
     service.stop()
 
@@ -327,9 +327,9 @@ def test_pre_auth_byte_flood_leaves_memory_flat(short, connect):
 
 
 @pytest.fixture(scope="module")
-def patient(rails):
+def patient(rails, redis_url):
     """A service with the default 10 s auth timeout, for bursts of auths."""
-    service = start_collab(rails.url, COLLAB_AUTH_TIMEOUT_SECONDS="10")
+    service = start_collab(rails.url, redis_url, COLLAB_AUTH_TIMEOUT_SECONDS="10")
     yield service
     service.stop()
 
@@ -447,11 +447,11 @@ def test_real_providers_stay_connected_through_long_silence(short):
 
 
 @pytest.mark.parametrize("version", ["v3", "v4"])
-def test_rails_hanging_past_the_connection_deadline_gives_authentication_failed(rails, version):
+def test_rails_hanging_past_the_connection_deadline_gives_authentication_failed(rails, redis_url, version):
     """Rails answers user 504 after 3 s; the socket's deadline is 2 s and the
     configured auth timeout (10 s) is cut to it: the provider hears
     authenticationFailed, with the usual wire reason."""
-    service = start_collab(rails.url, COLLAB_TIMEOUT_MS="2000", COLLAB_AUTH_TIMEOUT_SECONDS="10")
+    service = start_collab(rails.url, redis_url, COLLAB_TIMEOUT_MS="2000", COLLAB_AUTH_TIMEOUT_SECONDS="10")
     tab = Provider(version, f"ws://127.0.0.1:{service.port}")
     try:
         name = doc_name()

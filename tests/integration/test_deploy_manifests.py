@@ -400,10 +400,13 @@ def test_scaling_follows_what_each_service_can_do():
     assert hpas["channels-records"]["spec"]["maxReplicas"] > hpas["channels-records"]["spec"]["minReplicas"]
     assert by_kind(docs, "PodDisruptionBudget")["channels-records"]["spec"]["minAvailable"] >= 1
     assert by_kind(docs, "Service")["channels-records"]["spec"]["sessionAffinity"] == "ClientIP"
-    # collab holds live documents in one process: a single instance (README).
-    assert hpas["channels-collab"]["spec"]["maxReplicas"] == 1
-    assert deployments["channels-collab"]["spec"]["replicas"] == 1
-    assert deployments["channels-collab"]["spec"]["strategy"]["type"] == "Recreate"
+    # collab instances share documents through Redis: several, rolled one at a time.
+    assert hpas["channels-collab"]["spec"]["minReplicas"] >= 2
+    assert hpas["channels-collab"]["spec"]["maxReplicas"] > hpas["channels-collab"]["spec"]["minReplicas"]
+    assert deployments["channels-collab"]["spec"]["replicas"] >= 2
+    assert deployments["channels-collab"]["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert by_kind(docs, "PodDisruptionBudget")["channels-collab"]["spec"]["minAvailable"] >= 1
+    assert "sessionAffinity" not in by_kind(docs, "Service")["channels-collab"]["spec"]
     # bots: every subscriber posts every message, so exactly one.
     assert deployments["channels-bots"]["spec"]["replicas"] == 1
     assert deployments["channels-bots"]["spec"]["strategy"]["type"] == "Recreate"

@@ -8,6 +8,8 @@
 //   attach   {doc, token, user?, session?, key?}  open a document (user -> awareness
 //            state; session -> v4 session awareness; key -> name it for later commands)
 //   text     {doc, insert, at?}         insert into the Y.Text "body"
+//   delete   {doc, at, length}          delete from the Y.Text "body"
+//   type     {doc, chars}               insert each character as its own change (one update each)
 //   para     {doc, insert}              append <paragraph>insert</paragraph> to the Y.XmlFragment "default"
 //   read     {doc}                      -> {event: "content", text, xml, unsynced}
 //   awareness {doc}                     -> {event: "awareness", states: [{clientId, user}]}
@@ -113,6 +115,15 @@ rl.on("line", (line) => {
       case "text": {
         const text = providers.get(cmd.doc).document.getText("body");
         text.insert(cmd.at ?? text.length, cmd.insert);
+        break;
+      }
+      case "delete":
+        providers.get(cmd.doc).document.getText("body").delete(cmd.at, cmd.length);
+        break;
+      case "type": {
+        const text = providers.get(cmd.doc).document.getText("body");
+        for (const ch of cmd.chars) text.insert(text.length, ch);
+        emit({ event: "typed", doc: cmd.doc, count: cmd.chars.length });
         break;
       }
       case "para": {

@@ -70,9 +70,15 @@ class CollabSettings(CommonSettings):
     timeout_ms: int = Field(30000, validation_alias="COLLAB_TIMEOUT_MS")
     debounce_ms: int = Field(5000, validation_alias="COLLAB_DEBOUNCE_MS")
     max_debounce_ms: int = Field(30000, validation_alias="COLLAB_MAX_DEBOUNCE_MS")
-    # Bounds on the ephemeral draft store.
-    max_drafts: int = Field(10000, validation_alias="COLLAB_MAX_DRAFTS")
-    draft_max_idle_seconds: int = Field(86400, validation_alias="COLLAB_DRAFT_MAX_IDLE_SECONDS")
+    # Drafts live in Redis and expire this long after their last activity.
+    draft_ttl_seconds_set: int | None = Field(None, validation_alias="COLLAB_DRAFT_TTL_SECONDS")
+    # Deprecated alias of COLLAB_DRAFT_TTL_SECONDS (logged at startup when used).
+    draft_max_idle_seconds: int | None = Field(None, validation_alias="COLLAB_DRAFT_MAX_IDLE_SECONDS")
+    # Prefix of every collab key: Loomio's Redis is shared with Rails.
+    redis_prefix: str = Field("collab:", validation_alias="COLLAB_REDIS_PREFIX")
+    # Bytes of client updates applied but not yet in Redis, per process;
+    # beyond it the sockets of their documents are no longer read.
+    max_unacked_bytes: int = Field(64 * 1024 * 1024, validation_alias="COLLAB_MAX_UNACKED_BYTES")
     # Seconds to wait for Rails to answer an auth request.
     auth_timeout_seconds: float = Field(10.0, validation_alias="COLLAB_AUTH_TIMEOUT_SECONDS")
     max_frame_bytes: int = Field(10 * 1024 * 1024, validation_alias="COLLAB_MAX_FRAME_BYTES")
@@ -107,6 +113,14 @@ class CollabSettings(CommonSettings):
     @property
     def is_production(self) -> bool:
         return self.rails_env == "production"
+
+    @property
+    def draft_ttl_seconds(self) -> int:
+        if self.draft_ttl_seconds_set is not None:
+            return self.draft_ttl_seconds_set
+        if self.draft_max_idle_seconds is not None:
+            return self.draft_max_idle_seconds
+        return 86400
 
     @property
     def rails_base_url(self) -> str | None:

@@ -1,4 +1,4 @@
-"""Wiring of the collab service: settings -> draft store -> live documents ->
+"""Wiring of the collab service: settings -> cluster (Redis) -> live documents ->
 Rails authenticator -> a WebSocket endpoint at any path (providers connect to
 the base URL), plus /healthz, /readyz and /metrics. `channels-collab` runs it.
 """
@@ -21,6 +21,7 @@ from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSo
 from starlette.applications import Starlette
 
 from .client_address import scope_client_address
+from .cluster import Cluster
 from .connection import CONNECTION_TIMEOUT, RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
 from .documents import DocumentRegistry
 from .metrics import CollabMetrics
@@ -36,6 +37,9 @@ INTERNAL_ERROR = 1011
 MAX_CLIENT_BUFFER_BYTES = 32 * 1024 * 1024
 AWARENESS_SWEEP_SECONDS = 3.0
 DRAFT_SWEEP_SECONDS = 30.0
+# On SIGTERM, how long queued appends, awareness removals and compactions
+# may take to reach Redis before the sockets are closed anyway.
+DRAIN_FLUSH_SECONDS = 3.0
 # Sockets or documents a sweep handles per turn of the event loop: a sweep
 # over thousands must not hold up the updates arriving meanwhile.
 SWEEP_BATCH = 200
@@ -110,7 +114,9 @@ class CollabService:
     def __init__(self, settings: CollabSettings, metrics: CollabMetrics | None = None):
         self.settings = settings
         self.metrics = metrics or CollabMetrics()
-        self.store = DraftStore(settings.max_drafts, settings.draft_max_idle_seconds)
+        # Only the registry's fallback; drafts live in Redis (the cluster).
+        self.store = DraftStore(0, settings.draft_ttl_seconds)
+        self.cluster: Cluster | None = None
         self.limits = Limits(
             timeout_seconds=settings.timeout_ms / 1000,
             max_frame_bytes=settings.max_frame_bytes,
@@ -132,18 +138,40 @@ class CollabService:
         m = self.metrics
         m.open_sockets.set_function(lambda: len(self.sockets))
         m.loaded_documents.set_function(lambda: len(self.registry.docs) if self.registry else 0)
-        m.stored_drafts.set_function(lambda: len(self.store))
+
+    def readiness(self) -> tuple[bool, dict]:
+        """Ready when accepting sockets and Redis takes appends and reads."""
+        cluster = self.cluster
+        redis_ok = cluster is not None and cluster.healthy
+        return self.ready and redis_ok, {
+            "documents": len(self.registry.docs) if self.registry else 0,
+            "sockets": len(self.sockets),
+            "redis": redis_ok,
+            "unacked_updates": cluster.unacked_updates if cluster else 0,
+        }
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         s = self.settings
+        if s.draft_ttl_seconds_set is None and s.draft_max_idle_seconds is not None:
+            log.warning("COLLAB_DRAFT_MAX_IDLE_SECONDS is deprecated; use COLLAB_DRAFT_TTL_SECONDS",
+                        extra={"draft_ttl_seconds": s.draft_ttl_seconds})
+        self.cluster = Cluster(
+            s.redis_url,
+            prefix=s.redis_prefix,
+            ttl_seconds=s.draft_ttl_seconds,
+            max_unacked_bytes=s.max_unacked_bytes,
+            metrics=self.metrics,
+        )
         self.registry = DocumentRegistry(
             self.store,
             debounce_seconds=s.debounce_ms / 1000,
             max_debounce_seconds=s.max_debounce_ms / 1000,
             metrics=self.metrics,
             call_later=loop.call_later,
+            history=self.cluster,
         )
+        self.cluster.start()
         # An auth never outlives the connection deadline (see Connection.check).
         auth_timeout = min(s.auth_timeout_seconds, self.limits.timeout_seconds)
         self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=auth_timeout)
@@ -152,14 +180,13 @@ class CollabService:
         freeze_startup_objects()
         log.info(
             "collab ready",
-            extra={"rails": s.rails_base_url, "timeout_ms": s.timeout_ms, "debounce_ms": s.debounce_ms,
-                   "max_debounce_ms": s.max_debounce_ms},
+            extra={"rails": s.rails_base_url, "instance": self.cluster.instance, "redis_prefix": s.redis_prefix,
+                   "timeout_ms": s.timeout_ms, "debounce_ms": s.debounce_ms, "max_debounce_ms": s.max_debounce_ms},
         )
 
     async def _sweep(self) -> None:
         interval = min(1.0, self.limits.timeout_seconds / 4)
         last_awareness = last_drafts = time.monotonic()
-        reported_evictions = 0
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
@@ -170,13 +197,10 @@ class CollabService:
                 await _in_batches(
                     list(self.registry.docs.values()), lambda docs, at=now_ms: self.registry.expire_awareness(at, docs)
                 )
+                self.registry.unload_unused(now)
             if now - last_drafts >= DRAFT_SWEEP_SECONDS:
                 last_drafts = now
-                self.store.sweep()
-                # Every bound (count on store, idle age here or on read) counts.
-                if self.store.evicted > reported_evictions:
-                    self.metrics.drafts_evicted.inc(self.store.evicted - reported_evictions)
-                    reported_evictions = self.store.evicted
+                await self.cluster.refresh_ttls()
 
     def _check_sockets(self, conns: list[Connection], now: float) -> None:
         keepalive = self.keepalive
@@ -198,15 +222,24 @@ class CollabService:
         self.ready = False
         saved = self.registry.save_all() if self.registry else 0
         closing = list(self.sockets)
+        # Leaving removes each client's awareness, here and on the other
+        # instances (published to Redis), and compacts the documents.
         for conn in closing:
             conn.close(RESET_CONNECTION, "Reset Connection")
+        flushed = await self.cluster.flush(DRAIN_FLUSH_SECONDS) if self.cluster else True
         # Close frames are flushed by the transports as the server shuts them.
-        log.info("shutting down: documents stored, sockets closed", extra={"documents": saved, "sockets": len(closing)})
+        log.info(
+            "shutting down: documents stored, sockets closed",
+            extra={"documents": saved, "sockets": len(closing), "all_in_redis": flushed,
+                   "unacked_updates": self.cluster.unacked_updates if self.cluster else 0},
+        )
 
     async def stop(self) -> None:
         await self.drain()
         for task in self._tasks:
             task.cancel()
+        if self.cluster:
+            await self.cluster.stop()
         if self.authenticator:
             await self.authenticator.aclose()
 
@@ -289,8 +322,7 @@ def create_app(settings: CollabSettings | None = None) -> CollabApp:
     observe_service(service.metrics.registry, "collab", lambda: service.ready)
     routes = health_routes(
         service.metrics.registry,
-        lambda: (service.ready, {"documents": len(service.registry.docs) if service.registry else 0,
-                                 "sockets": len(service.sockets)}),
+        lambda: service.readiness(),
     )
     http = Starlette(routes=routes, lifespan=lifespan)
     http.state.service = service

@@ -92,6 +92,12 @@ class Session:
     def send(self, frame: bytes) -> None:
         self.connection.transport.send(frame)
 
+    def pause(self, reason: str) -> None:
+        self.connection.transport.pause_reading(reason)
+
+    def resume(self, reason: str) -> None:
+        self.connection.transport.resume_reading(reason)
+
 
 _KIND_NAMES = {
     p.ConnectionPing: "connection_ping",
@@ -248,6 +254,12 @@ class Connection:
             decision = Decision(False, detail="error")
         if self.closed:
             return
+        if decision.allowed:
+            # Loaded (from Redis) before Authenticated: the first sync sees
+            # the latest state. Frames keep queuing meanwhile.
+            await self.registry.prepare(name)
+            if self.closed:
+                return
         pending = self._release(address)
         if pending is None:
             return

@@ -2,6 +2,12 @@
 least one authenticated client, y-protocols sync against it, awareness relay,
 and fan-out of every change.
 
+With a `history` (the cluster, Redis) a document is loaded from Redis before
+its first client syncs, every client update is appended there and
+acknowledged only once appended, updates and awareness from other instances
+are applied here, and the debounced store is a compaction. Without one (unit
+tests) drafts go to the in-process `DraftStore` and acks are immediate.
+
 A broadcast frame is encoded once per distinct address (with no session
 awareness every peer shares the document name, so once per change) and the
 same bytes object is handed to every peer.
@@ -9,15 +15,19 @@ same bytes object is handed to every peer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from pycrdt import Awareness, Doc, get_state
+from redis.exceptions import RedisError
 
 from . import protocol as p
+from .cluster import Cluster
 from .metrics import CollabMetrics
+from .snapshot import Loaded
 from .store import Debounce, DraftStore
 
 log = logging.getLogger("channels.collab.documents")
@@ -27,6 +37,13 @@ log = logging.getLogger("channels.collab.documents")
 MAX_AWARENESS_CLIENTS_PER_PEER = 8
 # As y-protocols: a client whose awareness was not renewed for this long is gone.
 AWARENESS_OUTDATED_MS = 30_000
+# How long a load from Redis may take before the document opens without it
+# (degraded: it is merged in when Redis answers).
+LOAD_TIMEOUT_SECONDS = 3.0
+# A loaded document nobody opened (its client left during the load) goes after this.
+UNUSED_DOCUMENT_SECONDS = 10.0
+# Origin of awareness changes that came from another instance.
+REMOTE = "remote"
 
 
 class BadUpdate(ValueError):
@@ -40,6 +57,10 @@ class Peer(Protocol):
     readonly: bool
 
     def send(self, frame: bytes) -> None: ...
+
+    def pause(self, reason: str) -> None: ...
+
+    def resume(self, reason: str) -> None: ...
 
 
 def _crdt_call(fn: Callable, *args):
@@ -57,7 +78,7 @@ def _crdt_call(fn: Callable, *args):
 
 
 class LiveDocument:
-    __slots__ = ("_outbox", "_subs", "awareness", "debounce", "name", "peers", "timer", "ydoc")
+    __slots__ = ("_outbox", "_subs", "awareness", "debounce", "name", "peers", "timer", "unused_since", "ydoc")
 
     def __init__(self, name: str, debounce: Debounce):
         self.name = name
@@ -70,6 +91,7 @@ class LiveDocument:
         self.timer: Any = None
         self._outbox: list[bytes] = []
         self._subs: list = []
+        self.unused_since = time.monotonic()
 
     def state(self) -> bytes:
         return self.ydoc.get_update()
@@ -85,8 +107,14 @@ class DocumentRegistry:
         metrics: CollabMetrics | None = None,
         call_later: Callable[[float, Callable[[], None]], Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        history: Cluster | None = None,
     ):
         self.store = store
+        self.history = history
+        self._loading: dict[str, asyncio.Future] = {}
+        self._paused: set[Peer] = set()
+        if history is not None:
+            history.listener = self
         self.debounce_seconds = debounce_seconds
         self.max_debounce_seconds = max_debounce_seconds
         self.metrics = metrics
@@ -96,40 +124,91 @@ class DocumentRegistry:
 
     # ------------------------------------------------------------ lifecycle
 
+    async def prepare(self, name: str) -> None:
+        """Load `name` from Redis unless it is live here already; concurrent
+        callers share one load. Returns once `open` finds it loaded."""
+        if self.history is None or name in self.docs:
+            return
+        loading = self._loading.get(name)
+        if loading is None:
+            loading = self._loading[name] = asyncio.get_running_loop().create_task(self._load_remote(name))
+        await asyncio.shield(loading)
+
+    async def _load_remote(self, name: str) -> None:
+        history = self.history
+        loaded = None
+        try:
+            if not history.ever_failed or history.healthy:
+                loaded = await asyncio.wait_for(history.load(name), LOAD_TIMEOUT_SECONDS)
+        except (TimeoutError, RedisError, OSError) as exc:
+            log.warning("document not loaded from redis; opening it without (merged later)",
+                        extra={"document": name, "error": str(exc)[:200]})
+        finally:
+            self._loading.pop(name, None)
+        if name in self.docs:
+            return
+        doc = self._load(name, loaded)
+        if loaded is not None and loaded.updates:
+            self._changed(doc)  # its log has history to compact
+
     def open(self, name: str, peer: Peer) -> LiveDocument:
         doc = self.docs.get(name)
         if doc is None:
-            doc = self._load(name)
+            doc = self._load(name, None)
         doc.peers[peer] = set()
+        if self.history is not None and self.history.backpressured and self.history.pending_updates(name):
+            self._pause(peer)
         if doc.awareness.states:
             # As Hocuspocus: a new peer learns who is already there at once.
             clients = list(doc.awareness.states)
             peer.send(p.encode_awareness(peer.address, doc.awareness.encode_awareness_update(clients)))
         return doc
 
-    def _load(self, name: str) -> LiveDocument:
+    def _load(self, name: str, loaded: Loaded | None) -> LiveDocument:
         doc = LiveDocument(name, Debounce(self.debounce_seconds, self.max_debounce_seconds))
-        draft = self.store.get(name)
-        if draft is not None:
-            try:
-                doc.ydoc.apply_update(draft)
-            except Exception:  # our own encoding; never expected
-                log.exception("stored draft could not be applied; starting empty", extra={"document": name})
+        if self.history is None:
+            draft = self.store.get(name)
+            if draft is not None:
+                try:
+                    doc.ydoc.apply_update(draft)
+                except Exception:  # our own encoding; never expected
+                    log.exception("stored draft could not be applied; starting empty", extra={"document": name})
+        else:
+            if loaded is not None:
+                self._merge(doc, loaded)
+            self.history.track(name, loaded)
+            if loaded is not None:
+                # The instances already there tell us who is present.
+                self.history.publish_awareness(name, b"", kind=b"q")
         doc._subs.append(doc.ydoc.observe(lambda event: doc._outbox.append(event.update)))
         doc.awareness.observe(lambda topic, change: self._on_awareness(doc, topic, change))
         self.docs[name] = doc
-        log.debug("document loaded", extra={"document": name, "from_draft": draft is not None})
+        log.debug("document loaded", extra={"document": name, "from_redis": loaded is not None})
         return doc
+
+    def _merge(self, doc: LiveDocument, loaded: Loaded) -> None:
+        """Apply what Redis holds (hostile until applied: a bad entry is
+        logged and skipped) and this instance's updates not yet appended."""
+        parts = ([loaded.state] if loaded.state else []) + loaded.updates + self.history.pending_updates(doc.name)
+        for update in parts:
+            try:
+                self.apply(doc, update)
+            except BadUpdate as exc:
+                log.warning("update from redis could not be applied; skipped",
+                            extra={"document": doc.name, "error": str(exc)})
 
     def leave(self, doc: LiveDocument, peer: Peer) -> None:
         clients = doc.peers.pop(peer, None)
+        if peer in self._paused:
+            self._paused.discard(peer)
+            peer.resume("unacked")
         if clients is None:
             return
         if clients:
-            # Tell the remaining peers this client's cursor is gone.
+            # Tell the remaining peers (here and elsewhere) this client's cursor is gone.
             doc.awareness.remove_awareness_states(list(clients), None)
         if not doc.peers:
-            self._save(doc)
+            self._save(doc, leaving=True)
             self._unload(doc)
 
     def _unload(self, doc: LiveDocument) -> None:
@@ -141,19 +220,34 @@ class DocumentRegistry:
         doc._subs.clear()
         if self.docs.get(doc.name) is doc:
             del self.docs[doc.name]
+            if self.history is not None:
+                self.history.untrack(doc.name)
         log.debug("document unloaded", extra={"document": doc.name})
+
+    def unload_unused(self, now: float | None = None) -> int:
+        """Unload documents loaded for a client that left before opening them."""
+        now = time.monotonic() if now is None else now
+        unused = [d for d in self.docs.values() if not d.peers and now - d.unused_since > UNUSED_DOCUMENT_SECONDS]
+        for doc in unused:
+            self._save(doc, leaving=True)
+            self._unload(doc)
+        return len(unused)
 
     def save_all(self) -> int:
         for doc in list(self.docs.values()):
-            self._save(doc)
+            self._save(doc, leaving=True)
         return len(self.docs)
 
-    def _save(self, doc: LiveDocument) -> None:
-        self.store.put(doc.name, doc.state())
+    def _save(self, doc: LiveDocument, leaving: bool = False) -> None:
         doc.debounce.stored()
         if doc.timer is not None:
             doc.timer.cancel()
             doc.timer = None
+        if self.history is not None:
+            self.history.compact(doc.name, lambda: doc.state() if self.docs.get(doc.name) is doc or leaving else None,
+                                 lease=not leaving)
+            return
+        self.store.put(doc.name, doc.state())
         if self.metrics:
             self.metrics.drafts_saved.inc()
 
@@ -189,22 +283,92 @@ class DocumentRegistry:
             applied = msg.step == p.SyncStep.STEP2 and self._adds_nothing(doc, msg.payload)
             peer.send(p.encode_sync_status(address, applied))
             return
-        self.apply(doc, msg.payload, origin=peer)
-        peer.send(p.encode_sync_status(address, True))
-
-    def apply(self, doc: LiveDocument, update: bytes, origin: Peer | None = None) -> None:
-        if update == p.EMPTY_UPDATE:
+        changed = self.apply(doc, msg.payload, origin=peer)
+        history = self.history
+        if history is None:
+            peer.send(p.encode_sync_status(address, True))
             return
+        # Appended as the client sent it when it changed anything (or waits
+        # here for missing structs); else the ack only waits for the appends
+        # before it, which may hold what this update repeats.
+        record = changed or (msg.payload != p.EMPTY_UPDATE and not self._adds_nothing(doc, msg.payload))
+        history.append(doc.name, msg.payload if record else None,
+                       lambda: peer.send(p.encode_sync_status(address, True)))
+        if history.backpressured and peer not in self._paused:
+            self._pause(peer)
+
+    def apply(self, doc: LiveDocument, update: bytes, origin: Peer | None = None) -> bool:
+        """Apply and fan out `update`; True when it changed the document."""
+        if update == p.EMPTY_UPDATE:
+            return False
         doc._outbox.clear()
         _crdt_call(doc.ydoc.apply_update, update)
         if not doc._outbox:
-            return  # a duplicate, or structs waiting for missing ones
+            return False  # a duplicate, or structs waiting for missing ones
         emitted = doc._outbox[:]
         doc._outbox.clear()
         for change in emitted:
             # The origin already has it; every other peer gets the same bytes.
             self._broadcast(doc, lambda address, u=change: p.encode_update(address, u), exclude=origin)
         self._changed(doc)
+        return True
+
+    # ------------------------------------------------ from other instances
+
+    def remote_updates(self, name: str, updates: list[bytes]) -> None:
+        doc = self.docs.get(name)
+        if doc is None:
+            return
+        for update in updates:
+            try:
+                self.apply(doc, update)
+            except BadUpdate as exc:
+                log.warning("update from redis could not be applied; skipped",
+                            extra={"document": name, "error": str(exc)})
+
+    def reload(self, name: str, loaded: Loaded) -> None:
+        doc = self.docs.get(name)
+        if doc is not None:
+            self._merge(doc, loaded)
+            # Redis may have lost data: the next compaction writes all of it back.
+            self._changed(doc)
+
+    def remote_awareness(self, name: str, update: bytes) -> None:
+        doc = self.docs.get(name)
+        if doc is not None:
+            self._apply_remote_awareness(doc, update)
+
+    def _apply_remote_awareness(self, doc: LiveDocument, update: bytes) -> None:
+        try:
+            p.decode_awareness_update(update)
+            doc.awareness.apply_awareness_update(update, REMOTE)
+        except (p.ProtocolError, ValueError) as exc:  # hostile bytes from Redis
+            log.warning("awareness update from redis could not be applied; skipped",
+                        extra={"document": doc.name, "error": str(exc)[:200]})
+
+    def awareness_query(self, name: str) -> None:
+        doc = self.docs.get(name)
+        if doc is None:
+            return
+        local = set().union(*doc.peers.values()) if doc.peers else set()
+        local &= set(doc.awareness.states)
+        if local:
+            self.history.publish_awareness(name, doc.awareness.encode_awareness_update(list(local)))
+
+    def backpressure(self, on: bool, names) -> None:
+        if on:
+            for name in names:
+                doc = self.docs.get(name)
+                for peer in list(doc.peers) if doc else ():
+                    self._pause(peer)
+        else:
+            paused, self._paused = self._paused, set()
+            for peer in paused:
+                peer.resume("unacked")
+
+    def _pause(self, peer: Peer) -> None:
+        self._paused.add(peer)
+        peer.pause("unacked")
 
     @staticmethod
     def _adds_nothing(doc: LiveDocument, update: bytes) -> bool:
@@ -243,9 +407,14 @@ class DocumentRegistry:
             clients.update(added)
             clients.difference_update(removed)
         changed = added + updated + removed
-        if not changed or not doc.peers:
+        if not changed:
             return
         payload = doc.awareness.encode_awareness_update(changed)
+        if self.history is not None and origin != REMOTE and origin != "timeout":
+            # Each instance expires what it stops hearing; only news from here travels.
+            self.history.publish_awareness(doc.name, payload)
+        if not doc.peers:
+            return
         # Sent to the origin too: providers count it as a sign of life.
         self._broadcast(doc, lambda address: p.encode_awareness(address, payload))
 

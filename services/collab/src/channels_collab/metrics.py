@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from .protocol import MessageType
 from .rails import ALLOWED, ERROR, RAILS_TIMEOUT, Decision
@@ -18,7 +18,10 @@ class CollabMetrics:
         r = self.registry
         self.open_sockets = Gauge("collab_open_sockets", "WebSockets open", registry=r)
         self.loaded_documents = Gauge("collab_loaded_documents", "Documents live in memory", registry=r)
-        self.stored_drafts = Gauge("collab_stored_drafts", "Drafts held in the ephemeral store", registry=r)
+        self.stored_drafts = Gauge(
+            "collab_stored_drafts", "Documents whose draft this instance wrote to Redis, within the draft TTL",
+            registry=r,
+        )
         self.auth = Counter(
             "collab_auth_total",
             "Document auth decisions: result (allowed, denied, refused_name) and cause (allowed, rails_denied, "
@@ -28,10 +31,34 @@ class CollabMetrics:
         )
         self.frames = Counter("collab_frames_total", "Frames received, by message type", ["type"], registry=r)
         self.closes = Counter("collab_closes_total", "Sockets closed by the server, by close code", ["code"], registry=r)
-        self.drafts_saved = Counter("collab_drafts_saved_total", "Document states written to the store", registry=r)
-        self.drafts_evicted = Counter(
-            "collab_drafts_evicted_total", "Drafts dropped by the count or idle-age bound", registry=r
+        self.drafts_saved = Counter(
+            "collab_drafts_saved_total", "Document snapshots written to Redis (compactions that moved it)", registry=r
         )
+        # Cluster: the document's history in Redis.
+        self.updates_appended = Counter(
+            "collab_updates_appended_total", "Client updates appended to the documents' Redis streams", registry=r
+        )
+        self.unacked_updates = Gauge(
+            "collab_unacked_updates", "Client updates applied here and not yet in Redis (not acknowledged)", registry=r
+        )
+        self.unacked_bytes = Gauge("collab_unacked_bytes", "Bytes of those updates", registry=r)
+        self.receive_lag = Histogram(
+            "collab_receive_lag_seconds", "From another instance's append to its update being applied here",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.gap_reloads = Counter(
+            "collab_gap_reloads_total", "Documents reloaded because this instance fell behind the trimmed history",
+            registry=r,
+        )
+        self.compactions = Counter(
+            "collab_compactions_total", "Compaction attempts (written, stale, leased_elsewhere, failed)", ["result"],
+            registry=r,
+        )
+        self.documents_loaded = Counter(
+            "collab_documents_loaded_total", "Document loads from Redis (snapshot and log tail)", registry=r
+        )
+        self.redis_up = Gauge("collab_redis_up", "1 while appends and the reader work", registry=r)
         self.throttled = Counter(
             "collab_throttled_total", "Connection attempts refused with 429 by the attempt throttle", registry=r
         )
