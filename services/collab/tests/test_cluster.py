@@ -11,7 +11,7 @@ from channels_collab.cluster import Cluster
 from channels_collab.documents import DocumentRegistry
 from channels_collab.snapshot import APPEND_SCRIPT, Keys, parse_id
 from channels_collab.store import DraftStore
-from channels_common.redis_server import free_port
+from channels_dev.redis_server import free_port
 from pycrdt import Doc, Text
 
 
