@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from channels_common.wsframe import OP_TEXT, frame_header, text_frame
 
+from tests.support import MASK_KEY, masked
+
 
 def test_rfc_example_single_frame_unmasked_text():
     # RFC 6455 5.7: "A single-frame unmasked text message" containing "Hello".
@@ -50,21 +52,9 @@ from channels_common.wsframe import (
     WebSocketProtocolError,
     close_frame,
     pong_frame,
-    unmask,
 )
 
-KEY = bytes.fromhex("37fa213d")
-
-
-def masked(first: int, payload: bytes, key: bytes = KEY) -> bytes:
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + key + unmask(payload, key)
+KEY = MASK_KEY
 
 
 def test_rfc_example_masked_hello():
