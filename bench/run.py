@@ -33,7 +33,7 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
 sys.path.insert(0, str(ROOT))
 
 import httpx
-from channels_common.redis_server import start_local_redis
+from channels_dev.redis_server import start_local_redis
 
 from bench import profile_summary, report
 from bench.collab_bench import CollabConfig, run_collab, run_collab_cluster

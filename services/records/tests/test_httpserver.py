@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
-
 import logging
+import types
 
 import uvicorn
 from channels_common.wsserver import LeanWebSocketProtocol
 from channels_records.httpserver import RecordsHttpProtocol
 from channels_records.polling import Cors, Polling
 from channels_records.sockets import Engine
+
+from tests.support import settle
 
 ORIGIN = b"https://app.test"
 
@@ -87,11 +88,6 @@ async def asgi_app(scope, receive, send):
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": path[-2:].encode()})
-
-
-async def settle():
-    for _ in range(10):
-        await asyncio.sleep(0)
 
 
 def make(max_payload=1000):
