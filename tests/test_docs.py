@@ -27,7 +27,7 @@ def anchors(page: Path) -> set[str]:
 
 
 def links(page: Path) -> list[str]:
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.DOTALL)
     return [target for target in LINK.findall(text) if "://" not in target and not target.startswith("mailto:")]
 
 

@@ -202,6 +202,7 @@ async def test_other_requests_are_served_by_the_application():
         b"HTTP/1.1 201 Created", b"hello", b"POST", b"a=1", b"127.0.0.1")
     assert (s2, b2) == (b"HTTP/1.1 200 OK", b"yz")
     # HEAD: the length of what GET would send, no body
+    assert s3 == b"HTTP/1.1 201 Created" and h3[b"x-method"] == b"HEAD"
     assert h3[b"content-length"] == b"3" and b3 == b"" and t.data == b""
 
 
