@@ -3,11 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PACKAGES := -e libs/common[sentry] -e services/records -e services/collab -e services/bots
+# Development-only tools (channels-dev-rails, a private Redis): .venv only,
+# never the images. Installed after PACKAGES: channels-dev-rails once came
+# with channels-common, whose upgrade in an older .venv would delete it.
+DEV_PACKAGES := -e libs/dev
 # Hashed, pinned locks (locks/*.txt, refreshed by `make lock`): dev.txt is
 # what .venv holds, <service>.txt what that service's image holds. They
 # resolve from uv's default index for Python 3.11 and 3.12 (--universal), and omit our own
 # packages, which are installed after them with --no-deps.
-OURS := channels-common channels-records channels-collab channels-bots
+OURS := channels-common channels-dev channels-records channels-collab channels-bots
 UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
 	--custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
@@ -16,10 +20,11 @@ UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate
 
 install: $(BIN)/.installed node
 
-$(BIN)/.installed: locks/dev.txt libs/common/pyproject.toml services/*/pyproject.toml
+$(BIN)/.installed: locks/dev.txt libs/*/pyproject.toml services/*/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --require-hashes -r locks/dev.txt
 	$(BIN)/pip install -q --no-deps $(PACKAGES)
+	$(BIN)/pip install -q --no-deps $(DEV_PACKAGES)
 	$(BIN)/pip check
 	touch $@
 

@@ -15,7 +15,7 @@ import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
 
-from channels_common.redis_server import LocalRedis, start_local_redis
+from channels_dev.redis_server import LocalRedis, start_local_redis
 
 log = logging.getLogger("tests")
 

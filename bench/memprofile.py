@@ -27,7 +27,7 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
 sys.path.insert(0, str(ROOT))
 
 from channels_common.redis import create_redis
-from channels_common.redis_server import start_local_redis
+from channels_dev.redis_server import start_local_redis
 
 from bench.processes import NodeDriver, Server, free_port
 from bench.procstat import settled_rss

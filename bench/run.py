@@ -33,7 +33,7 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
 sys.path.insert(0, str(ROOT))
 
 import httpx
-from channels_common.redis_server import start_local_redis
+from channels_dev.redis_server import start_local_redis
 
 from bench import profile_summary, report
 from bench.collab_bench import CollabConfig, run_collab, run_collab_cluster
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--settle-seconds", type=float, help="quiet time before memory readings (default 2)")
     p.add_argument("--out", default=str(BENCH / "results"), help="directory for JSON, Markdown and PNG")
     p.add_argument("--update-readme", action="store_true",
-                   help="replace the results tables in README.md (between the bench-results markers)")
+                   help="replace the results tables in docs/benchmarks.md (between the bench-results markers)")
     p.add_argument("--profile", action="store_true",
                    help="record py-spy profiles of our servers (records: rate steps; collab: load and edits)")
     return p.parse_args(argv)
@@ -466,19 +466,19 @@ async def main_async(args) -> int:
 README_START, README_END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 
 
-def update_readme(tables: str, results: dict, readme: Path = ROOT / "README.md") -> None:
-    """Swap in the new tables and their date line; the rest of README.md is others'."""
+def update_readme(tables: str, results: dict, readme: Path = ROOT / "docs" / "benchmarks.md") -> None:
+    """Swap in the new tables and their date line; the rest of the page is others'."""
     text = readme.read_text()
     start, end = text.find(README_START), text.find(README_END)
     if start < 0 or end < start:
-        log("README.md has no bench-results markers; not updated")
+        log(f"{readme.name} has no bench-results markers; not updated")
         return
     command = "make bench" + (f' BENCH_ARGS="{results["command"][len("python bench/run.py "):]}"'
                               if results["command"] != "python bench/run.py" else "")
     when = results["date"].replace("T", " ")[:16] + " UTC"
     body = f"`{command}`, {when}:\n\n{tables}\n"
     readme.write_text(text[: start + len(README_START)] + "\n" + body + text[end:])
-    log("updated the results in README.md")
+    log(f"updated the results in {readme}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "libs/common/src"))
+sys.path.insert(0, str(ROOT / "libs/dev/src"))
 
-from channels_common.redis_server import LocalRedis, server_binary
+from channels_dev.redis_server import LocalRedis, server_binary
 
 BIN = Path(sys.executable).parent
 

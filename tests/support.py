@@ -1,7 +1,11 @@
-"""Helpers shared by the tests: service processes, Node clients, ports."""
+"""Helpers shared by every test folder (libs/*/tests, services/*/tests,
+tests/): waits, fakes (a clock, an asyncio transport and websocket
+protocol, masked client frames), ports, service processes, Node clients.
+Service tests import it as `tests.support` (pytest's rootdir is on sys.path)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -26,7 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# -- waits -------------------------------------------------------------------
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    """The first truthy value of `predicate()`, polled from a blocking test."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -34,6 +42,125 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.01, what: str = "condition"):
+    """The first truthy value of `predicate()`, polled from a coroutine (the
+    event loop runs meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)
+
+
+async def settle(rounds: int = 10) -> None:
+    """Let callbacks and tasks that are ready run, without waiting on time."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+# -- fakes -------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock the test moves: call it for the time, `advance` it by seconds.
+    `per_second` is its units per second (1000: an integer millisecond clock)."""
+
+    def __init__(self, start: float = 0.0, *, per_second: int = 1):
+        self.now = start
+        self.per_second = per_second
+
+    def __call__(self):
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        step = seconds * self.per_second
+        self.now += int(step) if isinstance(self.now, int) else step
+
+
+class FakeTransport:
+    """An asyncio transport that keeps what is written: `out` (every byte;
+    `take()` drains it) and `writes` (each buffer, as given). With
+    `reads=False` the peer reads nothing: `buffer` (which a test may clear,
+    as a client reading would) is what get_write_buffer_size reports."""
+
+    PEER = ("127.0.0.1", 5555)
+    SOCK = ("127.0.0.1", 5000)
+
+    def __init__(self, *, reads: bool = True):
+        self.reads = reads
+        self.out = bytearray()
+        self.writes: list = []
+        self.buffer = bytearray()
+        self.closed = False
+        self.aborted = False
+        self.paused = False
+
+    def write(self, data) -> None:
+        self.out += data
+        self.writes.append(data)
+        if not self.reads:
+            self.buffer += data
+
+    def get_write_buffer_size(self) -> int:
+        return 0 if self.reads else len(self.buffer)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": self.PEER, "sockname": self.SOCK}.get(name, default)
+
+    def take(self) -> bytes:
+        data, self.out = bytes(self.out), bytearray()
+        return data
+
+
+class FakeProtocol:
+    """The websocket protocol a service's socket transport drives: its
+    `transport` and the (code, reason) of each close asked of it."""
+
+    def __init__(self, transport: FakeTransport | None = None):
+        self.transport = transport if transport is not None else FakeTransport()
+        self.closed_with: list[tuple[int, str]] = []
+
+    def close(self, code: int, reason: str = "") -> None:
+        self.closed_with.append((code, reason))
+
+
+MASK_KEY = bytes.fromhex("37fa213d")
+
+
+def masked(first: int, payload: bytes, key: bytes = MASK_KEY) -> bytes:
+    """A client frame (clients mask, RFC 6455 5.3): first byte, length, key, payload."""
+    n = len(payload)
+    if n < 126:
+        head = bytes((first, 0x80 | n))
+    elif n < 65536:
+        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
+    mask = (key * (n // 4 + 1))[:n]
+    return head + key + bytes(a ^ b for a, b in zip(payload, mask, strict=True))
+
+
+# -- processes ---------------------------------------------------------------
 
 
 @dataclass

@@ -3,7 +3,7 @@ checked against the installed release, so that an upgrade fails here, first
 and loudly, naming our file that depends on it.
 
 CONTRACTS below is the complete list (a test keeps it so: any `obj._name`
-in libs/common/src or services/*/src that our code does not define must be
+in libs/*/src or services/*/src that our code does not define must be
 listed, and every listed name must still be used by the files listed).
 Names without a leading underscore that are still internal (uvicorn's
 Config.loaded_app, ServerState, the protocol-class constructor) cannot be
@@ -40,7 +40,7 @@ HTTPSERVER = "services/records/src/channels_records/httpserver.py"
 
 
 def _sources() -> list[Path]:
-    roots = [ROOT / "libs/common/src", *sorted((ROOT / "services").glob("*/src"))]
+    roots = [ROOT / "libs/common/src", ROOT / "libs/dev/src", *sorted((ROOT / "services").glob("*/src"))]
     return [f for r in roots for f in sorted(r.rglob("*.py"))]
 
 

@@ -13,7 +13,7 @@ import pytest
 from channels_common.publish import publish_chatbot, publish_chatbot_test
 
 from tests.integration.synapse import SERVER_NAME, MatrixUser, Synapse
-from tests.support import ServiceProcess, free_port
+from tests.support import ServiceProcess, free_port, until
 
 # The test that first needs the homeserver pays for installing Synapse into
 # its cache (about 45 s, longer on a slow network); the tests themselves bound
@@ -78,25 +78,14 @@ def at_least(count: int, items: list) -> list | None:
     return items if len(items) >= count else None
 
 
-async def eventually(check, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.2)
-
-
 async def settled(service: ServiceProcess, expected: dict[str, float]) -> dict[str, float]:
     """The service's metrics once they show `expected`: a message can be seen
     in the room a moment before the service has counted it or closed its
     client."""
-    await eventually(
+    await until(
         lambda: all(service.metrics().get(key) == value for key, value in expected.items()),
         10,
-        what=f"metrics {expected}",
+        interval=0.2, what=f"metrics {expected}",
     )
     return service.metrics()
 
@@ -115,9 +104,9 @@ async def test_a_test_message_arrives_as_a_notice_and_its_client_is_closed(world
     service = bots()
     bot = world.bots[0]
     await publish_chatbot_test(redis, world.hs.url, bot.access_token, world.aliases[0], "Loomio says hello")
-    events = await eventually(
+    events = await until(
         lambda: [e for e in world.read(world.rooms[0]) if e["content"].get("body") == "Loomio says hello"],
-        what="the test notice",
+        timeout=30, interval=0.2, what="the test notice",
     )
     assert len(events) == 1
     assert events[0]["sender"] == bot.user_id
@@ -133,9 +122,9 @@ async def test_a_publish_arrives_with_html_and_a_plain_text_body(world, bots, re
         "<ul><li>Vote by Friday</li><li>Bring &amp; share</li></ul>"
     )
     await publish_chatbot(redis, world.hs.url, world.bots[1].access_token, world.rooms[1], html)
-    events = await eventually(
+    events = await until(
         lambda: [e for e in world.read(world.rooms[1]) if e["content"].get("formatted_body") == html],
-        what="the published message",
+        timeout=30, interval=0.2, what="the published message",
     )
     content = events[0]["content"]
     assert events[0]["sender"] == world.bots[1].user_id
@@ -160,7 +149,7 @@ async def test_sixty_publishes_across_three_rooms_and_two_bots_arrive_in_order_o
     def ours(room_id: str) -> list[str]:
         return [b for b in world.bodies(room_id) if b.startswith(run)]
 
-    await eventually(lambda: sum(len(ours(r)) for r in world.rooms) >= 60, 60, what="60 messages")
+    await until(lambda: sum(len(ours(r)) for r in world.rooms) >= 60, 60, interval=0.2, what="60 messages")
     for room_id, bodies in expected.items():
         # Both bots post to every room; the room still sees Rails' order.
         assert ours(room_id) == bodies
@@ -175,10 +164,10 @@ async def test_a_hard_rate_limit_delays_but_loses_nothing(world, bots, redis):
     bodies = [f"{run}-{i:02d}" for i in range(10)]
     for body in bodies:
         await publish_chatbot(redis, world.hs.url, world.limited.access_token, world.aliases[1], body)
-    got = await eventually(
+    got = await until(
         lambda: at_least(10, [x for x in world.bodies(world.rooms[1], world.limited) if x.startswith(run)]),
         timeout=90,
-        what="every rate-limited message",
+        interval=0.2, what="every rate-limited message",
     )
     assert got == bodies
     metrics = await settled(service, {'bots_messages_sent_total{kind="publish"}': 10})
@@ -196,8 +185,8 @@ async def test_wrong_token_unknown_alias_and_foreign_room_are_reported_and_later
     await publish_chatbot_test(redis, world.hs.url, wrong, world.aliases[0], f"{run}-test-wrong-token")
     await publish_chatbot(redis, world.hs.url, bot.access_token, world.aliases[0], f"<p>{run}-valid</p>")
 
-    await eventually(lambda: f"{run}-valid" in world.bodies(world.rooms[0]), what="the valid message")
-    await eventually(lambda: len(dropped_lines(service)) >= 4, 10, what="four failure reports")
+    await until(lambda: f"{run}-valid" in world.bodies(world.rooms[0]), timeout=30, interval=0.2, what="the valid message")
+    await until(lambda: len(dropped_lines(service)) >= 4, 10, interval=0.2, what="four failure reports")
     reasons = sorted(line["reason"] for line in dropped_lines(service))
     assert reasons == ["not_in_room", "unknown_alias", "unknown_token", "unknown_token"]
     assert not any(b.startswith(run) for b in world.bodies(world.closed_room))
@@ -236,7 +225,7 @@ async def test_malformed_payloads_are_logged_once_each_and_dropped(world, bots, 
         await redis.publish(channel, data)
     await publish_chatbot(redis, world.hs.url, token, world.aliases[2], f"{run}-after the junk")
 
-    await eventually(lambda: f"{run}-after the junk" in world.bodies(world.rooms[2]), what="the valid message")
+    await until(lambda: f"{run}-after the junk" in world.bodies(world.rooms[2]), timeout=30, interval=0.2, what="the valid message")
     lines = dropped_lines(service)
     assert len(lines) == len(bad)
     assert sorted(line["reason"] for line in lines) == sorted(

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import redis as redis_sync
 from channels_collab.snapshot import APPEND_SCRIPT
-from channels_common.redis_server import start_local_redis
+from channels_dev.redis_server import start_local_redis
 from pycrdt import Doc, Text
 
 from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token

@@ -8,7 +8,8 @@ import subprocess
 
 import httpx
 import pytest
-from channels_common import dev_rails, healthcheck
+from channels_common import healthcheck
+from channels_dev import dev_rails
 
 from tests.support import VENV_BIN, ServiceProcess, free_port, wait_for
 

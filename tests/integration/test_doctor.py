@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import redis as redis_sync
-from channels_common.redis_server import start_local_redis
+from channels_dev.redis_server import start_local_redis
 
 from tests.support import VENV_BIN, ServiceProcess, free_port
 

@@ -14,6 +14,7 @@ import struct
 import pytest
 
 from tests.integration.records_support import Rails, RawWebSocket, SioClients, start_records
+from tests.support import masked as masked_frame
 from tests.support import wait_for
 
 
@@ -62,9 +63,7 @@ def frame(first: int, payload: bytes, masked: bool = True) -> bytes:
         length = bytes([127]) + struct.pack("!Q", n)
     if not masked:
         return bytes([first]) + length + payload
-    key = os.urandom(4)
-    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-    return bytes([first, 0x80 | length[0]]) + length[1:] + key + body
+    return masked_frame(first, payload)
 
 
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:

@@ -44,7 +44,7 @@ def test_our_decoders_agree_with_the_reference_parsers():
         node.close()
     for wire, ref in zip(SOCKETIO_WIRES, reference["socketio"], strict=True):
         if "error" in ref:
-            with pytest.raises(sio.ParseError) as err:
+            with pytest.raises(sio.SocketIOProtocolError) as err:
                 sio.decode(wire)
             assert str(err.value) == ref["error"], wire
         else:
@@ -57,7 +57,7 @@ def test_our_decoders_agree_with_the_reference_parsers():
              "message": eio.MESSAGE, "upgrade": eio.UPGRADE, "noop": eio.NOOP}
     for wire, ref in zip(ENGINEIO_WIRES, reference["engineio"], strict=True):
         if ref["type"] == "error":
-            with pytest.raises(eio.ParseError):
+            with pytest.raises(eio.EngineIOProtocolError):
                 eio.decode_packet(wire)
             continue
         ours = eio.decode_packet(wire)

@@ -56,3 +56,18 @@ def test_cli_writes_token(redis_url, redis_sync_client):
     assert publish_main(["--redis-url", redis_url, "token", "t1", "--user-id", "3", "--group", "9"]) == 0
     assert json.loads(redis_sync_client.get("/current_users/t1")) == {"name": "", "group_ids": [9], "id": 3}
     assert publish_main(["--redis-url", redis_url, "notice", "{bad"]) == 2
+
+
+def test_cli_reads_redis_url_and_matrix_token_from_the_environment(redis_url, redis_sync_client, monkeypatch, capsys):
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("MATRIX_ACCESS_TOKEN", raising=False)
+    assert publish_main(["chatbot-test", "https://hs.example", "#r:hs.example", "hi"]) == 2
+    assert "MATRIX_ACCESS_TOKEN" in capsys.readouterr().err
+    monkeypatch.setenv("MATRIX_ACCESS_TOKEN", "syt_secret")
+    pubsub = redis_sync_client.pubsub()
+    pubsub.subscribe("chatbot/test")
+    pubsub.get_message(timeout=2)  # the subscribe confirmation
+    assert publish_main(["chatbot-test", "https://hs.example", "#r:hs.example", "hi"]) == 0
+    message = pubsub.get_message(timeout=2)
+    pubsub.close()
+    assert json.loads(message["data"])["access_token"] == "syt_secret"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from channels_common.resp import ProtocolError, ReplyError, ReplyReader, pack_command
+from channels_common.resp import ReplyError, ReplyReader, RespProtocolError, pack_command
 
 
 def test_pack_command_byte_vectors():
@@ -86,12 +86,12 @@ def test_error_code():
     ],
 )
 def test_garbage_is_a_protocol_error(wire):
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RespProtocolError):
         ReplyReader(max_bulk=64).feed(wire)
 
 
 def test_an_endless_line_is_a_protocol_error():
     reader = ReplyReader()
     reader.feed(b"+" + b"x" * 1000)  # incomplete so far, kept
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RespProtocolError):
         reader.feed(b"x" * 70_000)

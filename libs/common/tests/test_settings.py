@@ -74,3 +74,14 @@ def test_collab_throttle_is_off_by_default_and_trusted_proxies_parse(monkeypatch
 def test_bots_defaults(monkeypatch):
     monkeypatch.delenv("PORT", raising=False)
     assert BotsSettings().port == 5002
+
+
+def test_publish_settings_keep_the_matrix_token_secret(monkeypatch):
+    from channels_common.settings import PublishSettings
+
+    monkeypatch.setenv("MATRIX_ACCESS_TOKEN", "syt_secret")
+    monkeypatch.setenv("REDIS_URL", "redis://elsewhere:6379/2")
+    s = PublishSettings()
+    assert s.redis_url == "redis://elsewhere:6379/2"
+    assert s.matrix_access_token.get_secret_value() == "syt_secret"
+    assert "syt_secret" not in repr(s)

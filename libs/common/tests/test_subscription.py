@@ -8,13 +8,7 @@ import logging
 
 from channels_common.redis import Message, Subscription, create_redis
 
-
-async def until(predicate, timeout: float = 10.0, what: str = "condition"):
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
+from tests.support import until
 
 
 async def publish_burst(redis, n: int) -> None:

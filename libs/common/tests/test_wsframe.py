@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 from channels_common.wsframe import OP_TEXT, frame_header, text_frame
 
+from tests.support import MASK_KEY, masked
+
 
 def test_rfc_example_single_frame_unmasked_text():
     # RFC 6455 5.7: "A single-frame unmasked text message" containing "Hello".
@@ -47,24 +49,12 @@ from channels_common.wsframe import (
     FrameParser,
     Message,
     Ping,
-    ProtocolError,
+    WebSocketProtocolError,
     close_frame,
     pong_frame,
-    unmask,
 )
 
-KEY = bytes.fromhex("37fa213d")
-
-
-def masked(first: int, payload: bytes, key: bytes = KEY) -> bytes:
-    n = len(payload)
-    if n < 126:
-        head = bytes((first, 0x80 | n))
-    elif n < 65536:
-        head = bytes((first, 0x80 | 126)) + n.to_bytes(2, "big")
-    else:
-        head = bytes((first, 0x80 | 127)) + n.to_bytes(8, "big")
-    return head + key + unmask(payload, key)
+KEY = MASK_KEY
 
 
 def test_rfc_example_masked_hello():
@@ -74,7 +64,7 @@ def test_rfc_example_masked_hello():
 
 def test_rfc_example_fragmented_unmasked_is_refused_but_masked_fragments_join():
     p = FrameParser(100)
-    with pytest.raises(ProtocolError) as e:
+    with pytest.raises(WebSocketProtocolError) as e:
         p.feed(bytes.fromhex("010348656c"))  # RFC 5.7 fragment, unmasked: not from a client
     assert e.value.code == 1002
     p = FrameParser(100)
@@ -104,7 +94,7 @@ def test_close_frames():
     assert FrameParser(10).feed(masked(0x88, b"\x03\xe8bye") + masked(0x81, b"late")) == [Close(1000, "bye")]
     assert FrameParser(10).feed(masked(0x88, (4000).to_bytes(2, "big"))) == [Close(4000)]
     for payload, code in [(b"\x03", 1002), (b"\x03\xed", 1002), (b"\x00\x00", 1002), (b"\x03\xe8\xff", 1007)]:
-        with pytest.raises(ProtocolError) as e:
+        with pytest.raises(WebSocketProtocolError) as e:
             FrameParser(10).feed(masked(0x88, payload))
         assert e.value.code == code
 
@@ -126,13 +116,13 @@ def test_close_frames():
     ],
 )
 def test_protocol_errors(frame, code):
-    with pytest.raises(ProtocolError) as e:
+    with pytest.raises(WebSocketProtocolError) as e:
         FrameParser(10).feed(frame)
     assert e.value.code == code
 
 
 def test_too_big_is_refused_from_the_header_before_the_payload_arrives():
-    with pytest.raises(ProtocolError) as e:
+    with pytest.raises(WebSocketProtocolError) as e:
         FrameParser(1000).feed(bytes((0x82, 0xFF)) + (2**40).to_bytes(8, "big"))
     assert e.value.code == 1009
 
@@ -230,7 +220,7 @@ def test_every_three_way_split_of_a_small_fragmented_message():
 )
 def test_errors_are_the_same_wherever_the_reads_are_cut(frame, code):
     for i in range(len(frame) + 1):
-        with pytest.raises(ProtocolError) as e:
+        with pytest.raises(WebSocketProtocolError) as e:
             feed_all(FrameParser(10), [frame[:i], frame[i:]])
         assert e.value.code == code, i
 
@@ -240,6 +230,6 @@ def test_too_big_is_refused_on_the_last_header_byte_when_the_header_trickles_in(
     p = FrameParser(1000)
     for byte in header[:-1]:
         assert p.feed(bytes([byte])) == []
-    with pytest.raises(ProtocolError) as e:
+    with pytest.raises(WebSocketProtocolError) as e:
         p.feed(header[-1:])
     assert e.value.code == 1009

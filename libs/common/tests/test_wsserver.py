@@ -4,11 +4,12 @@ data_received, bytes out of a recording transport, a small ASGI app."""
 from __future__ import annotations
 
 import asyncio
-import os
 import types
 
 from channels_common import wsframe
 from channels_common.wsserver import MAX_INBOX, LeanWebSocketProtocol
+
+from tests.support import FakeTransport, masked, settle
 
 REQUEST = (
     b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -16,56 +17,13 @@ REQUEST = (
 )
 
 
-class Transport:
-    def __init__(self):
-        self.out = bytearray()
-        self.closed = False
-        self.aborted = False
-        self.paused = False
-
-    def write(self, data):
-        self.out += data
-
-    def close(self):
-        self.closed = True
-
-    def abort(self):
-        self.aborted = True
-
-    def is_closing(self):
-        return self.closed or self.aborted
-
-    def pause_reading(self):
-        self.paused = True
-
-    def resume_reading(self):
-        self.paused = False
-
-    def get_extra_info(self, name):
-        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name)
-
-    def take(self):
-        data, self.out = bytes(self.out), bytearray()
-        return data
-
-
-def masked(first, payload):
-    key = os.urandom(4)
-    return bytes([first, 0x80 | len(payload)]) + key + wsframe.unmask(payload, key)
-
-
 def make(app):
     config = types.SimpleNamespace(loaded_app=app, root_path="", asgi_version="3.0", ws_max_size=1000)
     state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
     proto = LeanWebSocketProtocol(config, state, {})
-    transport = Transport()
+    transport = FakeTransport()
     proto.connection_made(transport)
     return proto, transport, state
-
-
-async def settle():
-    for _ in range(10):
-        await asyncio.sleep(0)
 
 
 async def test_echo_app_handshake_messages_ping_and_close():

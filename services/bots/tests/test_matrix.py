@@ -13,6 +13,8 @@ from channels_bots.matrix import AliasCache, ClientCache, Matrix, make_client
 from channels_bots.messages import Bot, Command
 from channels_bots.metrics import BotsMetrics
 
+from tests.support import FakeClock
+
 ROOM = "!room1:localhost"
 
 
@@ -26,16 +28,8 @@ def cmd(server: str, room: str = ALIAS, body: str = "hello", token: str = "tok-1
     return Command(kind, Bot(server, token), room, {"msgtype": "m.text", "body": body})
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def gateway(ttl: float = 300.0, size: int = 10, clock=None) -> Matrix:
-    clock = clock or Clock()
+    clock = clock or FakeClock(1000.0)
     return Matrix(ClientCache(max_size=size, idle_seconds=60, clock=clock), AliasCache(ttl=ttl, clock=clock))
 
 
@@ -63,7 +57,7 @@ async def test_sends_through_an_alias_and_caches_the_resolution(hs):
 
 
 async def test_alias_resolution_expires_after_its_ttl(hs):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     matrix = gateway(ttl=30, clock=clock)
     try:
         await deliver(matrix, cmd(hs.url))
@@ -234,7 +228,7 @@ async def test_a_client_in_use_is_closed_only_when_given_back():
 
 
 async def test_idle_clients_are_swept():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     made: list[FakeClient] = []
     cache = ClientCache(max_size=10, idle_seconds=60, clock=clock,
                         factory=lambda b: made.append(FakeClient(b)) or made[-1])

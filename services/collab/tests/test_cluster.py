@@ -11,8 +11,10 @@ from channels_collab.cluster import Cluster
 from channels_collab.documents import DocumentRegistry
 from channels_collab.snapshot import APPEND_SCRIPT, Keys, parse_id
 from channels_collab.store import DraftStore
-from channels_common.redis_server import free_port
+from channels_dev.redis_server import free_port
 from pycrdt import Doc, Text
+
+from tests.support import until
 
 
 class Recorder:
@@ -64,12 +66,6 @@ def text_of(*updates: bytes | None) -> str:
         if u:
             doc.apply_update(u)
     return str(doc.get("body", type=Text))
-
-
-async def until(predicate, timeout: float = 5.0):
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
 
 
 @pytest.fixture

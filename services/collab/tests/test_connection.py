@@ -13,6 +13,8 @@ from channels_collab.rails import Decision
 from channels_collab.store import DraftStore
 from pycrdt import Doc, Text
 
+from tests.support import FakeClock, settle
+
 NAME = "comment-1-body"
 
 
@@ -55,17 +57,9 @@ class Auth:
         return Decision(token == "ok", detail="test")
 
 
-class Clock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 @pytest.fixture
 def world():
-    clock = Clock()
+    clock = FakeClock(100.0)
     timers = []
     registry = DocumentRegistry(
         DraftStore(100, 3600, clock=clock),
@@ -95,21 +89,16 @@ def update_with(text):
     return doc.get_update()
 
 
-async def settle():
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
 async def test_queued_frames_run_after_authenticated_in_order(world):
     conn, t = world.connect()
     world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("hi")))
-    await settle()
+    await settle(5)
     assert t.frames == [] and conn.queued_messages == 2
     world.auth.gate.set()
-    await settle()
+    await settle(5)
     kinds = [(type(m).__name__, getattr(m, "step", None)) for m in t.messages()]
     assert kinds == [
         ("AuthReply", None),
@@ -125,19 +114,19 @@ async def test_denied_document_gets_nothing_and_is_not_loaded(world):
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "no"))
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
-    await settle()
+    await settle(5)
     assert t.messages() == [p.AuthReply(NAME, p.AuthType.PERMISSION_DENIED, "permission-denied")]
     assert NAME not in world.registry.docs and conn.pending == {}
     # A later token may retry.
     conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     assert t.messages()[-1].kind == p.AuthType.AUTHENTICATED
 
 
 async def test_invalid_name_is_refused_without_asking(world):
     conn, t = world.connect()
     conn.receive(p.encode_token("secret-1", "ok"))
-    await settle()
+    await settle(5)
     assert world.auth.asked == []
     assert t.messages() == [p.AuthReply("secret-1", p.AuthType.PERMISSION_DENIED, "permission-denied")]
 
@@ -148,7 +137,7 @@ async def test_update_is_encoded_once_for_all_peers(world):
     c, tc = world.connect()
     for conn in (a, b, c):
         conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     for t in (ta, tb, tc):
         t.frames.clear()
     a.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("x")))
@@ -160,7 +149,7 @@ async def test_update_is_encoded_once_for_all_peers(world):
 async def test_read_only_updates_are_refused_and_not_applied(world):
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ro"))
-    await settle()
+    await settle(5)
     assert t.messages()[0] == p.AuthReply(NAME, p.AuthType.AUTHENTICATED, "readonly")
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("x")))
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP2, update_with("y")))
@@ -184,7 +173,7 @@ async def test_pre_auth_message_bound_pauses_reading_until_auth_finishes(world):
     conn.receive(frame)
     assert t.closed_with is None and conn.queued_messages == 1001
     world.auth.gate.set()
-    await settle()
+    await settle(5)
     assert t.paused == set() and t.closed_with is None
     assert conn.queued_messages == 0 and conn.pending == {}
     assert p.AuthReply(NAME, p.AuthType.AUTHENTICATED, "read-write") in t.messages()
@@ -199,7 +188,7 @@ async def test_pre_auth_byte_bound_pauses_reading(world):
     conn.receive(p.encode_awareness(NAME, b"\x00" * 100))
     assert t.paused == {PAUSED_FOR_AUTH} and t.closed_with is None
     world.auth.gate.set()
-    await settle()
+    await settle(5)
     assert t.paused == set() and conn.queued_bytes == 0
 
 
@@ -218,7 +207,7 @@ async def test_pending_document_bound_pauses_reading_and_every_document_is_serve
             fed += 1
         assert len(conn.pending) <= 100
         world.auth.gate.set()
-        await settle()
+        await settle(5)
         world.auth.gate.clear()
     assert t.closed_with is None and t.paused == set()
     authenticated = {m.address for m in t.messages() if isinstance(m, p.AuthReply)
@@ -233,13 +222,13 @@ async def test_auth_still_pending_at_the_deadline_is_denied_before_the_close(wor
     world.auth.gate.clear()
     conn.receive(p.encode_token(NAME, "ok"))
     conn.receive(p.encode_sync("comment-2-body", p.SyncStep.STEP1, b"\x00"))  # no token: nothing asked
-    await settle()
+    await settle(5)
     world.clock.now += 31
     conn.check()
     assert t.messages() == [p.AuthReply(NAME, p.AuthType.PERMISSION_DENIED, "permission-denied")]
     assert t.closed_with == 4408
     world.auth.gate.set()
-    await settle()
+    await settle(5)
     assert len(t.messages()) == 1 and NAME not in world.registry.docs
 
 
@@ -259,7 +248,7 @@ async def test_pre_auth_deadline_is_absolute(world):
 async def test_v4_ping_and_no_idle_close(world):
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok", "4.8.0"))
-    await settle()
+    await settle(5)
     t.frames.clear()
     world.clock.now += 16
     conn.check()
@@ -277,7 +266,7 @@ async def test_v4_ping_and_no_idle_close(world):
 async def test_no_ping_for_v3_providers(world):
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     t.frames.clear()
     world.clock.now += 20
     conn.check()
@@ -293,7 +282,7 @@ async def test_oversized_and_malformed_frames_close_the_socket(world):
     assert t.closed_with == 1002
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, b"\xff\xfe garbage"))
     assert t.closed_with == 1002
 
@@ -305,14 +294,14 @@ async def test_close_before_auth_cancels_it(world):
     conn.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     conn.receive(p.header(NAME, p.MessageType.CLOSE))
     world.auth.gate.set()
-    await settle()
+    await settle(5)
     assert t.frames == [] and conn.pending == {} and NAME not in world.registry.docs
 
 
 async def test_draft_is_stored_on_debounce_and_when_the_last_peer_leaves(world):
     conn, _ = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     conn.receive(p.encode_sync(NAME, p.SyncStep.UPDATE, update_with("draft")))
     assert [due - world.clock.now for due, _ in world.timers] == [5]
     world.clock.now += 5
@@ -324,7 +313,7 @@ async def test_draft_is_stored_on_debounce_and_when_the_last_peer_leaves(world):
     assert NAME not in world.registry.docs
     again, t2 = world.connect()
     again.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     again.receive(p.encode_sync(NAME, p.SyncStep.STEP1, b"\x00"))
     step2 = next(m for m in t2.messages() if isinstance(m, p.Sync))
     replica = Doc()
@@ -338,7 +327,7 @@ async def test_awareness_removed_when_a_peer_leaves(world):
     b, tb = world.connect()
     a.receive(p.encode_token(NAME, "ok"))
     b.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     a.receive(p.encode_awareness(NAME, b"\x01\x07\x01" + p.var_string('{"user":"a"}')))
     seen = [m for m in tb.messages() if isinstance(m, p.Awareness)]
     assert p.decode_awareness_update(seen[-1].update)[0].state == {"user": "a"}
@@ -350,7 +339,7 @@ async def test_awareness_removed_when_a_peer_leaves(world):
 async def test_awareness_clients_per_peer_are_bounded(world):
     conn, t = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     many = p.var_uint(20) + b"".join(p.var_uint(i + 1) + b"\x01" + p.var_string("{}") for i in range(20))
     conn.receive(p.encode_awareness(NAME, many))
     assert world.registry.docs[NAME].awareness.states == {}
@@ -360,7 +349,7 @@ async def test_awareness_clients_per_peer_are_bounded(world):
 async def test_store_timer_follows_the_debounce_and_the_max_delay(world):
     conn, _ = world.connect()
     conn.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     saves = []
     original = world.registry.store.put
     world.registry.store.put = lambda name, state: (saves.append(world.clock.now), original(name, state))
@@ -397,7 +386,7 @@ async def test_stateless_is_relayed_only_when_enabled(world, relay):
     b, tb = world.connect(broadcast_stateless=relay)
     a.receive(p.encode_token(NAME, "ok"))
     b.receive(p.encode_token(NAME, "ok"))
-    await settle()
+    await settle(5)
     tb.frames.clear()
     a.receive(p.encode_stateless(NAME, "ping"))
     assert tb.messages() == ([p.Stateless(NAME, "ping")] if relay else [])
@@ -408,7 +397,7 @@ async def test_awareness_expires_after_30_s_without_renewal_in_the_documents_giv
     a, ta = world.connect()
     for name in (NAME, other):
         a.receive(p.encode_token(name, "ok"))
-    await settle()
+    await settle(5)
     for client, name in ((7, NAME), (8, other)):
         a.receive(p.encode_awareness(name, b"\x01" + p.var_uint(client) + b"\x01" + p.var_string('{"u":1}')))
     docs = world.registry.docs

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import os
 import types
 
 import pytest
@@ -19,49 +18,12 @@ from channels_common import wsframe
 from channels_common.settings import CollabSettings
 from channels_common.wsserver import LeanWebSocketProtocol
 
+from tests.support import FakeTransport, masked
+
 REQUEST = (
     b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
-
-
-class Transport:
-    def __init__(self):
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data):
-        self.out += data
-
-    def close(self):
-        self.closed = True
-
-    abort = close
-
-    def is_closing(self):
-        return self.closed
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def pause_reading(self):
-        pass
-
-    def resume_reading(self):
-        pass
-
-    def get_extra_info(self, name):
-        return None
-
-    def take(self):
-        data, self.out = bytes(self.out), bytearray()
-        return data
-
-
-def masked(first: int, payload: bytes) -> bytes:
-    assert len(payload) < 126
-    key = os.urandom(4)
-    return bytes([first, 0x80 | len(payload)]) + key + wsframe.unmask(payload, key)
 
 
 @pytest.fixture
@@ -77,7 +39,7 @@ async def connect(svc):
     config = types.SimpleNamespace(loaded_app=svc.endpoint, root_path="", asgi_version="3.0", ws_max_size=1 << 20)
     state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
     proto = LeanWebSocketProtocol(config, state, {})
-    transport = Transport()
+    transport = FakeTransport()
     proto.connection_made(transport)
     proto.data_received(REQUEST)
     for _ in range(10):

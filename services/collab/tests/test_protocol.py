@@ -103,7 +103,7 @@ def test_trailing_bytes_are_tolerated():
     ],
 )
 def test_malformed_frames_raise(frame):
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.HocuspocusProtocolError):
         p.decode(frame)
 
 
@@ -115,7 +115,7 @@ def test_split_address():
 def test_state_vector():
     assert p.decode_state_vector(b"\x00") == {}
     assert p.decode_state_vector(b"\x02\x01\x05\xac\x02\x01") == {1: 5, 300: 1}
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.HocuspocusProtocolError):
         p.decode_state_vector(b"\x05\x01")
 
 
@@ -129,7 +129,7 @@ def test_awareness_update():
 
 @pytest.mark.parametrize("update", [b"", b"\x01\x05", b"\x01\x05\x02\x05{bad}", b"\x01\x05\x02\x09{\"a\":", b"\xff\x01"])
 def test_bad_awareness_update_raises(update):
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.HocuspocusProtocolError):
         p.decode_awareness_update(update)
 
 

@@ -1,12 +1,6 @@
 from channels_collab.store import Debounce, DraftStore
 
-
-class Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
+from tests.support import FakeClock
 
 
 def test_debounce_waits_for_quiet():
@@ -30,7 +24,7 @@ def test_debounce_is_forced_after_the_max_delay():
 
 
 def test_store_round_trip_and_empty_documents():
-    store = DraftStore(10, 60, clock=Clock())
+    store = DraftStore(10, 60, clock=FakeClock(0.0))
     store.put("comment-1", b"state")
     assert store.get("comment-1") == b"state"
     store.put("comment-1", b"\x00\x00")  # now empty: no draft needed
@@ -38,7 +32,7 @@ def test_store_round_trip_and_empty_documents():
 
 
 def test_store_count_bound_evicts_least_recently_used():
-    store = DraftStore(2, 60, clock=Clock())
+    store = DraftStore(2, 60, clock=FakeClock(0.0))
     store.put("a-1", b"1")
     store.put("b-1", b"2")
     store.get("a-1")  # a is used again: b is now the oldest
@@ -48,7 +42,7 @@ def test_store_count_bound_evicts_least_recently_used():
 
 
 def test_store_idle_age_bound():
-    clock = Clock()
+    clock = FakeClock(0.0)
     store = DraftStore(10, 60, clock=clock)
     store.put("a-1", b"1")
     clock.now = 30

@@ -7,17 +7,11 @@ import logging
 import pytest
 from channels_collab.throttle import Throttle
 
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+from tests.support import FakeClock
 
 
 def make(attempts=3, window=60.0, ban=300.0, **kw):
-    clock = Clock()
+    clock = FakeClock(1000.0)
     return Throttle(attempts, window, ban, clock, **kw), clock
 
 
@@ -91,7 +85,7 @@ def test_entries_expire_with_their_window_and_ban():
 @pytest.mark.parametrize(("attempts", "window", "ban"), [(0, 60, 300), (15, 0, 300), (15, 60, 0)])
 def test_bad_parameters_are_refused(attempts, window, ban):
     with pytest.raises(ValueError):
-        Throttle(attempts, window, ban, Clock())
+        Throttle(attempts, window, ban, FakeClock(1000.0))
 
 
 async def drive(service, scope):

@@ -7,33 +7,11 @@ from channels_collab import app as collab_app
 from channels_collab.app import SocketTransport
 from channels_common import wsframe
 
-
-class FakeTransport:
-    def __init__(self):
-        self.out = bytearray()
-        self.closing = False
-
-    def write(self, data):
-        self.out += data
-
-    def is_closing(self):
-        return self.closing
-
-    def get_write_buffer_size(self):
-        return len(self.out)  # nothing is ever read: all of it stays buffered
-
-
-class FakeProtocol:
-    def __init__(self):
-        self.transport = FakeTransport()
-        self.closed_with = []
-
-    def close(self, code, reason):
-        self.closed_with.append((code, reason))
+from tests.support import FakeProtocol, FakeTransport
 
 
 async def test_frames_are_framed_in_order_and_nothing_follows_a_close():
-    proto = FakeProtocol()
+    proto = FakeProtocol(FakeTransport(reads=False))  # a client that reads nothing
     t = SocketTransport(proto, on_overflow=lambda: None)
     t.send(b"\x01")
     t.send(b"\x02\x03")
@@ -47,7 +25,7 @@ async def test_frames_are_framed_in_order_and_nothing_follows_a_close():
 async def test_a_client_that_does_not_read_is_dropped_past_the_bound(monkeypatch):
     monkeypatch.setattr(collab_app, "MAX_CLIENT_BUFFER_BYTES", 1000)
     overflowed = []
-    proto = FakeProtocol()
+    proto = FakeProtocol(FakeTransport(reads=False))  # a client that reads nothing
     t = SocketTransport(proto, on_overflow=lambda: overflowed.append(True))
     for _ in range(9):
         t.send(b"x" * 100)
@@ -63,8 +41,8 @@ async def test_a_client_that_does_not_read_is_dropped_past_the_bound(monkeypatch
 
 
 async def test_a_transport_already_closing_takes_nothing():
-    proto = FakeProtocol()
-    proto.transport.closing = True
+    proto = FakeProtocol(FakeTransport(reads=False))  # a client that reads nothing
+    proto.transport.closed = True
     t = SocketTransport(proto, on_overflow=lambda: None)
     t.send(b"\x01")
     t.close(1000, "")

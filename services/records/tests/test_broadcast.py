@@ -6,6 +6,8 @@ from __future__ import annotations
 from channels_records.broadcast import Broadcaster
 from channels_records.sockets import Engine, EngineSocket, Rooms
 
+from tests.support import FakeTransport
+
 
 def make_engine(n):
     engine = Engine()
@@ -100,28 +102,8 @@ def test_floor_skips_live_copies_of_replayed_events_until_caught_up():
     assert b.floors == {}
 
 
-class FakeTransport:
-    """What the fast path needs of an asyncio transport: bytes written are
-    held in a buffer the test drains, as a client that reads would."""
-
-    def __init__(self):
-        self.buffer = bytearray()
-        self.closing = False
-        self.writes = []
-
-    def write(self, data):
-        self.writes.append(data)
-        self.buffer += data
-
-    def get_write_buffer_size(self):
-        return len(self.buffer)
-
-    def is_closing(self):
-        return self.closing
-
-
 def on_websocket(sock):
-    sock.go_direct(FakeTransport())
+    sock.go_direct(FakeTransport(reads=False))
     return sock.transport
 
 
@@ -154,7 +136,7 @@ def test_transport_buffer_past_the_limit_evicts_instead_of_writing():
 def test_closing_transport_gets_nothing():
     engine, b, evicted = make({"g": ["e0"]})
     t = on_websocket(engine.sockets["e0"])
-    t.closing = True
+    t.closed = True
     assert b.to_room("g", "2[]") == 0 and t.writes == [] and not evicted
 
 

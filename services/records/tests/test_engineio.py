@@ -59,7 +59,7 @@ def test_packets_the_server_accepts(wire, packet):
 
 @pytest.mark.parametrize("wire", ["", "x", "9", "7", "b!!", "b" + "A", "\x1e"])
 def test_malformed_packets_are_parse_errors(wire):
-    with pytest.raises(eio.ParseError) as err:
+    with pytest.raises(eio.EngineIOProtocolError) as err:
         eio.decode_packet(wire)
     assert err.value.reason == "parse error"  # the close reason engine.io gives
 
@@ -77,7 +77,7 @@ def test_polling_payloads():
 
 @pytest.mark.parametrize("body", [b"", b"\x1e\x1e4\x1e", b"40\x1e", b"4\xff", b"40\x1ex", b"\x1e"])
 def test_malformed_payloads_are_refused_whole(body):
-    with pytest.raises(eio.ParseError):
+    with pytest.raises(eio.EngineIOProtocolError):
         eio.decode_payload(body)
 
 

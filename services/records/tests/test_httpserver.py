@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import types
-
 import logging
+import types
 
 import uvicorn
 from channels_common.wsserver import LeanWebSocketProtocol
 from channels_records.httpserver import RecordsHttpProtocol
 from channels_records.polling import Cors, Polling
 from channels_records.sockets import Engine
+
+from tests.support import settle
 
 ORIGIN = b"https://app.test"
 
@@ -87,11 +88,6 @@ async def asgi_app(scope, receive, send):
         return
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
     await send({"type": "http.response.body", "body": path[-2:].encode()})
-
-
-async def settle():
-    for _ in range(10):
-        await asyncio.sleep(0)
 
 
 def make(max_payload=1000):
@@ -206,6 +202,7 @@ async def test_other_requests_are_served_by_the_application():
         b"HTTP/1.1 201 Created", b"hello", b"POST", b"a=1", b"127.0.0.1")
     assert (s2, b2) == (b"HTTP/1.1 200 OK", b"yz")
     # HEAD: the length of what GET would send, no body
+    assert s3 == b"HTTP/1.1 201 Created" and h3[b"x-method"] == b"HEAD"
     assert h3[b"content-length"] == b"3" and b3 == b"" and t.data == b""
 
 

@@ -23,6 +23,8 @@ from channels_records.recovery import (
 )
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
+from tests.support import FakeClock
+
 WINDOW = 1800 * 1000  # ms
 
 
@@ -42,18 +44,10 @@ async def last_offset(redis) -> str:
     return ZERO_OFFSET if value is None else value.decode()
 
 
-class FakeClock:
+def log_clock() -> FakeClock:
     """Milliseconds for the log script's ids and trimming (session expiry
     stays on Redis's real clock)."""
-
-    def __init__(self, start: int = 1_700_000_000_000):
-        self.now = start
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += int(seconds * 1000)
+    return FakeClock(1_700_000_000_000, per_second=1000)
 
 
 def record(room: str, n: int) -> bytes:
@@ -173,7 +167,7 @@ async def test_same_bytes_in_different_rooms_are_different_messages(clients, red
 
 @pytest.mark.parametrize("late_first", [False, True])
 async def test_instance_started_later_does_not_reuse_an_old_occurrence(clients, redis, late_first):
-    clock = FakeClock()
+    clock = log_clock()
     old = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="old", clock=clock)
     data = notice(1)
     first = await log_message(old, "notice", "notice", data)
@@ -192,7 +186,7 @@ async def test_instance_started_later_does_not_reuse_an_old_occurrence(clients, 
 
 
 async def test_restarted_instance_with_same_id_starts_a_fresh_count(clients, redis):
-    clock = FakeClock()
+    clock = log_clock()
     a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", clock=clock)
     b = RecoveryStore(clients[1], window_ms=WINDOW, instance_id="b", clock=clock)
     data = notice(1)
@@ -324,7 +318,7 @@ async def test_several_restores_in_a_row_each_replay_only_what_is_new(clients, r
 
 async def test_restore_long_after_connecting(clients, redis):
     # socket.io-redis-streams-adapter#48 failed past 10 s: nothing here depends on it
-    clock = FakeClock()
+    clock = log_clock()
     a = RecoveryStore(clients[0], window_ms=WINDOW, instance_id="a", clock=clock)
     pid, _ = await a.create_session("sid-1", "tok", ["notice"])
     clock.advance(11)
@@ -470,7 +464,7 @@ async def test_pids_are_unguessable_and_distinct(clients, redis):
 
 
 async def test_trimming_keeps_streams_and_keys_bounded(clients, redis):
-    clock = FakeClock()
+    clock = log_clock()
     a = RecoveryStore(clients[0], window_ms=1000, instance_id="a", clock=clock, dedup_ms=2000)
     for n in range(2000):
         clock.advance(0.01)  # 100 messages per simulated second, 20 s in all

@@ -12,6 +12,8 @@ from channels_records.metrics import Metrics
 from channels_records.relay import Relay
 from redis.exceptions import ConnectionError as RedisConnectionError
 
+from tests.support import settle
+
 
 class Answer:
     """One log_batch call, answered by the test."""
@@ -50,24 +52,19 @@ def record(n, room="group-1"):
     return Message(channel="/records", data=json.dumps({"room": room, "n": n}).encode(), pattern=None)
 
 
-async def settle():
-    for _ in range(5):
-        await asyncio.sleep(0)
-
-
 async def test_calls_overlap_and_broadcasts_keep_publish_order():
     store, out = ManualStore(), Recorder()
     relay = Relay(out, Metrics(), store)
     for n in range(3):
         await relay.handle(record(n))
-    await settle()
+    await settle(5)
     assert [n for n, _ in store.calls] == [0, 1, 2]  # all three in flight at once
     store.calls[2][1].set_result("3-0")
     store.calls[1][1].set_result("2-0")
-    await settle()
+    await settle(5)
     assert out.sent == []  # 0 is not logged yet: nothing may overtake it
     store.calls[0][1].set_result("1-0")
-    await settle()
+    await settle(5)
     assert [o for _, _, o in out.sent] == ["1-0", "2-0", "3-0"]
     assert out.sent[0][1] == '2["records",{"room": "group-1", "n": 0},"1-0"]'
     assert relay.last_offset == "3-0"
@@ -78,10 +75,10 @@ async def test_a_failed_log_sends_without_offset_in_its_place():
     relay = Relay(out, Metrics(), store)
     await relay.handle(record(0))
     await relay.handle(record(1))
-    await settle()
+    await settle(5)
     store.calls[0][1].set_exception(RedisConnectionError("down"))
     store.calls[1][1].set_result("5-0")
-    await settle()
+    await settle(5)
     assert [o for _, _, o in out.sent] == [None, "5-0"]
     assert relay.last_offset == "5-0"
 
@@ -91,9 +88,9 @@ async def test_bad_messages_are_dropped_without_holding_up_the_rest():
     relay = Relay(out, Metrics(), store)
     await relay.handle(Message(channel="/records", data=b"{not json", pattern=None))
     await relay.handle(record(7))
-    await settle()
+    await settle(5)
     store.calls[0][1].set_result("1-0")
-    await settle()
+    await settle(5)
     assert len(out.sent) == 1 and len(store.calls) == 1
 
 
@@ -102,10 +99,10 @@ async def test_reading_pauses_while_too_many_are_in_flight():
     relay = Relay(out, Metrics(), store, max_in_flight=2)
     await relay.handle(record(0))
     third = asyncio.ensure_future(relay.handle(record(1)))
-    await settle()
+    await settle(5)
     assert not third.done()  # the subscription waits before reading on
     store.calls[0][1].set_result("1-0")
-    await settle()
+    await settle(5)
     assert third.done() and len(out.sent) == 1
 
 
@@ -122,13 +119,13 @@ async def test_a_batch_is_logged_in_one_call_and_broadcast_in_order():
     bad = Message(channel="/records", data=b"[1]", pattern=None)
     assert relay.handle_batch([record(0), bad, record(1, room="user-9"), record(2)]) is None
     assert relay.handle_batch([record(3)]) is None
-    await settle()
+    await settle(5)
     assert [n for n, _ in store.calls] == [[0, 1, 2], 3]  # the bad one never reaches the log
     store.calls[1][1].set_result("9-0")
-    await settle()
+    await settle(5)
     assert out.sent == []  # the first batch is not logged yet
     store.calls[0][1].set_result(["6-0", RedisConnectionError("lost"), "8-0"])
-    await settle()
+    await settle(5)
     assert [(room, o) for room, _, o in out.sent] == [
         ("group-1", "6-0"), ("user-9", None), ("group-1", "8-0"), ("group-1", "9-0"),
     ]

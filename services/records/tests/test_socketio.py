@@ -59,18 +59,18 @@ def test_packets_accepted(wire, packet):
 
 @pytest.mark.parametrize(("wire", "message"), REFUSED)
 def test_malformed_packets_get_the_reference_parsers_error(wire, message):
-    with pytest.raises(sio.ParseError) as err:
+    with pytest.raises(sio.SocketIOProtocolError) as err:
         sio.decode(wire)
     assert str(err.value) == message
 
 
 def test_what_the_server_refuses_beyond_the_reference_parser():
     # Binary attachments (the reference waits for them): never buffered here.
-    with pytest.raises(sio.ParseError, match="binary packets are not accepted"):
+    with pytest.raises(sio.SocketIOProtocolError, match="binary packets are not accepted"):
         sio.decode('51-["a",{"_placeholder":true,"num":0}]')
-    with pytest.raises(sio.ParseError, match="got binary data"):
+    with pytest.raises(sio.SocketIOProtocolError, match="got binary data"):
         sio.decode(b"\x01")
-    with pytest.raises(sio.ParseError, match="invalid ack id"):
+    with pytest.raises(sio.SocketIOProtocolError, match="invalid ack id"):
         sio.decode("2" + "9" * 40 + '["a"]')
 
 

@@ -15,6 +15,8 @@ from channels_records.polling import AsgiPolling, Cors, Polling
 from channels_records.sockets import Engine
 from channels_records.websocket import Upgrade
 
+from tests.support import FakeProtocol
+
 ORIGIN = "https://app.test"
 
 
@@ -162,33 +164,6 @@ async def test_closed_polling_session_gives_its_close_packet_then_goes(monkeypat
     assert (await request(app, "GET", f"EIO=4&transport=polling&sid={sid}"))[0] == 400
 
 
-class FakeTransport:
-    def __init__(self):
-        self.writes = []
-        self.aborted = False
-
-    def write(self, data):
-        self.writes.append(bytes(data))
-
-    def is_closing(self):
-        return self.aborted
-
-    def get_write_buffer_size(self):
-        return 0
-
-    def abort(self):
-        self.aborted = True
-
-
-class FakeProtocol:
-    def __init__(self):
-        self.transport = FakeTransport()
-        self.closed_with = None
-
-    def close(self, code, reason=""):
-        self.closed_with = code
-
-
 def texts(transport):
     return [w[2:].decode() for w in transport.writes]
 
@@ -228,7 +203,7 @@ async def test_a_failed_probe_leaves_the_session_on_polling(caplog):
     with caplog.at_level(logging.WARNING):
         up.on_message("x")
     assert "malformed engine.io packet" in caplog.text
-    assert ws.closed_with == 1000 and not sock.upgrading and sock.websocket is None
+    assert ws.closed_with == [(1000, "")] and not sock.upgrading and sock.websocket is None
     assert sock.transport is None and rec.closes == []
     sock.send("42[1]")
     assert (await request(app, "GET", f"EIO=4&transport=polling&sid={sid}"))[2] == b"42[1]"

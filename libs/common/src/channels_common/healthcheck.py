@@ -20,6 +20,9 @@ import urllib.request
 
 
 def probe_url(default_port: int, path: str, environ: dict | None = None) -> str:
+    # The one environment read outside settings.py: this probe runs every few
+    # seconds in every container, and importing pydantic-settings would
+    # quadruple its start-up time (0.07 s to 0.30 s measured here).
     env = os.environ if environ is None else environ
     port = env.get("PORT") or str(default_port)
     if not port.isdigit():

@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from typing import Any
 
 from .auth import current_user_key
+from .settings import PublishSettings
 
 RECORDS_CHANNEL = "/records"
 NOTICE_CHANNEL = "/system_notice"
@@ -62,7 +62,7 @@ async def publish_chatbot(redis, server: str, access_token: str, channel: str, h
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="channels-publish", description="Publish as Rails would.")
-    p.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://localhost:6379/0"))
+    p.add_argument("--redis-url", default=None, help="default: REDIS_URL, else redis://localhost:6379/0")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("token", help="write /current_users/{token}")
@@ -91,10 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, settings: PublishSettings) -> int:
     from .redis import create_redis
 
-    redis = create_redis(args.redis_url, max_connections=2)
+    redis = create_redis(args.redis_url or settings.redis_url, max_connections=2)
     try:
         if args.command == "token":
             await set_channel_token(redis, args.token, args.user_id, args.group, args.name, args.ttl)
@@ -104,7 +104,8 @@ async def _run(args: argparse.Namespace) -> int:
         elif args.command == "notice":
             print(await publish_notice(redis, json.loads(args.message)))
         elif args.command in ("chatbot-test", "chatbot-publish"):
-            token = os.environ.get("MATRIX_ACCESS_TOKEN")
+            secret = settings.matrix_access_token
+            token = secret.get_secret_value() if secret is not None else ""
             if not token:
                 print("set MATRIX_ACCESS_TOKEN", file=sys.stderr)
                 return 2
@@ -120,7 +121,7 @@ async def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(_run(args, PublishSettings()))
     except json.JSONDecodeError as exc:
         print(f"not JSON: {exc}", file=sys.stderr)
         return 2

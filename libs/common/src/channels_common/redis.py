@@ -25,7 +25,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .resp import ProtocolError, ReplyError, ReplyReader, pack_command
+from .resp import ReplyError, ReplyReader, RespProtocolError, pack_command
+from .tasks import spawn
 
 log = logging.getLogger("channels.redis")
 
@@ -144,7 +145,7 @@ class RespConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             replies = self.parser.feed(data)
-        except ProtocolError as exc:
+        except RespProtocolError as exc:
             self.abort(exc)
             return
         if replies:
@@ -214,7 +215,7 @@ class Subscription:
         self.patterns = tuple(self.patterns)
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="redis-subscription")
+        self._task = spawn(self._run(), name="redis-subscription")
 
     async def wait_live(self, timeout: float | None = None) -> bool:
         try:
@@ -262,8 +263,8 @@ class Subscription:
                 if self.on_live:
                     result = self.on_live()
                     if asyncio.iscoroutine(result):
-                        asyncio.create_task(result)
-                watchdog = asyncio.create_task(self._watch(link), name="redis-subscription-watchdog")
+                        spawn(result, name="redis-subscription-on-live")
+                watchdog = spawn(self._watch(link), name="redis-subscription-watchdog")
                 early, self._early = self._early, None
                 if self._holder is not None:
                     # A handler still holds the previous connection's
@@ -275,7 +276,7 @@ class Subscription:
                 raise RedisConnectionError("redis subscription closed")
             except asyncio.CancelledError:
                 raise
-            except (RedisError, OSError, EOFError, ProtocolError, ReplyError) as exc:
+            except (RedisError, OSError, EOFError, RespProtocolError, ReplyError) as exc:
                 if self.live:
                     log.warning("redis subscription lost", extra={"error": _describe(exc)})
                 else:
@@ -379,7 +380,7 @@ class Subscription:
         # the held messages pass _HOLD_LIMIT_BYTES; then Redis buffers.
         self._held = rest
         self._held_bytes = sum(len(m.data) for m in rest)
-        self._holder = asyncio.get_running_loop().create_task(self._release(pending))
+        self._holder = spawn(self._release(pending), name="redis-subscription-holder")
 
     async def _release(self, pending) -> None:
         try:

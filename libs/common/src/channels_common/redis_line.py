@@ -12,7 +12,8 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .redis import RespConnection
-from .resp import ProtocolError, ReplyError
+from .resp import ReplyError, RespProtocolError
+from .tasks import spawn
 
 
 class RedisLine:
@@ -94,7 +95,7 @@ class RedisLine:
         if error is None:
             try:
                 replies = self._check(replies)
-            except ProtocolError as exc:
+            except RespProtocolError as exc:
                 error = exc
         if error is not None:
             error = as_redis_error(error)
@@ -103,9 +104,7 @@ class RedisLine:
             link, conn, self._link, self._conn = self._link, self._conn, None, None
             if link is not None:
                 link.abort(error)
-            task = asyncio.get_running_loop().create_task(self._release(link, conn))
-            self._dropping.add(task)
-            task.add_done_callback(self._dropping.discard)
+            spawn(self._release(link, conn), name="redis-line-release", tasks=self._dropping)
         if on_done is not None:
             on_done(None if error is not None else replies, error)
 
@@ -143,7 +142,7 @@ class RedisLine:
         if self._on_done is None:
             # Nobody asked: the connection is out of step.
             if self._link is not None:
-                self._link.abort(ProtocolError("redis line: reply without a call"))
+                self._link.abort(RespProtocolError("redis line: reply without a call"))
             return
         self._replies += replies
         if len(self._replies) >= self._expected:
@@ -151,7 +150,7 @@ class RedisLine:
 
     def _check(self, replies: list) -> list:
         if len(replies) != self._expected:
-            raise ProtocolError("redis line: more replies than calls")
+            raise RespProtocolError("redis line: more replies than calls")
         for i, reply in enumerate(replies):
             if isinstance(reply, ReplyError):
                 message = str(reply)
@@ -175,7 +174,7 @@ def settles(future: asyncio.Future) -> Callable[[object, BaseException | None], 
 def as_redis_error(exc: BaseException) -> BaseException:
     if isinstance(exc, TimeoutError) and not isinstance(exc, RedisTimeoutError):
         return RedisTimeoutError("no reply from redis")
-    if isinstance(exc, (EOFError, ProtocolError)) or (
+    if isinstance(exc, (EOFError, RespProtocolError)) or (
         isinstance(exc, OSError) and not isinstance(exc, (RedisConnectionError, RedisTimeoutError))
     ):
         return RedisConnectionError(f"redis line: {type(exc).__name__}")
@@ -212,7 +211,7 @@ class BatchedCalls:
             self.line.start(commands, self.timeout, lambda replies, error: self._done(batch, replies, error))
         else:
             # Not connected yet (or the last connection failed): `run` opens one.
-            self._opening = asyncio.get_running_loop().create_task(self._run(batch, commands))
+            self._opening = spawn(self._run(batch, commands), name="redis-line-open")
 
     async def _run(self, batch, commands) -> None:
         try:

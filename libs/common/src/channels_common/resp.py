@@ -12,7 +12,7 @@ them here, many replies per call.
 from __future__ import annotations
 
 
-class ProtocolError(Exception):
+class RespProtocolError(Exception):
     """The bytes are not RESP: the connection is out of step and must go."""
 
 
@@ -54,7 +54,7 @@ class ReplyReader:
     int, error replies become ReplyError values (never raised), nulls None.
     Attributes (RESP3 ``|``) are read and dropped. A length past
     `max_bulk` or `max_items`, or a type byte RESP does not have, raises
-    ProtocolError: the stream cannot be trusted after that.
+    RespProtocolError: the stream cannot be trusted after that.
     """
 
     def __init__(self, *, max_bulk: int = 512 * 1024 * 1024, max_items: int = 1 << 20):
@@ -87,7 +87,7 @@ class ReplyReader:
         end = buf.find(b"\r\n", pos)
         if end < 0:
             if len(buf) - pos > 64 * 1024:
-                raise ProtocolError("RESP line longer than 64 KiB")
+                raise RespProtocolError("RESP line longer than 64 KiB")
             raise _INCOMPLETE
         return bytes(buf[pos:end]), end + 2
 
@@ -95,9 +95,9 @@ class ReplyReader:
         try:
             n = int(text)
         except ValueError:
-            raise ProtocolError(f"bad RESP length {text[:20]!r}") from None
+            raise RespProtocolError(f"bad RESP length {text[:20]!r}") from None
         if n > limit:
-            raise ProtocolError(f"RESP length {n} over the limit {limit}")
+            raise RespProtocolError(f"RESP length {n} over the limit {limit}")
         return n
 
     def _parse(self, buf: bytearray, pos: int):
@@ -113,7 +113,7 @@ class ReplyReader:
             if len(buf) < end + 2:
                 raise _INCOMPLETE
             if buf[end : end + 2] != b"\r\n":
-                raise ProtocolError("RESP bulk string not followed by CRLF")
+                raise RespProtocolError("RESP bulk string not followed by CRLF")
             value = bytes(buf[pos:end])
             return (value[4:] if kind == 61 else value), end + 2
         if kind in _AGGREGATES:
@@ -138,7 +138,7 @@ class ReplyReader:
             try:
                 return int(line), pos
             except ValueError:
-                raise ProtocolError(f"bad RESP integer {line[:20]!r}") from None
+                raise RespProtocolError(f"bad RESP integer {line[:20]!r}") from None
         if kind == 95:  # _ null
             return None, pos
         if kind == 35:  # # boolean
@@ -147,14 +147,14 @@ class ReplyReader:
             try:
                 return float(line), pos
             except ValueError:
-                raise ProtocolError(f"bad RESP double {line[:20]!r}") from None
+                raise RespProtocolError(f"bad RESP double {line[:20]!r}") from None
         if kind == 33:  # ! bulk error
             n = self._length(line, self._max_bulk)
             end = pos + n
             if len(buf) < end + 2:
                 raise _INCOMPLETE
             return ReplyError(bytes(buf[pos:end]).decode("utf-8", "replace")), end + 2
-        raise ProtocolError(f"unknown RESP type byte {kind!r}")
+        raise RespProtocolError(f"unknown RESP type byte {kind!r}")
 
 
 class _Attribute:

@@ -1,11 +1,13 @@
-"""Every setting of every service, read from the environment names that the
-original Node.js deployment used (see shared/spec/contracts.md)."""
+"""Every setting of every service and tool, read from the environment names
+that the original Node.js deployment used (docs/contracts.md lists them).
+No other module reads the environment (channels-healthcheck aside: see
+healthcheck.py)."""
 
 from __future__ import annotations
 
 import ipaddress
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -172,3 +174,11 @@ class DevRailsSettings(CommonSettings):
     rails_env: str = Field("development", validation_alias="RAILS_ENV")
     # Seconds between rewrites of the demo channel token (survives a Redis restart).
     token_refresh_seconds: float = Field(30.0, validation_alias="DEV_RAILS_TOKEN_REFRESH_SECONDS")
+
+
+class PublishSettings(CommonSettings):
+    """channels-publish, which publishes as Rails would (REDIS_URL from CommonSettings)."""
+
+    # The Matrix token of the chatbot-test and chatbot-publish commands:
+    # from the environment, never the command line (it would show in `ps`).
+    matrix_access_token: SecretStr | None = Field(None, validation_alias="MATRIX_ACCESS_TOKEN")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import struct
 
+from .closecodes import APPLICATION_RANGE, INVALID_DATA, MESSAGE_TOO_BIG, NO_STATUS, PROTOCOL_ERROR, SENDABLE
+
 OP_TEXT = 0x1
 OP_BINARY = 0x2
 FIN = 0x80
@@ -45,17 +47,6 @@ OP_PONG = 0xA
 _DATA_OPCODES = (OP_CONTINUATION, OP_TEXT, OP_BINARY)
 _CONTROL_OPCODES = (OP_CLOSE, OP_PING, OP_PONG)
 
-# Close codes (RFC 6455 section 7.4.1).
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-NO_STATUS = 1005
-INVALID_DATA = 1007
-TOO_BIG = 1009
-SERVICE_RESTART = 1012
-# Codes a peer may put in a close frame (7.4.1, 7.4.2): 1004-1006 and 1015
-# are reserved for local use and never sent.
-_SENDABLE = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 
 
 class Message:
@@ -98,7 +89,7 @@ class Close:
         return f"Close({self.code}, {self.reason!r})"
 
 
-class ProtocolError(Exception):
+class WebSocketProtocolError(Exception):
     """The peer broke the protocol: close with `code`, read nothing more."""
 
     def __init__(self, code: int, reason: str):
@@ -128,7 +119,7 @@ def pong_frame(payload: bytes) -> bytes:
 
 class FrameParser:
     """Bytes from a client in, events out (Message, Ping, Close; pongs are
-    swallowed). Raises ProtocolError on anything RFC 6455 forbids of a
+    swallowed). Raises WebSocketProtocolError on anything RFC 6455 forbids of a
     client, on a message over `max_size` bytes, and on invalid UTF-8 text;
     after that, or after a Close, it must not be fed again.
 
@@ -214,9 +205,9 @@ class FrameParser:
             fin = first & 0x80
             opcode = first & 0x0F
             if first & 0x70:
-                raise ProtocolError(PROTOCOL_ERROR, "reserved bits set")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "reserved bits set")
             if not second & 0x80:
-                raise ProtocolError(PROTOCOL_ERROR, "unmasked client frame")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "unmasked client frame")
             length = second & 0x7F
             header = 2
             if length == 126:
@@ -231,16 +222,16 @@ class FrameParser:
                     break
                 length = int.from_bytes(buffer[pos + 2:pos + 10], "big")
                 if length >> 63:
-                    raise ProtocolError(PROTOCOL_ERROR, "bad frame length")
+                    raise WebSocketProtocolError(PROTOCOL_ERROR, "bad frame length")
                 header = 10
             if opcode in _CONTROL_OPCODES:
                 if not fin or length > 125:
-                    raise ProtocolError(PROTOCOL_ERROR, "bad control frame")
+                    raise WebSocketProtocolError(PROTOCOL_ERROR, "bad control frame")
             elif opcode not in _DATA_OPCODES:
-                raise ProtocolError(PROTOCOL_ERROR, "unknown opcode")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "unknown opcode")
             elif length + self._fragments_size > self.max_size:
                 # Refused from the header alone: the payload is never buffered.
-                raise ProtocolError(TOO_BIG, "message too big")
+                raise WebSocketProtocolError(MESSAGE_TOO_BIG, "message too big")
             start = pos + header + 4
             if end - start < length:
                 need = start + length - pos
@@ -279,7 +270,7 @@ class FrameParser:
     def _data(self, opcode: int, fin: int, payload: bytes) -> Message | None:
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
-                raise ProtocolError(PROTOCOL_ERROR, "continuation without a message")
+                raise WebSocketProtocolError(PROTOCOL_ERROR, "continuation without a message")
             self._fragments.append(payload)
             self._fragments_size += len(payload)
             if not fin:
@@ -289,7 +280,7 @@ class FrameParser:
             opcode = self._message_opcode
             self._fragments, self._fragments_size = None, 0
         elif self._fragments is not None:
-            raise ProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
+            raise WebSocketProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
         elif not fin:
             self._fragments, self._fragments_size, self._message_opcode = [payload], len(payload), opcode
             return None
@@ -298,19 +289,19 @@ class FrameParser:
         try:
             return Message(payload.decode("utf-8"))
         except UnicodeDecodeError:
-            raise ProtocolError(INVALID_DATA, "invalid UTF-8 text") from None
+            raise WebSocketProtocolError(INVALID_DATA, "invalid UTF-8 text") from None
 
     @staticmethod
     def _close(payload: bytes) -> Close:
         if not payload:
             return Close(NO_STATUS)
         if len(payload) == 1:
-            raise ProtocolError(PROTOCOL_ERROR, "bad close frame")
+            raise WebSocketProtocolError(PROTOCOL_ERROR, "bad close frame")
         code = int.from_bytes(payload[:2], "big")
-        if code not in _SENDABLE and not 3000 <= code <= 4999:
-            raise ProtocolError(PROTOCOL_ERROR, "bad close code")
+        if code not in SENDABLE and code not in APPLICATION_RANGE:
+            raise WebSocketProtocolError(PROTOCOL_ERROR, "bad close code")
         try:
             reason = payload[2:].decode("utf-8")
         except UnicodeDecodeError:
-            raise ProtocolError(INVALID_DATA, "invalid UTF-8 in close reason") from None
+            raise WebSocketProtocolError(INVALID_DATA, "invalid UTF-8 in close reason") from None
         return Close(code, reason)

@@ -16,7 +16,8 @@ import asyncio
 import logging
 from urllib.parse import unquote
 
-from . import wsframe
+from . import closecodes, wsframe
+from .tasks import spawn
 from .wshandshake import (
     MAX_REQUEST_BYTES,
     Refusal,
@@ -123,7 +124,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             self._close_timer.cancel()
             self._close_timer = None
         if self._state != _CLOSED:
-            self._finish(1006)
+            self._finish(closecodes.ABNORMAL)
 
     def data_received(self, data: bytes) -> None:
         self.heard = True
@@ -138,10 +139,10 @@ class LeanWebSocketProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         """uvicorn is stopping: tell the client the service restarts."""
         if self._state == _OPEN:
-            self.transport.write(wsframe.close_frame(wsframe.SERVICE_RESTART))
-            self._finish(wsframe.SERVICE_RESTART)
+            self.transport.write(wsframe.close_frame(closecodes.SERVICE_RESTART))
+            self._finish(closecodes.SERVICE_RESTART)
         elif self._state == _HANDSHAKE and self.scope is None:
-            self._finish(1006)
+            self._finish(closecodes.ABNORMAL)
         self.transport.close()
 
     # -- incoming --------------------------------------------------------------
@@ -182,14 +183,12 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             "extensions": _EXTENSIONS,
         }
         self._inbox.append({"type": "websocket.connect"})
-        self.task = self.loop.create_task(self._run_asgi())
-        self.server_state.tasks.add(self.task)
-        self.task.add_done_callback(self.server_state.tasks.discard)
+        self.task = spawn(self._run_asgi(), tasks=self.server_state.tasks, loop=self.loop)
 
     def _frames(self, data: bytes) -> None:
         try:
             events = self._parser.feed(data)
-        except wsframe.ProtocolError as exc:
+        except wsframe.WebSocketProtocolError as exc:
             log.warning("websocket protocol error from client, closing", extra={"code": exc.code, "reason": exc.reason})
             if self._state == _OPEN:
                 self.transport.write(wsframe.close_frame(exc.code, exc.reason))
@@ -212,7 +211,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             else:  # Close
                 if self._state == _OPEN:
                     # Echo the code (RFC 6455 5.5.1); 1005 is never sent.
-                    self.transport.write(wsframe.close_frame(event.code if event.code != wsframe.NO_STATUS else wsframe.NORMAL))
+                    self.transport.write(wsframe.close_frame(event.code if event.code != closecodes.NO_STATUS else closecodes.NORMAL))
                 self._finish(event.code, event.reason)
                 self.transport.close()
                 return
@@ -314,7 +313,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             self.scope = None
             return
         if self._state == _OPEN:
-            self.transport.write(wsframe.close_frame(wsframe.NORMAL))
+            self.transport.write(wsframe.close_frame(closecodes.NORMAL))
             self._state = _CLOSING
         if self._close_timer is None:
             self.transport.close()
@@ -329,7 +328,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
                 self.resume_reading(_INBOX)
             return event
         if self._state == _CLOSED:
-            return {"type": "websocket.disconnect", "code": 1006, "reason": ""}
+            return {"type": "websocket.disconnect", "code": closecodes.ABNORMAL, "reason": ""}
         self._waiter = self.loop.create_future()
         try:
             return await self._waiter
@@ -348,7 +347,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
                 self._state = _OPEN
                 self._parser = wsframe.FrameParser(self.config.ws_max_size)
             elif kind == "websocket.close":
-                self._finish(1006)
+                self._finish(closecodes.ABNORMAL)
                 self._refuse(Refusal(403, ""))
             elif kind == "websocket.http.response.start":
                 headers = [*self.server_state.default_headers, *message.get("headers", ())]
@@ -360,7 +359,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         if self._state == _DENYING and kind == "websocket.http.response.body":
             self.transport.write(message.get("body", b""))
             if not message.get("more_body", False):
-                self._finish(1006)
+                self._finish(closecodes.ABNORMAL)
                 self.transport.close()
             return
         if self._state != _OPEN:
@@ -378,7 +377,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
                 if event["type"] == "websocket.receive":
                     self._callback(self._on_message, event.get("text", event.get("bytes")))
         elif kind == "websocket.close":
-            code = message.get("code", wsframe.NORMAL)
+            code = message.get("code", closecodes.NORMAL)
             reason = message.get("reason") or ""
             self._on_message = self._on_close = None
             self.close(code, reason)

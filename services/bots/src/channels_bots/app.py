@@ -16,6 +16,7 @@ from channels_common.observability import health_routes, observe_service, setup_
 from channels_common.redis import Message, Subscription
 from channels_common.server import serve
 from channels_common.settings import BotsSettings
+from channels_common.tasks import spawn
 from starlette.applications import Starlette
 
 from .dispatcher import Dispatcher, RetryPolicy
@@ -75,7 +76,7 @@ class BotsService:
 
     async def start(self) -> None:
         self.subscription.start()
-        self._sweeper = asyncio.create_task(self._sweep_idle_clients(), name="bots-client-sweeper")
+        self._sweeper = spawn(self._sweep_idle_clients(), name="bots-client-sweeper")
 
     async def stop(self) -> None:
         await self.subscription.stop()

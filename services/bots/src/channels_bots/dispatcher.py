@@ -22,6 +22,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from channels_common.tasks import spawn
+
 from .errors import Permanent, RateLimited, Transient
 from .messages import Command
 from .metrics import BotsMetrics
@@ -99,7 +101,7 @@ class Dispatcher:
         self._queues.setdefault(key, deque()).append(command)
         self._set_pending(self._pending + 1)
         if key not in self._workers:
-            self._workers[key] = asyncio.create_task(self._drain(key), name="bots-room-queue")
+            self._workers[key] = spawn(self._drain(key), name="bots-room-queue")
         return True
 
     async def close(self, timeout: float) -> int:

@@ -13,16 +13,24 @@ import threading
 import time
 from collections.abc import Callable
 
+from channels_common.closecodes import (
+    CONNECTION_TIMEOUT,
+    INTERNAL_ERROR,
+    POLICY_VIOLATION,
+    RESET_CONNECTION,
+    UNSUPPORTED_DATA,
+)
 from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
+from channels_common.tasks import spawn
 from channels_common.wsframe import binary_frame
 from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol
 from starlette.applications import Starlette
 
 from .client_address import scope_client_address
 from .cluster import Cluster
-from .connection import CONNECTION_TIMEOUT, RESET_CONNECTION, UNSUPPORTED_DATA, Connection, Limits
+from .connection import Connection, Limits
 from .documents import DocumentRegistry
 from .metrics import CollabMetrics
 from .rails import RailsAuthenticator
@@ -31,7 +39,6 @@ from .throttle import Refused, Throttle
 
 log = logging.getLogger("channels.collab")
 
-INTERNAL_ERROR = 1011
 # Bytes queued for one client that does not read; past this it is closed
 # with 4205 and resyncs on reconnect (CRDT state loses nothing).
 MAX_CLIENT_BUFFER_BYTES = 32 * 1024 * 1024
@@ -175,7 +182,7 @@ class CollabService:
         # An auth never outlives the connection deadline (see Connection.check).
         auth_timeout = min(s.auth_timeout_seconds, self.limits.timeout_seconds)
         self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=auth_timeout)
-        self._tasks.append(loop.create_task(self._sweep()))
+        self._tasks.append(spawn(self._sweep(), name="collab-sweep"))
         self.ready = True
         freeze_startup_objects()
         log.info(
@@ -253,7 +260,7 @@ class CollabService:
             log.warning("too many connection attempts; client banned",
                         extra={"client": address, "ban_seconds": self.settings.throttle_ban_seconds})
         if HTTP_RESPONSE not in scope.get("extensions", {}):
-            await send({"type": "websocket.close", "code": 1008})  # a bare 403 is all the server can say
+            await send({"type": "websocket.close", "code": POLICY_VIOLATION})  # a bare 403 is all the server can say
             return
         body = b"Too many connection attempts"
         await send({"type": "websocket.http.response.start", "status": 429, "headers": [
@@ -351,7 +358,7 @@ def _forward_signals_through(service: CollabService) -> None:
                 finally:
                     previous(signum, frame)
 
-            loop.call_soon_threadsafe(lambda: loop.create_task(drain_then_forward()))
+            loop.call_soon_threadsafe(lambda: spawn(drain_then_forward(), name="collab-drain", loop=loop))
 
         signal.signal(sig, handler)
 

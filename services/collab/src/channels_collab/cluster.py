@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from channels_common.redis import create_redis
+from channels_common.tasks import spawn
 from redis.exceptions import NoScriptError, RedisError
 
 from .metrics import CollabMetrics
@@ -208,10 +209,9 @@ class Cluster:
         return self.append_ok and self.reader_live and not self.backpressured
 
     def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._append_loop(), name="collab-append"))
-        self._tasks.append(loop.create_task(self._read_loop(), name="collab-read"))
-        self._tasks.append(loop.create_task(self._member_loop(), name="collab-members"))
+        self._tasks.append(spawn(self._append_loop(), name="collab-append"))
+        self._tasks.append(spawn(self._read_loop(), name="collab-read"))
+        self._tasks.append(spawn(self._member_loop(), name="collab-members"))
 
     async def flush(self, timeout: float) -> bool:
         """Wait until every queued append, awareness update and compaction is
@@ -330,7 +330,7 @@ class Cluster:
         self._changed.set()
         if self._reading and self._reader_id is not None and not self._unblock_sent:
             self._unblock_sent = True
-            asyncio.get_running_loop().create_task(self._unblock(self._reader_id))
+            spawn(self._unblock(self._reader_id), name="collab-unblock")
 
     async def _unblock(self, client_id: int) -> None:
         try:
@@ -486,7 +486,7 @@ class Cluster:
             if name in self._compacting:
                 self._again[name] = snapshot  # once this one is done
                 return
-            task = asyncio.get_running_loop().create_task(self._compact_leased(name, snapshot))
+            spawn(self._compact_leased(name, snapshot), name="collab-compact", tasks=self._compactions)
         else:
             covers = self.cursor(name)
             if covers is None:
@@ -500,9 +500,7 @@ class Cluster:
             state = snapshot()
             if state is None:
                 return
-            task = asyncio.get_running_loop().create_task(self._compact(name, state, covers, appended, seen))
-        self._compactions.add(task)
-        task.add_done_callback(self._compactions.discard)
+            spawn(self._compact(name, state, covers, appended, seen), name="collab-compact", tasks=self._compactions)
 
     async def _compact_leased(self, name: str, snapshot: Callable[[], bytes | None], retry: bool = True) -> None:
         self._compacting.add(name)
@@ -546,9 +544,7 @@ class Cluster:
             if name in self._compacting:
                 self._again[name] = snapshot
                 return
-            task = asyncio.get_running_loop().create_task(self._compact_leased(name, snapshot, retry=False))
-            self._compactions.add(task)
-            task.add_done_callback(self._compactions.discard)
+            spawn(self._compact_leased(name, snapshot, retry=False), name="collab-compact", tasks=self._compactions)
 
     async def _caught_up(self, name: str, timeout: float = CATCH_UP_SECONDS) -> None:
         """Move `name`'s position past this instance's last append, once the

@@ -25,6 +25,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from channels_common.closecodes import CONNECTION_TIMEOUT, MESSAGE_TOO_BIG, PROTOCOL_ERROR
+from channels_common.tasks import spawn
+
 from . import protocol as p
 from .documents import BadUpdate, DocumentRegistry, LiveDocument
 from .metrics import CollabMetrics
@@ -32,14 +35,6 @@ from .names import valid_document_name
 from .rails import DENIED_REASON, Decision
 
 log = logging.getLogger("channels.collab.connection")
-
-RESET_CONNECTION = 4205
-UNAUTHORIZED = 4401
-FORBIDDEN = 4403
-CONNECTION_TIMEOUT = 4408
-MESSAGE_TOO_BIG = 1009
-PROTOCOL_ERROR = 1002
-UNSUPPORTED_DATA = 1003
 
 
 class Transport(Protocol):
@@ -156,7 +151,7 @@ class Connection:
             return
         try:
             msg = p.decode(frame)
-        except p.ProtocolError as exc:
+        except p.HocuspocusProtocolError as exc:
             self.malformed(str(exc), len(frame))
             return
         if self.metrics:
@@ -198,7 +193,7 @@ class Connection:
             if msg.provider_version is not None:
                 self.answers_ping = True
             name, _session = p.split_address(address)
-            pending.task = asyncio.get_running_loop().create_task(self._authenticate(address, name, msg.token))
+            pending.task = spawn(self._authenticate(address, name, msg.token), name="collab-auth")
         else:
             # Frames of one read already parsed are kept even past a limit
             # (the overshoot is bounded by a read and a frame): nothing
@@ -312,7 +307,7 @@ class Connection:
                     "message type not accepted from clients; dropped",
                     extra={"document": session.name, "type": type(msg).__name__},
                 )
-        except (BadUpdate, p.ProtocolError) as exc:
+        except (BadUpdate, p.HocuspocusProtocolError) as exc:
             self.malformed(f"{type(msg).__name__}: {exc}")
 
     def _end_session(self, session: Session, notify: str | None) -> None:

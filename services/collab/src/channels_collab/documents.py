@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
+from channels_common.tasks import spawn
 from pycrdt import Awareness, Doc, get_state
 from redis.exceptions import RedisError
 
@@ -131,7 +132,7 @@ class DocumentRegistry:
             return
         loading = self._loading.get(name)
         if loading is None:
-            loading = self._loading[name] = asyncio.get_running_loop().create_task(self._load_remote(name))
+            loading = self._loading[name] = spawn(self._load_remote(name), name="collab-load")
         await asyncio.shield(loading)
 
     async def _load_remote(self, name: str) -> None:
@@ -342,7 +343,7 @@ class DocumentRegistry:
         try:
             p.decode_awareness_update(update)
             doc.awareness.apply_awareness_update(update, REMOTE)
-        except (p.ProtocolError, ValueError) as exc:  # hostile bytes from Redis
+        except (p.HocuspocusProtocolError, ValueError) as exc:  # hostile bytes from Redis
             log.warning("awareness update from redis could not be applied; skipped",
                         extra={"document": doc.name, "error": str(exc)[:200]})
 
@@ -382,7 +383,7 @@ class DocumentRegistry:
 
     def awareness(self, doc: LiveDocument, peer: Peer, update: bytes) -> bool:
         """Apply a peer's awareness update; False when it is refused."""
-        entries = p.decode_awareness_update(update)  # ProtocolError propagates
+        entries = p.decode_awareness_update(update)  # HocuspocusProtocolError propagates
         known = doc.peers.get(peer)
         if known is None:
             return False

@@ -8,7 +8,7 @@ enable session awareness. v4 providers also answer a connection-level Ping,
 a frame of the single byte 9, with the single byte 10.
 
 Decoding is strict about structure (a truncated or undecodable frame raises
-`ProtocolError`) and lenient about trailing bytes, as the Hocuspocus server
+`HocuspocusProtocolError`) and lenient about trailing bytes, as the Hocuspocus server
 is: newer providers append fields (v4 appends its version to Auth).
 """
 
@@ -62,7 +62,7 @@ SESSION_SEPARATOR = "\0"
 _MAX_VARUINT_BYTES = 8
 
 
-class ProtocolError(ValueError):
+class HocuspocusProtocolError(ValueError):
     """The frame cannot be decoded. The caller closes the socket."""
 
 
@@ -107,20 +107,20 @@ class Reader:
         shift = 0
         for i in range(_MAX_VARUINT_BYTES):
             if pos + i >= len(data):
-                raise ProtocolError("truncated varUint")
+                raise HocuspocusProtocolError("truncated varUint")
             byte = data[pos + i]
             value |= (byte & 0x7F) << shift
             if byte < 0x80:
                 self.pos = pos + i + 1
                 return value
             shift += 7
-        raise ProtocolError("varUint too long")
+        raise HocuspocusProtocolError("varUint too long")
 
     def var_bytes(self) -> bytes:
         length = self.var_uint()
         end = self.pos + length
         if end > len(self.data):
-            raise ProtocolError("truncated byte array")
+            raise HocuspocusProtocolError("truncated byte array")
         chunk = self.data[self.pos : end]
         self.pos = end
         return chunk
@@ -130,7 +130,7 @@ class Reader:
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ProtocolError("string is not UTF-8") from exc
+            raise HocuspocusProtocolError("string is not UTF-8") from exc
 
 
 # ------------------------------------------------------------ client frames
@@ -244,7 +244,7 @@ def decode(frame: bytes) -> Message:
     if kind in (MessageType.SYNC, MessageType.SYNC_REPLY):
         step = r.var_uint()
         if step > SyncStep.UPDATE:
-            raise ProtocolError(f"unknown sync step {step}")
+            raise HocuspocusProtocolError(f"unknown sync step {step}")
         return Sync(address, SyncStep(step), r.var_bytes(), kind == MessageType.SYNC_REPLY)
     if kind == MessageType.AWARENESS:
         return Awareness(address, r.var_bytes())
@@ -258,7 +258,7 @@ def decode(frame: bytes) -> Message:
             return Token(address, token, version)
         if sub in (AuthType.PERMISSION_DENIED, AuthType.AUTHENTICATED):
             return AuthReply(address, AuthType(sub), r.var_string())
-        raise ProtocolError(f"unknown auth message type {sub}")
+        raise HocuspocusProtocolError(f"unknown auth message type {sub}")
     if kind == MessageType.QUERY_AWARENESS:
         return QueryAwareness(address)
     if kind == MessageType.STATELESS:
@@ -346,7 +346,7 @@ def decode_state_vector(data: bytes) -> dict[int, int]:
     r = Reader(data)
     count = r.var_uint()
     if count > len(data):
-        raise ProtocolError("state vector count exceeds its size")
+        raise HocuspocusProtocolError("state vector count exceeds its size")
     return {r.var_uint(): r.var_uint() for _ in range(count)}
 
 
@@ -363,7 +363,7 @@ def decode_awareness_update(data: bytes) -> list[AwarenessEntry]:
     r = Reader(data)
     count = r.var_uint()
     if count > len(data):
-        raise ProtocolError("awareness count exceeds its size")
+        raise HocuspocusProtocolError("awareness count exceeds its size")
     entries = []
     for _ in range(count):
         client_id = r.var_uint()
@@ -372,6 +372,6 @@ def decode_awareness_update(data: bytes) -> list[AwarenessEntry]:
         try:
             state = json.loads(raw) if raw else None
         except (ValueError, RecursionError) as exc:
-            raise ProtocolError("awareness state is not JSON") from exc
+            raise HocuspocusProtocolError("awareness state is not JSON") from exc
         entries.append(AwarenessEntry(client_id, clock, state))
     return entries

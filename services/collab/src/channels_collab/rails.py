@@ -1,14 +1,8 @@
 """Asking Rails whether a user may open a document: `POST {base}/api/hocuspocus`
 with `{"user_secret": token, "document_name": name}`. 200 allows; anything
 else, a timeout or an unreachable Rails denies. The token never reaches a
-log line.
-
-Requests go through single-connection httpx clients lent out one request at
-a time, not through one client's pool: httpcore's pool walks every queued
-request and every connection on each change, so 1,000 auth calls 20 at a
-time took 1.8 s of CPU through one pooled client and 0.5 s this way
-(against a stand-in Rails on loopback, which answers in ~0.5 ms). A
-provider reconnect storm after a deploy is exactly that load."""
+log line. Requests go through single-connection httpx clients lent out one
+request at a time (why, measured: docs/collab.md, `rails.py`)."""
 
 from __future__ import annotations
 

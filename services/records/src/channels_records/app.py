@@ -14,6 +14,7 @@ from channels_common.observability import health_routes, observe_service, setup_
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import RecordsSettings
+from channels_common.tasks import spawn
 from channels_common.wsserver import LeanWebSocketProtocol
 from starlette.applications import Starlette
 
@@ -139,7 +140,7 @@ class RecordsService:
         )
         self.subscription.start()
         self.gateway.connections = self.connections
-        self._tasks.append(asyncio.create_task(self.connections.touch_forever()))
+        self._tasks.append(spawn(self.connections.touch_forever(), name="records-touch"))
         freeze_startup_objects()
         try:
             yield

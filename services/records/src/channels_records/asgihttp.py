@@ -67,8 +67,23 @@ class Exchange:
     `done(keep_alive)` is called once, when the connection may go on to
     the next request (False: it must close)."""
 
-    __slots__ = ("app", "body", "chunked", "complete", "disconnected", "done", "head", "keep_alive",
-                 "scope", "started", "status", "transport", "_gone", "_body_given", "_drain")
+    __slots__ = (
+        "_body_given",
+        "_drain",
+        "_gone",
+        "app",
+        "body",
+        "chunked",
+        "complete",
+        "disconnected",
+        "done",
+        "head",
+        "keep_alive",
+        "scope",
+        "started",
+        "status",
+        "transport",
+    )
 
     def __init__(self, app, scope: dict, body: bytes, transport, keep_alive: bool, done):
         self.app = app

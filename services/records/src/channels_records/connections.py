@@ -9,8 +9,9 @@ import logging
 from urllib.parse import parse_qs
 
 from channels_common.auth import ChannelUser, lookup_channel_user, parse_current_user, valid_token
+from channels_common.closecodes import SERVICE_RESTART
 from channels_common.redis import with_backoff
-from channels_common.wsframe import SERVICE_RESTART
+from channels_common.tasks import spawn
 from redis.exceptions import RedisError
 
 from . import engineio as eio
@@ -146,7 +147,7 @@ class Connections:
         log.debug("connected", extra={"sid": sid, "rooms": len(rooms), "deferred": deferred})
         if deferred:
             self.metrics.lookup_retries.inc()
-            self.deferred[sid] = asyncio.create_task(self._join_later(sid, token))
+            self.deferred[sid] = spawn(self._join_later(sid, token), name="records-join-later")
 
     async def _recover(self, eio_sid: str, token: str | None, request: RecoveryRequest) -> bool:
         try:
@@ -266,9 +267,7 @@ class Connections:
         pid = self._forget_local(sid)
         if pid is None or self.store is None or self.stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._session_after_disconnect(pid, reason))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        spawn(self._session_after_disconnect(pid, reason), name="records-session-disconnect", tasks=self._background)
 
     async def _session_after_disconnect(self, pid: str, reason: str) -> None:
         try:

@@ -3,7 +3,7 @@ handshake, request checks with the error codes socket.io clients know, ping
 timing and the websocket upgrade probe.
 
 Everything here takes bytes or text and returns values or raises
-`ParseError`; sockets, HTTP and timers live in the adapters (polling.py,
+`EngineIOProtocolError`; sockets, HTTP and timers live in the adapters (polling.py,
 websocket.py, sockets.py).
 """
 
@@ -34,7 +34,7 @@ PING_TIMEOUT = "ping timeout"
 SERVER_CLOSE = "forced close"
 
 
-class ParseError(ValueError):
+class EngineIOProtocolError(ValueError):
     """Input that is not Engine.IO. `reason` is engine.io's close reason."""
 
     reason = PARSE_ERROR
@@ -53,15 +53,15 @@ def decode_packet(data: str | bytes) -> Packet:
     if isinstance(data, (bytes, bytearray, memoryview)):
         return Packet(MESSAGE, bytes(data))
     if not data:
-        raise ParseError("empty packet")
+        raise EngineIOProtocolError("empty packet")
     kind = data[0]
     if kind == "b":
         try:
             return Packet(MESSAGE, base64.b64decode(data[1:], validate=True))
         except (binascii.Error, ValueError):
-            raise ParseError("invalid base64 packet") from None
+            raise EngineIOProtocolError("invalid base64 packet") from None
     if kind not in PACKET_TYPES:
-        raise ParseError("unknown packet type")
+        raise EngineIOProtocolError("unknown packet type")
     return Packet(kind, data[1:])
 
 
@@ -75,7 +75,7 @@ def decode_payload(body: bytes) -> list[Packet]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ParseError("payload not utf-8") from None
+        raise EngineIOProtocolError("payload not utf-8") from None
     return [decode_packet(part) for part in text.split(SEPARATOR)]
 
 

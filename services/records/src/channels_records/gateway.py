@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from channels_common.tasks import spawn
+
 from . import engineio as eio
 from . import socketio as sio
 from .sockets import EngineSocket, Rooms
@@ -34,7 +36,7 @@ class Gateway:
     def on_message(self, sock: EngineSocket, data) -> None:
         try:
             packet = sio.decode(data)
-        except sio.ParseError as exc:
+        except sio.SocketIOProtocolError as exc:
             log.warning(
                 "malformed packet from client, connection closed",
                 extra={"error": str(exc), "size": len(data) if data else 0},
@@ -52,9 +54,7 @@ class Gateway:
         if kind == sio.CONNECT:
             if self.connecting_or_connected(sock) or self.connections is None:
                 return  # a second CONNECT on one session is ignored
-            task = asyncio.get_running_loop().create_task(self.connections.connect(sock.sid, packet.data))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            spawn(self.connections.connect(sock.sid, packet.data), name="records-connect", tasks=self._tasks)
         elif kind == sio.DISCONNECT:
             sid = self.rooms.sid_of.get(sock.sid)
             if sid is not None:

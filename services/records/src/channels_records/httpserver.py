@@ -22,6 +22,7 @@ import logging
 from collections import deque
 
 import httptools
+from channels_common.tasks import spawn
 
 from . import engineio as eio
 from .asgihttp import MAX_BODY_BYTES, Exchange, http_scope
@@ -341,10 +342,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self._pause_reading()
         if self.write_paused:
             exchange.unwritable()
-        task = self.loop.create_task(exchange.run())
-        tasks = self.server_state.tasks
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        spawn(exchange.run(), tasks=self.server_state.tasks, loop=self.loop)
 
     def _app_done(self, keep_alive: bool) -> None:
         self.exchange = None

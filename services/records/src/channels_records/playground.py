@@ -3,7 +3,9 @@ without a Loomio (live `records`/`notice` events, a form that publishes one
 as Rails would, and a shared editor synced through collab).
 
 Development only: `playground_routes()` returns no routes at all when
-RAILS_ENV=production, and the images never ship the bundle. The publish
+RAILS_ENV=production, and the images never ship the bundle. The demo user
+comes from channels_dev (dev_rails), imported only when the playground is
+enabled; the images do not hold that package. The publish
 endpoint lets anyone who can reach it write to any room, so it exists only
 beside a built bundle (a source checkout after `make install`) and answers
 only direct requests from the loopback interface: not other hosts, and not
@@ -19,7 +21,6 @@ import logging
 import re
 from pathlib import Path
 
-from channels_common.dev_rails import DEMO_GROUP_IDS, DEMO_TOKEN, DEMO_USER_ID, DEMO_USER_NAME, collab_token
 from channels_common.publish import publish_notice, publish_records
 from channels_common.redis import create_redis
 from channels_common.settings import PlaygroundSettings
@@ -86,6 +87,19 @@ def _local_request(request: Request) -> bool:
 def playground_routes(settings: PlaygroundSettings | None = None) -> list[BaseRoute]:
     settings = settings or PlaygroundSettings()
     if not settings.enabled:
+        return []
+    try:
+        from channels_dev.dev_rails import (
+            DEMO_GROUP_IDS,
+            DEMO_TOKEN,
+            DEMO_USER_ID,
+            DEMO_USER_NAME,
+            collab_token,
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name != "channels_dev":
+            raise  # channels_dev is there but broken: say so loudly
+        log.warning("no playground: channels-dev is not installed (`make install` installs it)")
         return []
     dist = Path(settings.dist_dir) if settings.dist_dir else default_dist_dir()
     if not (dist / "index.html").exists():

@@ -159,7 +159,7 @@ class Polling:
     def posted(self, sock: EngineSocket, body: bytes) -> Reply:
         try:
             packets = eio.decode_payload(body)
-        except eio.ParseError as exc:
+        except eio.EngineIOProtocolError as exc:
             log.warning("malformed request from client, rejected", extra={"error": str(exc), "size": len(body)})
             sock.close(exc.reason)
             packets = ()

@@ -3,7 +3,7 @@ the packets the server answers with on the default namespace.
 
 The text after the Engine.IO MESSAGE type is
 `<type>[<attachments>-][/<nsp>,][<ack id>][<json>]`. Parsing follows the
-reference parser's rules and raises `ParseError` with its messages (an
+reference parser's rules and raises `SocketIOProtocolError` with its messages (an
 empty packet, as there, is a CONNECT). Binary attachments are never accepted: Loomio's clients
 send none, and accepting them means buffering client bytes for nothing.
 Broadcast EVENTs and CONNECT replies are built in protocol.py.
@@ -22,7 +22,7 @@ RESERVED_EVENTS = frozenset(
 MAX_ACK_ID_DIGITS = 16
 
 
-class ParseError(ValueError):
+class SocketIOProtocolError(ValueError):
     """Not a Socket.IO packet; the message is the reference parser's."""
 
 
@@ -60,19 +60,19 @@ def _valid_payload(kind: int, payload) -> bool:
 
 def decode(data: str | bytes) -> Packet:
     if not isinstance(data, str):
-        raise ParseError("got binary data when not reconstructing a packet")
+        raise SocketIOProtocolError("got binary data when not reconstructing a packet")
     if not data:
         return Packet(CONNECT)  # as the reference parser reads it
     first = data[0]
     if not ("0" <= first <= "6"):
-        raise ParseError(f"unknown packet type {first if first.isdigit() and first.isascii() else 'NaN'}")
+        raise SocketIOProtocolError(f"unknown packet type {first if first.isdigit() and first.isascii() else 'NaN'}")
     kind = int(first)
     i = 1
     if kind in (BINARY_EVENT, BINARY_ACK):
         dash = data.find("-", 1)
         if dash < 0 or not data[1:dash].isdigit():
-            raise ParseError("Illegal attachments")
-        raise ParseError("binary packets are not accepted")
+            raise SocketIOProtocolError("Illegal attachments")
+        raise SocketIOProtocolError("binary packets are not accepted")
     namespace = DEFAULT_NAMESPACE
     if data.startswith("/", i):
         comma = data.find(",", i)
@@ -85,7 +85,7 @@ def decode(data: str | bytes) -> Packet:
         j += 1
     if j > i:
         if j - i > MAX_ACK_ID_DIGITS:
-            raise ParseError("invalid ack id")
+            raise SocketIOProtocolError("invalid ack id")
         ack_id = int(data[i:j])
         i = j
     payload = None
@@ -93,11 +93,11 @@ def decode(data: str | bytes) -> Packet:
         try:
             payload = _JSON.decode(data[i:])
         except (ValueError, RecursionError):
-            raise ParseError("invalid payload") from None
+            raise SocketIOProtocolError("invalid payload") from None
         if payload is None:
-            raise ParseError("invalid payload")  # `null` is no payload at all
+            raise SocketIOProtocolError("invalid payload")  # `null` is no payload at all
     if not _valid_payload(kind, payload):
-        raise ParseError("invalid payload")
+        raise SocketIOProtocolError("invalid payload")
     return Packet(kind, namespace, ack_id, payload)
 
 

@@ -17,6 +17,8 @@ import secrets
 import time
 from collections.abc import Callable
 
+from channels_common.closecodes import NORMAL
+from channels_common.tasks import spawn
 from channels_common.wsframe import text_frame
 
 from . import engineio as eio
@@ -173,7 +175,7 @@ class EngineSocket:
 
     # -- closing -------------------------------------------------------------
 
-    def close(self, reason: str, notify_client: bool = True, abort: bool = False, ws_code: int = 1000) -> None:
+    def close(self, reason: str, notify_client: bool = True, abort: bool = False, ws_code: int = NORMAL) -> None:
         """End the session (once). The Socket.IO layer hears of it first; then
         a websocket gets a close frame with `ws_code` (or is cut off:
         `abort`), a polling client its CLOSE packet on the next poll."""
@@ -262,7 +264,7 @@ class Engine:
 
     def start_pinger(self) -> None:
         if self._pinger is None or self._pinger.done():
-            self._pinger = asyncio.get_running_loop().create_task(self._ping_forever(), name="engineio-pinger")
+            self._pinger = spawn(self._ping_forever(), name="engineio-pinger")
 
     def stop_pinger(self) -> None:
         if self._pinger is not None:

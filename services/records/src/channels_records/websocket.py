@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from channels_common.closecodes import NORMAL
 from channels_common.wsframe import text_frame
 from channels_common.wsserver import DETACH, FIRST_FRAMES
 
@@ -27,7 +28,7 @@ UPGRADE_TIMEOUT_SECONDS = 10.0
 def decode_or_log(data) -> eio.Packet | None:
     try:
         return eio.decode_packet(data)
-    except eio.ParseError as exc:
+    except eio.EngineIOProtocolError as exc:
         log.warning(
             "malformed engine.io packet from client, connection closed",
             extra={"error": str(exc), "size": len(data) if data else 0},
@@ -96,7 +97,7 @@ class Upgrade:
         if sock.websocket is self.protocol:
             sock.websocket = None
             sock.upgrading = False
-        self.protocol.close(1000)
+        self.protocol.close(NORMAL)
 
     def on_close(self, code) -> None:
         if self.direct is not None:
@@ -139,7 +140,7 @@ class WebSockets:
             protocol = send.__self__
             sock = self.engine.sockets[query.sid]
             if sock.upgrading or sock.closing:
-                await send({"type": "websocket.close", "code": 1000})
+                await send({"type": "websocket.close", "code": NORMAL})
                 return
             sock.upgrading = True
             sock.websocket = protocol

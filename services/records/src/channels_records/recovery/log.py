@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from channels_common.redis_line import RedisLine
 from channels_common.resp import pack_command
+from channels_common.tasks import spawn
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -162,7 +163,7 @@ class EventLog:
 
     def _start_flusher(self) -> None:
         self._busy = True
-        self._flusher = asyncio.create_task(self._flush(), name="recovery-log-flush")
+        self._flusher = spawn(self._flush(), name="recovery-log-flush")
 
     async def _flush(self) -> None:
         try:

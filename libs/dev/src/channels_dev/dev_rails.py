@@ -67,9 +67,10 @@ def parse_hocuspocus_request(body: bytes) -> tuple[str, str] | str:
 
 
 def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
-    from .observability import health_routes
-    from .publish import set_channel_token
-    from .redis import create_redis
+    from channels_common.observability import health_routes
+    from channels_common.publish import set_channel_token
+    from channels_common.redis import create_redis
+    from channels_common.tasks import spawn
 
     registry = CollectorRegistry()
     answered = Counter(
@@ -92,7 +93,7 @@ def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         redis = create_redis(redis_url, max_connections=2)
-        task = asyncio.create_task(keep_token(redis))
+        task = spawn(keep_token(redis), name="dev-rails-token")
         try:
             yield
         finally:
@@ -124,9 +125,9 @@ def create_app(redis_url: str, refresh_seconds: float = 30.0) -> Starlette:
 
 
 def main() -> int:
-    from .observability import setup_logging
-    from .server import serve
-    from .settings import DevRailsSettings
+    from channels_common.observability import setup_logging
+    from channels_common.server import serve
+    from channels_common.settings import DevRailsSettings
 
     settings = DevRailsSettings()
     refusal = production_refusal(settings.rails_env)
