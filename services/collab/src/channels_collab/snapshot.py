@@ -82,12 +82,13 @@ end
 return {snap[1] or false, snap[2] or false, tail}
 """
 
-# Appends `fields` to the inbox of every live member of KEYS[members] but
-# ARGV[1] (the writer), and prunes the expired ones.
+# Appends the fields after `me` (the writer) to the inbox of every live
+# member of `members` but `me`, and prunes the expired ones. A writer alone
+# in `members` (one instance) costs one ZRANGE.
 _DELIVER = """
-local function deliver(members, me, prefix, cap, fields)
+local function deliver(members, me, prefix, cap, ...)
   local m = redis.call('ZRANGE', members, 0, -1, 'WITHSCORES')
-  if #m == 0 then
+  if #m == 0 or (#m == 2 and m[1] == me) then
     return
   end
   local t = redis.call('TIME')
@@ -97,7 +98,7 @@ local function deliver(members, me, prefix, cap, fields)
     if tonumber(m[i + 1]) <= now then
       expired = true
     elseif m[i] ~= me then
-      redis.call('XADD', prefix .. m[i], 'MAXLEN', '~', cap, '*', unpack(fields))
+      redis.call('XADD', prefix .. m[i], 'MAXLEN', '~', cap, '*', ...)
     end
   end
   if expired then
@@ -113,14 +114,14 @@ local id = redis.call('XADD', KEYS[1], '*', 'i', ARGV[1], 'u', ARGV[2])
 if ARGV[3] ~= '0' then
   redis.call('PEXPIRE', KEYS[1], ARGV[3])
 end
-deliver(KEYS[2], ARGV[1], ARGV[6], ARGV[4], {'d', ARGV[5], 'e', id, 'i', ARGV[1], 'u', ARGV[2]})
+deliver(KEYS[2], ARGV[1], ARGV[6], ARGV[4], 'd', ARGV[5], 'e', id, 'i', ARGV[1], 'u', ARGV[2])
 return id
 """
 
 # KEYS: members. ARGV: instance, kind (`a` awareness, `q` query), payload,
 # inbox cap, document name, inbox key prefix. Never touches the history.
 AWARENESS_SCRIPT = _DELIVER + """
-deliver(KEYS[1], ARGV[1], ARGV[6], ARGV[4], {'d', ARGV[5], 'i', ARGV[1], ARGV[2], ARGV[3]})
+deliver(KEYS[1], ARGV[1], ARGV[6], ARGV[4], 'd', ARGV[5], 'i', ARGV[1], ARGV[2], ARGV[3])
 return 0
 """
 
