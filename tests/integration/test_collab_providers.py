@@ -17,6 +17,8 @@ from tests.support import ServiceProcess, wait_for
 pytestmark = pytest.mark.slow
 
 VERSIONS = ["v3", "v4"]
+# Keys of its own in the session's Redis: no draft of another module's documents.
+PREFIX = "t-providers:"
 _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded: reruns see the same names
 
 
@@ -33,7 +35,7 @@ def rails():
 
 @pytest.fixture(scope="module")
 def collab(rails, redis_url):
-    service = start_collab(rails.url, redis_url)
+    service = start_collab(rails.url, redis_url, COLLAB_REDIS_PREFIX=PREFIX)
     yield service
     service.stop()
 
@@ -238,7 +240,7 @@ def test_edits_are_stored_while_editing_continues(providers, collab):
 def test_restart_loses_nothing(rails, redis_url, version):
     """SIGTERM: stored, sockets closed with 4205; the providers reconnect to
     the next process and their state flows back into it."""
-    service = start_collab(rails.url, redis_url)
+    service = start_collab(rails.url, redis_url, COLLAB_REDIS_PREFIX=PREFIX)
     name = doc_name()
     tab = Provider(version, f"ws://127.0.0.1:{service.port}")
     successor = None
@@ -273,7 +275,7 @@ def test_rails_down_denies_without_leaking(rails, redis_url):
     # Nothing listens on this port: Rails is down.
     from tests.support import free_port
 
-    service = start_collab(f"http://127.0.0.1:{free_port()}", redis_url)
+    service = start_collab(f"http://127.0.0.1:{free_port()}", redis_url, COLLAB_REDIS_PREFIX=PREFIX)
     try:
         tab = Provider("v3", f"ws://127.0.0.1:{service.port}")
         try:

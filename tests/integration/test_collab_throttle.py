@@ -19,6 +19,8 @@ from tests.integration.collab_helpers import Provider, RailsStandIn, start_colla
 # Starts the service as a process per module or test: out of `make test-fast`.
 pytestmark = pytest.mark.slow
 
+# Keys of its own in the session's Redis: no draft of another module's documents.
+PREFIX = "t-throttle:"
 _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded: reruns see the same names
 THROTTLED = "collab_throttled_total"
 
@@ -35,7 +37,7 @@ def services(redis_url):
     started = []
 
     def start(rails_url: str, **env):
-        service = start_collab(rails_url, redis_url, **env)
+        service = start_collab(rails_url, redis_url, COLLAB_REDIS_PREFIX=PREFIX, **env)
         started.append(service)
         return service
 

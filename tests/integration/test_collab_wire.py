@@ -25,6 +25,8 @@ from tests.support import wait_for
 # Starts the service as a process per module or test: out of `make test-fast`.
 pytestmark = pytest.mark.slow
 
+# Keys of its own in the session's Redis: no draft of another module's documents.
+PREFIX = "t-wire:"
 _ids = itertools.count(random.Random(__name__).randint(10, 90) * 100_000)  # seeded: reruns see the same names
 
 
@@ -41,7 +43,7 @@ def rails():
 
 @pytest.fixture(scope="module")
 def collab(rails, redis_url):
-    service = start_collab(rails.url, redis_url, COLLAB_MAX_FRAME_BYTES=str(1024 * 1024))
+    service = start_collab(rails.url, redis_url, COLLAB_REDIS_PREFIX=PREFIX, COLLAB_MAX_FRAME_BYTES=str(1024 * 1024))
     yield service
     service.stop()
 
@@ -49,7 +51,7 @@ def collab(rails, redis_url):
 @pytest.fixture(scope="module")
 def short(rails, redis_url):
     """A service with a 2 s timeout, for the deadlines."""
-    service = start_collab(rails.url, redis_url, COLLAB_TIMEOUT_MS="2000")
+    service = start_collab(rails.url, redis_url, COLLAB_REDIS_PREFIX=PREFIX, COLLAB_TIMEOUT_MS="2000")
     yield service
     service.stop()
 
@@ -329,7 +331,7 @@ def test_pre_auth_byte_flood_leaves_memory_flat(short, connect):
 @pytest.fixture(scope="module")
 def patient(rails, redis_url):
     """A service with the default 10 s auth timeout, for bursts of auths."""
-    service = start_collab(rails.url, redis_url, COLLAB_AUTH_TIMEOUT_SECONDS="10")
+    service = start_collab(rails.url, redis_url, COLLAB_REDIS_PREFIX=PREFIX, COLLAB_AUTH_TIMEOUT_SECONDS="10")
     yield service
     service.stop()
 
@@ -451,7 +453,7 @@ def test_rails_hanging_past_the_connection_deadline_gives_authentication_failed(
     """Rails answers user 504 after 3 s; the socket's deadline is 2 s and the
     configured auth timeout (10 s) is cut to it: the provider hears
     authenticationFailed, with the usual wire reason."""
-    service = start_collab(rails.url, redis_url, COLLAB_TIMEOUT_MS="2000", COLLAB_AUTH_TIMEOUT_SECONDS="10")
+    service = start_collab(rails.url, redis_url, COLLAB_REDIS_PREFIX=PREFIX, COLLAB_TIMEOUT_MS="2000", COLLAB_AUTH_TIMEOUT_SECONDS="10")
     tab = Provider(version, f"ws://127.0.0.1:{service.port}")
     try:
         name = doc_name()
