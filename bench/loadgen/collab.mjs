@@ -11,14 +11,13 @@
 //   {"cmd":"edit","rate":1,"seconds":10,"drainMs":3000}        -> {"event":"edited",...}
 //   {"cmd":"bigsync","bytes":100000,"repeats":3}               -> {"event":"bigsync",...}
 //   {"cmd":"close"}
-import { createInterface } from "node:readline";
 import { now } from "./clock.mjs";
 import { PerformanceObserver } from "node:perf_hooks";
 import { HocuspocusProvider } from "@hocuspocus/provider";
 import WebSocket from "ws";
 import * as Y from "yjs";
+import { out, serveCommands } from "./commands.mjs";
 
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 const pairs = [];
@@ -211,37 +210,4 @@ async function shutdown() {
   process.exit(0);
 }
 
-const rl = createInterface({ input: process.stdin });
-const queue = [];
-let busy = false;
-rl.on("line", (line) => {
-  queue.push(line);
-  pump();
-});
-rl.on("close", () => {
-  queue.push('{"cmd":"close"}');
-  pump();
-});
-
-async function pump() {
-  if (busy) return;
-  busy = true;
-  while (queue.length) {
-    let msg;
-    try {
-      msg = JSON.parse(queue.shift());
-    } catch {
-      out({ event: "error", error: "bad command" });
-      continue;
-    }
-    try {
-      if (msg.cmd === "load") await load(msg);
-      else if (msg.cmd === "edit") await editPhase(msg);
-      else if (msg.cmd === "bigsync") await bigSync(msg);
-      else if (msg.cmd === "close") await shutdown();
-    } catch (err) {
-      out({ event: "error", error: String(err && err.stack ? err.stack : err) });
-    }
-  }
-  busy = false;
-}
+serveCommands({ load, edit: editPhase, bigsync: bigSync, close: shutdown });

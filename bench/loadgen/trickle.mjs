@@ -16,10 +16,9 @@
 import { createHash, randomBytes } from "node:crypto";
 import { once } from "node:events";
 import { connect } from "node:net";
-import { createInterface } from "node:readline";
 import { performance } from "node:perf_hooks";
+import { out, serveCommands } from "./commands.mjs";
 
-const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 const GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 const SLEEPER = new Int32Array(new SharedArrayBuffer(4));
 const sleepMs = (ms) => Atomics.wait(SLEEPER, 0, 0, ms);
@@ -129,38 +128,10 @@ async function trickle({ url, bytes = 9 * 1024 * 1024, segment = 1024, gapMs = 0
   });
 }
 
-const rl = createInterface({ input: process.stdin });
-const queue = [];
-let busy = false;
-rl.on("line", (line) => {
-  queue.push(line);
-  pump();
+serveCommands({
+  trickle,
+  close: () => {
+    out({ event: "closed" });
+    process.exit(0);
+  },
 });
-rl.on("close", () => {
-  queue.push('{"cmd":"close"}');
-  pump();
-});
-
-async function pump() {
-  if (busy) return;
-  busy = true;
-  while (queue.length) {
-    let msg;
-    try {
-      msg = JSON.parse(queue.shift());
-    } catch {
-      out({ event: "error", error: "bad command" });
-      continue;
-    }
-    try {
-      if (msg.cmd === "trickle") await trickle(msg);
-      else if (msg.cmd === "close") {
-        out({ event: "closed" });
-        process.exit(0);
-      }
-    } catch (err) {
-      out({ event: "error", error: String(err && err.stack ? err.stack : err) });
-    }
-  }
-  busy = false;
-}
