@@ -67,8 +67,8 @@ def median_run(runs: list[dict]) -> dict:
 
 def table(results: dict) -> str:
     ours, ref = results.get("ours") or {}, results.get("reference") or {}
-    lines = [f"connects: {ours.get('clients') or ref.get('clients')} websockets, median of "
-             f"{len(ours.get('rounds') or ref.get('rounds') or [])} rounds",
+    lines = [(f"connects: {ours.get('clients') or ref.get('clients')} websockets, median of "
+              f"{len(ours.get('rounds') or ref.get('rounds') or [])} rounds"),
              f"  {'':24} {'ours':>10} {'Node':>10}"]
     for key, label, fmt in (("seconds", "wall time (s)", "{:.2f}"),
                             ("cpu_ms_per_connect", "server CPU per connect (ms)", "{:.3f}")):

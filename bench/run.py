@@ -320,6 +320,8 @@ async def main_async(args) -> int:
     ensure_node_modules()
     redis_server = start_local_redis()
     rails, rails_url = start_rails_stub()
+    # Processes that serve the server under test, counted apart from "other load".
+    helpers = (redis_server.process.pid, rails.pid)
     results: dict = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(
@@ -352,7 +354,7 @@ async def main_async(args) -> int:
                 "records", targets, args, out, stamp, log, best_run,
                 lambda who, profiler: run_records(
                     records_server(who, redis_server.url), rec_cfg, redis_server.url, log, profiler,
-                    helper_pids=(redis_server.process.pid, rails.pid),
+                    helper_pids=helpers,
                 ),
             )
         if args.scenario in ("polling", "all"):
@@ -363,7 +365,7 @@ async def main_async(args) -> int:
                 "polling", targets, args, out, stamp, log, best_run,
                 lambda who, profiler: run_records(
                     records_server(who, redis_server.url), poll_cfg, redis_server.url, log, profiler,
-                    helper_pids=(redis_server.process.pid, rails.pid),
+                    helper_pids=helpers,
                 ),
             )
         if args.scenario in ("collab", "all"):
@@ -373,7 +375,7 @@ async def main_async(args) -> int:
                 "collab", targets, args, out, stamp, log, best_collab_run,
                 lambda who, profiler: run_collab(
                     collab_server(who, redis_server.url, rails_url), col_cfg, log,
-                    helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
+                    helper_pids=helpers, profiler=profiler,
                 ),
             )
         if args.scenario in ("trickle", "all"):
@@ -383,7 +385,7 @@ async def main_async(args) -> int:
                 "trickle", targets, args, out, stamp, log, best_trickle_run,
                 lambda who, profiler: run_trickle(
                     collab_server(who, redis_server.url, rails_url), tri_cfg, log,
-                    helper_pids=(redis_server.process.pid, rails.pid), profiler=profiler,
+                    helper_pids=helpers, profiler=profiler,
                 ),
             )
         if args.scenario in ("cluster", "all"):
