@@ -5,6 +5,8 @@ decoders against the reference parsers themselves.)"""
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs
+
 import pytest
 from channels_records import engineio as eio
 from channels_records.engineio import Packet
@@ -126,6 +128,26 @@ def test_request_checks(query, method, upgrade, expected):
 def test_query_parsing():
     q = eio.parse_query(b"EIO=4&transport=polling&t=abc&sid=xyz&channel_token=t")
     assert (q.eio, q.transport, q.sid, q.b64) == ("4", "polling", "xyz", False)
+
+
+@pytest.mark.parametrize("query", [
+    "EIO=4&transport=polling&sid=a%2Bb&b64=1",
+    "EIO=4&EIO=3&transport=websocket",  # the first value wins
+    "sid=&sid=second&transport=",  # blank values are left out
+    "%45IO=4&trans%70ort=pol+ling&sid=a+b%20c",  # escapes in names and values
+    "EIO&transport&b64",  # no values at all
+    "sid=%ZZ%e2%82%ac%ff&t=\xe9",  # bad escapes, UTF-8, latin-1 bytes
+    "&&EIO=4&&sid=x=y&",
+    "",
+])
+def test_query_parsing_reads_as_parse_qs(query):
+    values = parse_qs(query.encode("latin-1").decode("latin-1"))
+
+    def first(name):
+        return values[name][0] if name in values else None
+
+    expected = (first("transport"), first("sid"), first("EIO"), first("b64") is not None)
+    assert tuple(eio.parse_query(query.encode("latin-1"))) == expected
 
 
 def test_ping_clock():

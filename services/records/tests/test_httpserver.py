@@ -90,7 +90,7 @@ async def asgi_app(scope, receive, send):
     await send({"type": "http.response.body", "body": path[-2:].encode()})
 
 
-def make(max_payload=1000):
+def make(max_payload=1000, keep_alive_seconds=5.0):
     messages = []
     engine = Engine(max_payload=max_payload, on_message=lambda sock, data: messages.append(data))
     config = uvicorn.Config(asgi_app, lifespan="off", log_config=None, ws=LeanWebSocketProtocol)
@@ -98,6 +98,7 @@ def make(max_payload=1000):
     state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
     cls = RecordsHttpProtocol.serving(
         Polling(engine, Cors(ORIGIN.decode())), app=asgi_app, websocket=LeanWebSocketProtocol,
+        keep_alive_seconds=keep_alive_seconds,
     )
 
     def connect():
@@ -303,3 +304,28 @@ async def test_a_client_not_reading_its_responses_is_not_read_from():
         "POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Expect: 100-continue"], b"3",
     ))
     assert t.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+
+async def test_idle_connections_are_closed_by_one_sweep_but_a_held_poll_is_not_idle():
+    engine, connect, _, _ = make(keep_alive_seconds=0.5)
+    silent, silent_t = connect()  # never sends a byte
+    answered, answered_t = connect()
+    answered.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(answered_t.take()[0][2][1:])["sid"]
+    held, held_t = connect()
+    held.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
+    half, half_t = connect()
+    half.data_received(b"GET /healthz HTTP/1.1\r\n")  # a request under way
+    await asyncio.sleep(0.3)
+    assert not any(t.closed for t in (silent_t, answered_t, held_t, half_t))
+    answered.data_received(request("GET", "/socket.io/?EIO=4&transport=polling&sid=nope"))  # activity
+    await asyncio.sleep(0.4)
+    assert silent_t.closed and not answered_t.closed
+    await asyncio.sleep(0.4)
+    assert answered_t.closed and not held_t.closed and not half_t.closed
+    for p in (silent, answered):
+        p.connection_lost(None)
+    engine.sockets[sid].send("42[1]")  # answering the held poll starts its idle time
+    assert held_t.take()[0][2] == b"42[1]"
+    await asyncio.sleep(0.8)
+    assert held_t.closed and not half_t.closed

@@ -13,7 +13,8 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from urllib.parse import parse_qs
+from typing import NamedTuple
+from urllib.parse import unquote
 
 # One compact encoder for the packets sent per connect (json.dumps with
 # options would build a new one per call).
@@ -123,24 +124,36 @@ def error_body(code: int) -> bytes:
     return json.dumps({"code": code, "message": ERROR_MESSAGES[code]}, separators=(",", ":")).encode()
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+class Query(NamedTuple):
     transport: str | None
     sid: str | None
     eio: str | None
     b64: bool
 
 
+_QUERY_SLOTS = {"transport": 0, "sid": 1, "EIO": 2, "b64": 3}
+
+
+def _form_unquote(text: str) -> str:
+    return unquote(text.replace("+", " "), errors="replace")
+
+
 def parse_query(query_string: str | bytes) -> Query:
+    """The engine.io parameters of a request's query string, read as
+    `urllib.parse.parse_qs` reads them (form escapes, blank values left out,
+    a name's first value wins) in one pass over the fields: a request
+    carries more of them (channel_token, t), and this runs once per poll."""
     if isinstance(query_string, bytes):
         query_string = query_string.decode("latin-1")
-    values = parse_qs(query_string, max_num_fields=50)
-
-    def first(name):
-        got = values.get(name)
-        return got[0] if got else None
-
-    return Query(first("transport"), first("sid"), first("EIO"), first("b64") is not None)
+    found: list[str | None] = [None, None, None, None]
+    for field in query_string.split("&"):
+        name, _, value = field.partition("=")
+        if "%" in field or "+" in field:
+            name, value = _form_unquote(name), _form_unquote(value)
+        slot = _QUERY_SLOTS.get(name)
+        if slot is not None and value and found[slot] is None:
+            found[slot] = value
+    return Query(found[0], found[1], found[2], found[3] is not None)
 
 
 def check_request(query: Query, method: str, upgrade: bool, session_transport) -> int | None:

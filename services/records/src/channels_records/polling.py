@@ -150,11 +150,12 @@ class Polling:
         return bool(sock.pending) or sock.closing
 
     @staticmethod
-    def answer(sock: EngineSocket) -> Reply:
+    def answer_body(sock: EngineSocket) -> bytes:
+        """The body of a 200 answering a GET (what waits for the session)."""
         packets = sock.take_pending()
         if not packets:
             packets = [eio.CLOSE if sock.closing else eio.NOOP]
-        return Reply(200, eio.encode_payload(packets), TEXT_PLAIN)
+        return eio.encode_payload(packets)
 
     def posted(self, sock: EngineSocket, body: bytes) -> Reply:
         try:
@@ -210,7 +211,7 @@ class AsgiPolling:
             finally:
                 if sock.waiter is waiter:
                     sock.waiter = None
-        await respond(send, Polling.answer(sock), cors)
+        await respond(send, Reply(200, Polling.answer_body(sock), TEXT_PLAIN), cors)
 
     async def _post(self, sock: EngineSocket, receive, send, cors) -> None:
         body = bytearray()
