@@ -137,7 +137,7 @@ async def test_handshake_poll_post_and_a_held_get_written_by_the_send():
     assert (status, body, headers[b"content-type"]) == (b"HTTP/1.1 200 OK", b"ok", b"text/html")
     assert messages == ["0{}"]
     p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}"))
-    assert t.take() == [] and t.paused  # held; nothing more is read meanwhile
+    assert t.take() == [] and not t.paused  # held; reading goes on
     engine.sockets[sid].send('42["records",{}]')
     [(status, _, body)] = t.take()
     assert body == b'42["records",{}]' and not t.paused and engine.sockets[sid].waiter is None
@@ -167,7 +167,7 @@ async def test_refusals_limits_and_connection_close():
     ))
     assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large" and messages == []
     p.data_received(request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}", ["Connection: close"]))
-    assert t.paused and not t.closed
+    assert t.take() == [] and not t.closed
     engine.sockets[sid].close("forced close")  # the held poll carries the CLOSE, then the connection ends
     [(_, headers, body)] = t.take()
     assert body == b"1" and headers[b"connection"] == b"close" and t.closed
@@ -329,3 +329,17 @@ async def test_idle_connections_are_closed_by_one_sweep_but_a_held_poll_is_not_i
     assert held_t.take()[0][2] == b"42[1]"
     await asyncio.sleep(0.8)
     assert held_t.closed and not half_t.closed
+
+
+async def test_a_request_sent_behind_a_held_poll_ends_the_connection_once_the_poll_is_answered():
+    engine, connect, _, _ = make()
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    poll = request("GET", f"/socket.io/?EIO=4&transport=polling&sid={sid}")
+    p.data_received(poll)
+    p.data_received(request("GET", "/healthz"))  # no real client does this
+    assert t.paused and not t.closed and t.take() == []
+    engine.sockets[sid].send("42[1]")
+    [(_, _, body)] = t.take()
+    assert body == b"42[1]" and t.closed and t.data == b""  # the held poll answered, nothing else
