@@ -148,6 +148,7 @@ def test_query_parsing_reads_as_parse_qs(query):
 
     expected = (first("transport"), first("sid"), first("EIO"), first("b64") is not None)
     assert tuple(eio.parse_query(query.encode("latin-1"))) == expected
+    assert eio.query_value(query, "sid") == first("sid")
 
 
 def test_ping_clock():

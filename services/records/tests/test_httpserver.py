@@ -10,13 +10,15 @@ import json
 import logging
 import types
 
+import pytest
 import uvicorn
 from channels_common.wsserver import LeanWebSocketProtocol
 from channels_records.httpserver import RecordsHttpProtocol
 from channels_records.polling import Cors, Polling
 from channels_records.sockets import Engine
+from channels_records.websocket import WebSockets
 
-from tests.support import settle
+from tests.support import masked, settle
 
 ORIGIN = b"https://app.test"
 
@@ -90,14 +92,16 @@ async def asgi_app(scope, receive, send):
     await send({"type": "http.response.body", "body": path[-2:].encode()})
 
 
-def make(max_payload=1000, keep_alive_seconds=5.0):
+def make(max_payload=1000, keep_alive_seconds=5.0, engine_websockets=False):
     messages = []
     engine = Engine(max_payload=max_payload, on_message=lambda sock, data: messages.append(data))
     config = uvicorn.Config(asgi_app, lifespan="off", log_config=None, ws=LeanWebSocketProtocol)
     config.load()
     state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
+    cors = Cors(ORIGIN.decode())
     cls = RecordsHttpProtocol.serving(
-        Polling(engine, Cors(ORIGIN.decode())), app=asgi_app, websocket=LeanWebSocketProtocol,
+        Polling(engine, cors), app=asgi_app, websocket=LeanWebSocketProtocol,
+        engine_websockets=WebSockets(engine, cors) if engine_websockets else None,
         keep_alive_seconds=keep_alive_seconds,
     )
 
@@ -343,3 +347,51 @@ async def test_a_request_sent_behind_a_held_poll_ends_the_connection_once_the_po
     engine.sockets[sid].send("42[1]")
     [(_, _, body)] = t.take()
     assert body == b"42[1]" and t.closed and t.data == b""  # the held poll answered, nothing else
+
+
+UPGRADE = ["Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+           "Sec-WebSocket-Version: 13"]
+
+
+async def test_an_engineio_upgrade_is_accepted_here_from_the_request_as_read():
+    engine, connect, messages, state = make(engine_websockets=True)
+    p, t = connect()
+    raw = request("GET", "/socket.io/?EIO=4&transport=websocket", UPGRADE)
+    p.data_received(raw[:30])
+    p.data_received(raw[30:] + masked(0x81, b"40"))  # the client's first frame in the same read
+    ws = t.protocol
+    assert isinstance(ws, LeanWebSocketProtocol) and ws in state.connections and p not in state.connections
+    head, _, frames = bytes(t.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+    assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+    # the OPEN packet goes out in the same write, and the session is on its websocket
+    assert frames[0] == 0x81 and frames[2:3] == b"0"
+    sid = json.loads(frames[3:])["sid"]
+    assert engine.sockets[sid].transport is t and messages == ["0"]
+    # a polling session's upgrade: accepted without frames; a second one at once is closed
+    q, u = connect()
+    q.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    psid = json.loads(u.take()[0][2][1:])["sid"]
+    for _ in range(2):
+        v = Transport()
+        r = type(p)(p.config, state, {})
+        r.connection_made(v)
+        r.data_received(request("GET", f"/socket.io/?EIO=4&transport=websocket&sid={psid}", UPGRADE))
+        assert v.data.startswith(b"HTTP/1.1 101 ")
+    assert v.data.endswith(b"\x88\x02\x03\xe8")  # the second: a close frame, 1000
+    assert engine.sockets[psid].upgrading
+
+
+@pytest.mark.parametrize(("target", "headers", "status"), [
+    ("/socket.io/?EIO=4&transport=websocket", [*UPGRADE[:3], "Sec-WebSocket-Version: 8"], b"426"),
+    ("/socket.io/?EIO=4&transport=websocket", [*UPGRADE[:2], "Sec-WebSocket-Key: short", UPGRADE[3]], b"400"),
+    ("/socket.io/?EIO=4&transport=websocket", [*UPGRADE, "Origin: https://evil.test"], b"403"),
+    ("/socket.io/?EIO=4&transport=websocket&sid=nope", UPGRADE, b"403"),
+    ("/socket.io/?EIO=3&transport=websocket", UPGRADE, b"403"),
+])
+async def test_engineio_upgrades_refused_here_as_the_websocket_protocol_refuses_them(target, headers, status):
+    engine, connect, _, state = make(engine_websockets=True)
+    p, t = connect()
+    p.data_received(request("GET", target, headers))
+    assert t.data.startswith(b"HTTP/1.1 " + status) and t.closed and not engine.sockets
+    assert t.protocol is None and not state.connections - {p}

@@ -44,6 +44,16 @@ def parse_upgrade(head: bytes) -> Upgrade | Refusal:
         if not sep or not name or name != name.strip():
             return Refusal(400, "malformed header")
         headers.append((name.lower(), value.strip()))
+    checked = check_upgrade(headers)
+    if isinstance(checked, Refusal):
+        return checked
+    key, subprotocols = checked
+    return Upgrade(target=parts[1], headers=headers, key=key, subprotocols=subprotocols)
+
+
+def check_upgrade(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, list[str]] | Refusal:
+    """The key and offered subprotocols of a GET HTTP/1.1 request's headers
+    (names lower-cased, values stripped), or why it is no websocket upgrade."""
     fields: dict[bytes, bytes] = {}
     for name, value in headers:
         fields[name] = fields[name] + b", " + value if name in fields else value
@@ -60,8 +70,7 @@ def parse_upgrade(head: bytes) -> Upgrade | Refusal:
     except (binascii.Error, ValueError):
         return Refusal(400, "bad Sec-WebSocket-Key")
     protocols = fields.get(b"sec-websocket-protocol", b"")
-    subprotocols = [p.strip().decode("latin-1") for p in protocols.split(b",") if p.strip()]
-    return Upgrade(target=parts[1], headers=headers, key=key, subprotocols=subprotocols)
+    return key, [p.strip().decode("latin-1") for p in protocols.split(b",") if p.strip()]
 
 
 def accept_value(key: bytes) -> bytes:

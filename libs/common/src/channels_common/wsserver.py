@@ -145,6 +145,26 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             self._finish(closecodes.ABNORMAL)
         self.transport.close()
 
+    # -- an upgrade read by another protocol -------------------------------------
+
+    def adopt(self, transport) -> None:
+        """Take over a connection whose upgrade request another protocol
+        has read (and accepts): the next call must be `accept_detached`."""
+        self.connection_made(transport)
+        transport.set_protocol(self)
+
+    def accept_detached(self, response: bytes, on_message, on_close, data: bytes = b"") -> None:
+        """Answer the adopted upgrade with `response` (the 101 and any first
+        frames) and serve the socket by callbacks, as after DETACH; `data`
+        (bytes that came after the request) is read as frames."""
+        self.transport.write(response)
+        self.accepted = True
+        self._state = _OPEN
+        self._parser = wsframe.FrameParser(self.config.ws_max_size)
+        self._on_message, self._on_close = on_message, on_close
+        if data:
+            self._frames(data)
+
     # -- incoming --------------------------------------------------------------
 
     def _handshake_data(self, data: bytes) -> None:

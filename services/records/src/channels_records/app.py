@@ -206,7 +206,9 @@ def main() -> None:
         # protocol, other requests run on service.app, and upgrades go to our
         # websocket protocol (the least state per idle client, its transport
         # within reach of the broadcast fast path).
-        http=RecordsHttpProtocol.serving(service.polling, app=service.app, websocket=LeanWebSocketProtocol),
+        http=RecordsHttpProtocol.serving(
+            service.polling, app=service.app, websocket=LeanWebSocketProtocol, engine_websockets=service.websockets,
+        ),
         ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
         interface="asgi3",  # service.app is a bound coroutine method
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from urllib.parse import parse_qs
 
 from channels_common.auth import ChannelUser, lookup_channel_user, parse_current_user, valid_token
 from channels_common.closecodes import SERVICE_RESTART
@@ -27,8 +26,7 @@ REDIS_FAILURES = (RedisError, OSError, asyncio.TimeoutError)
 
 
 def token_from_query(query_string: str) -> str | None:
-    values = parse_qs(query_string, max_num_fields=50).get("channel_token")
-    return values[0] if values else None
+    return eio.query_value(query_string, "channel_token")
 
 
 class Connections:

@@ -138,22 +138,31 @@ def _form_unquote(text: str) -> str:
     return unquote(text.replace("+", " "), errors="replace")
 
 
-def parse_query(query_string: str | bytes) -> Query:
-    """The engine.io parameters of a request's query string, read as
-    `urllib.parse.parse_qs` reads them (form escapes, blank values left out,
-    a name's first value wins) in one pass over the fields: a request
-    carries more of them (channel_token, t), and this runs once per poll."""
+def _first_values(query_string: str | bytes, slots: dict[str, int]) -> list[str | None]:
+    """The first value of each name in `slots` (name -> index), read as
+    `urllib.parse.parse_qs` reads them (form escapes, blank values left
+    out) in one pass: this runs once per poll and per connect."""
     if isinstance(query_string, bytes):
         query_string = query_string.decode("latin-1")
-    found: list[str | None] = [None, None, None, None]
+    found: list[str | None] = [None] * len(slots)
     for field in query_string.split("&"):
         name, _, value = field.partition("=")
         if "%" in field or "+" in field:
             name, value = _form_unquote(name), _form_unquote(value)
-        slot = _QUERY_SLOTS.get(name)
+        slot = slots.get(name)
         if slot is not None and value and found[slot] is None:
             found[slot] = value
-    return Query(found[0], found[1], found[2], found[3] is not None)
+    return found
+
+
+def parse_query(query_string: str | bytes) -> Query:
+    transport, sid, eio, b64 = _first_values(query_string, _QUERY_SLOTS)
+    return Query(transport, sid, eio, b64 is not None)
+
+
+def query_value(query_string: str | bytes, name: str) -> str | None:
+    """One parameter of a query string (the first value, as parse_qs reads it)."""
+    return _first_values(query_string, {name: 0})[0]
 
 
 def check_request(query: Query, method: str, upgrade: bool, session_transport) -> int | None:

@@ -107,18 +107,48 @@ class Upgrade:
 
 
 class WebSockets:
+    """Engine.IO websocket requests: admitted or refused, then attached to
+    their session. Two servers use it: the records port's HTTP protocol,
+    which accepts the upgrade it has read itself (httpserver.py), and the
+    ASGI application (`__call__`), under LeanWebSocketProtocol."""
+
     def __init__(self, engine: Engine, cors: Cors):
         self.engine = engine
         self.cors = cors
 
-    async def __call__(self, scope, receive, send) -> None:
-        if self.cors.refuses(dict(scope.get("headers") or ()), scope.get("scheme") == "wss"):
+    def admit(self, query_string: bytes, headers: dict[bytes, bytes], secure: bool) -> eio.Query | None:
+        """The request's engine.io query, or None when it is refused
+        (origin, transport, session)."""
+        if self.cors.refuses(headers, secure):
             log.info("websocket from a refused origin")
-            await send({"type": "websocket.close"})
-            return
-        query = eio.parse_query(scope.get("query_string", b""))
-        code = eio.check_request(query, "GET", True, self.engine.transport_of)
-        if code is not None:
+            return None
+        query = eio.parse_query(query_string)
+        if eio.check_request(query, "GET", True, self.engine.transport_of) is not None:
+            return None
+        return query
+
+    def attach(self, query: eio.Query, query_string: bytes, protocol) -> tuple[bytes, Direct | Upgrade] | None:
+        """Attach an admitted websocket (`protocol`, connected, its 101 not yet
+        written) to a new session, or to the polling session it probes to
+        take over: the frames to write with the 101 (a new session's OPEN)
+        and the callbacks that serve it. None: that session cannot be
+        upgraded now. Nothing may be written between this and the 101."""
+        if query.sid is None:
+            sock, packet = self.engine.open(query_string.decode("latin-1"), "websocket")
+            sock.websocket = protocol
+            sock.go_direct(protocol.transport)
+            return text_frame(packet.encode()), Direct(sock)
+        sock = self.engine.sockets[query.sid]
+        if sock.upgrading or sock.closing:
+            return None
+        sock.upgrading = True
+        sock.websocket = protocol
+        return b"", Upgrade(sock, protocol)
+
+    async def __call__(self, scope, receive, send) -> None:
+        query_string = scope.get("query_string", b"")
+        query = self.admit(query_string, dict(scope.get("headers") or ()), scope.get("scheme") == "wss")
+        if query is None:
             await send({"type": "websocket.close"})
             return
         if not {DETACH, FIRST_FRAMES} <= (scope.get("extensions") or {}).keys():
@@ -127,22 +157,13 @@ class WebSockets:
             return
         if (await receive())["type"] != "websocket.connect":
             return
-        if query.sid is None:
-            sock, packet = self.engine.open(scope.get("query_string", b"").decode("latin-1"), "websocket")
-            # The OPEN packet goes out with the 101, in one write.
-            await send({"type": "websocket.accept", FIRST_FRAMES: text_frame(packet.encode())})
-            protocol = send.__self__  # the lean protocol (see wsserver.DETACH)
-            sock.websocket = protocol
-            sock.go_direct(protocol.transport)
-            handler = Direct(sock)
-        else:
+        protocol = send.__self__  # the lean protocol (see wsserver.DETACH)
+        attached = self.attach(query, query_string, protocol)
+        if attached is None:
             await send({"type": "websocket.accept"})
-            protocol = send.__self__
-            sock = self.engine.sockets[query.sid]
-            if sock.upgrading or sock.closing:
-                await send({"type": "websocket.close", "code": NORMAL})
-                return
-            sock.upgrading = True
-            sock.websocket = protocol
-            handler = Upgrade(sock, protocol)
+            await send({"type": "websocket.close", "code": NORMAL})
+            return
+        first, handler = attached
+        # A new session's OPEN packet goes out with the 101, in one write.
+        await send({"type": "websocket.accept", FIRST_FRAMES: first} if first else {"type": "websocket.accept"})
         await send({"type": DETACH, "on_message": handler.on_message, "on_close": handler.on_close})
