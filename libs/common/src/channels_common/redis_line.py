@@ -119,6 +119,10 @@ class RedisLine:
         self._link.closed.add_done_callback(self._on_closed)
         return self._link
 
+    async def aclose(self) -> None:
+        """Give the connection back to the pool (closed); a later call opens another."""
+        await self._drop()
+
     async def _drop(self) -> None:
         link, conn, self._link, self._conn = self._link, self._conn, None, None
         await self._release(link, conn)
