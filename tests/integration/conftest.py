@@ -16,3 +16,13 @@ def synapse():
         pytest.fail(f"Synapse is needed for the bots tests and could not be set up: {exc}", pytrace=False)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def rails():
+    """A stand-in for Rails' collab auth endpoint (collab tests), one per module."""
+    from tests.integration.collab_helpers import RailsStandIn
+
+    server = RailsStandIn().start()
+    yield server
+    server.stop()

@@ -18,7 +18,7 @@ from channels_collab.snapshot import APPEND_SCRIPT
 from channels_dev.redis_server import start_local_redis
 from pycrdt import Doc, Text
 
-from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
+from tests.integration.collab_helpers import Provider, start_collab, token
 from tests.support import wait_for
 
 _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded; the module has its own key prefix
@@ -26,13 +26,6 @@ _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # se
 
 def doc_name() -> str:
     return f"comment-{next(_ids)}-body"
-
-
-@pytest.fixture(scope="module")
-def rails():
-    server = RailsStandIn().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

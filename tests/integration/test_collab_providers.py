@@ -10,7 +10,7 @@ import signal
 
 import pytest
 
-from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
+from tests.integration.collab_helpers import Provider, start_collab, token
 from tests.support import ServiceProcess, wait_for
 
 # Starts the service as a process per module or test: out of `make test-fast`.
@@ -24,13 +24,6 @@ _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # se
 
 def doc_name(kind: str = "comment", suffix: str = "-body") -> str:
     return f"{kind}-{next(_ids)}{suffix}"
-
-
-@pytest.fixture(scope="module")
-def rails():
-    server = RailsStandIn().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

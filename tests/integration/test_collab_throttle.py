@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from tests.integration.collab_helpers import Provider, RailsStandIn, start_collab, token
+from tests.integration.collab_helpers import Provider, start_collab, token
 
 # Starts the service as a process per module or test: out of `make test-fast`.
 pytestmark = pytest.mark.slow
@@ -23,13 +23,6 @@ pytestmark = pytest.mark.slow
 PREFIX = "t-throttle:"
 _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded: reruns see the same names
 THROTTLED = "collab_throttled_total"
-
-
-@pytest.fixture(scope="module")
-def rails():
-    server = RailsStandIn().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

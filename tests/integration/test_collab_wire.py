@@ -19,7 +19,7 @@ from channels_common import wsframe
 from pycrdt import Doc, Text
 from websockets.exceptions import ConnectionClosed
 
-from tests.integration.collab_helpers import Provider, RailsStandIn, RawClient, start_collab, token
+from tests.integration.collab_helpers import Provider, RawClient, start_collab, token
 from tests.support import wait_for
 
 # Starts the service as a process per module or test: out of `make test-fast`.
@@ -32,13 +32,6 @@ _ids = itertools.count(random.Random(__name__).randint(10, 90) * 100_000)  # see
 
 def doc_name() -> str:
     return f"comment-{next(_ids)}-body"
-
-
-@pytest.fixture(scope="module")
-def rails():
-    server = RailsStandIn().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
