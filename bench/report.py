@@ -138,9 +138,14 @@ def records_rows(ours: dict, ref: dict, polling: bool = False) -> list:
     def max_rate(result):
         return max((s["deliveries_per_s"] for s in result.get("steps", [])), default=None)
 
+    # The headline compares offered rates: a step either is sustained (p99
+    # under the limit, nothing lost) or not, and what a 4 s window counted as
+    # delivered differs from the offered rate by its edges, not by capacity.
     return [
-        ("deliveries/s, highest with p99 < 100 ms, no loss", _get(ours, "headline", "deliveries_per_s"),
-         _get(ref, "headline", "deliveries_per_s"), ".0f", (">=", 1.0 if polling else 1.25)),
+        ("deliveries/s offered, highest step with p99 < 100 ms, no loss", _get(ours, "headline", "target_per_s"),
+         _get(ref, "headline", "target_per_s"), ".0f", (">=", 1.0 if polling else 1.25)),
+        ("  delivered in that step (/s)", _get(ours, "headline", "deliveries_per_s"),
+         _get(ref, "headline", "deliveries_per_s"), ".0f", None),
         ("  p50 at that rate (ms)", _get(ours, "headline", "p50_ms"), _get(ref, "headline", "p50_ms"), ".1f", None),
         ("  p99 at that rate (ms)", _get(ours, "headline", "p99_ms"), _get(ref, "headline", "p99_ms"), ".1f", None),
         (f"CPU per delivery (µs) at {rate or '-'}/s offered{rounds}", cpu_ours, cpu_ref, ".1f", ("<=", 0.7)),

@@ -237,3 +237,11 @@ def test_trickle_is_a_scenario_with_its_own_size_and_rounds():
     for bad in ("0", "-1", "lots"):
         with pytest.raises(SystemExit):
             parse_args(["--trickle-mib", bad])
+
+
+def test_the_rate_bar_compares_offered_rates_sustained_and_shows_what_was_delivered():
+    ours, ref = step(0, 12000, 20), step(0, 12000, 80)
+    ours["deliveries_per_s"], ref["deliveries_per_s"] = 11909.0, 11975.0  # window edges, no loss
+    rows = report.records_rows({"steps": [ours], "headline": ours}, {"steps": [ref], "headline": ref}, polling=True)
+    assert rows[0][1:3] == (12000, 12000) and rows[0][4] == (">=", 1.0)
+    assert rows[1][0] == "  delivered in that step (/s)" and rows[1][1:3] == (11909.0, 11975.0)
