@@ -156,6 +156,26 @@ async def test_bad_upgrade_request_is_refused_without_running_the_app():
     assert t.take().startswith(b"HTTP/1.1 426 ") and t.closed and not state.tasks
 
 
+async def test_a_handshake_read_a_byte_at_a_time_is_found_and_an_endless_one_refused():
+    scopes = []
+
+    async def app(scope, receive, send):
+        scopes.append(scope)
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    proto, t, _ = make(app)
+    for i in range(len(REQUEST)):
+        proto.data_received(REQUEST[i:i + 1])
+    await settle()
+    assert t.take().startswith(b"HTTP/1.1 101 ") and scopes[0]["query_string"] == b"EIO=4&transport=websocket"
+    proto, t, state = make(app)
+    proto.data_received(REQUEST[:-4])
+    for _ in range(20):
+        proto.data_received(b"X-Pad: " + b"p" * 1000 + b"\r\n")  # never ends, past 16 KiB
+    assert t.take().startswith(b"HTTP/1.1 400 ") and t.closed and len(scopes) == 1 and not state.tasks
+
+
 async def detached_connection():
     """An accepted connection whose app handed it to callbacks and returned;
     the scope offered the hand-over."""

@@ -170,12 +170,22 @@ class LeanWebSocketProtocol(asyncio.Protocol):
     def _handshake_data(self, data: bytes) -> None:
         if self.scope is not None:
             return  # the application has not answered yet; a client must wait
-        self._head += data
-        head, sep, _ = self._head.partition(b"\r\n\r\n")
-        if not sep:
-            if len(self._head) > MAX_REQUEST_BYTES:
+        # Only what arrived since the last read is searched (with the three
+        # bytes before it): a request sent a byte at a time costs linear work.
+        buffered = self._head
+        if buffered:
+            start = max(0, len(buffered) - 3)
+            buffered += data
+            end = buffered.find(b"\r\n\r\n", start)
+        else:
+            end = data.find(b"\r\n\r\n")
+        if end < 0:
+            if not buffered:
+                self._head = buffered = bytearray(data)
+            if len(buffered) > MAX_REQUEST_BYTES:
                 self._refuse(Refusal(400, "request too large"))
             return
+        head = bytes(buffered[:end]) if buffered else data[:end]
         self._head = b""
         request = parse_upgrade(head)
         if isinstance(request, Refusal):
