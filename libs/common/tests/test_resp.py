@@ -95,3 +95,20 @@ def test_an_endless_line_is_a_protocol_error():
     reader.feed(b"+" + b"x" * 1000)  # incomplete so far, kept
     with pytest.raises(RespProtocolError):
         reader.feed(b"x" * 70_000)
+
+
+def test_a_long_reply_in_small_pieces_is_parsed_once():
+    # An XREAD-like reply: 1000 entries, each an id and a field/value array.
+    entries = b"".join(b"*2\r\n$3\r\n%03d\r\n*2\r\n$1\r\nu\r\n$40\r\n%s\r\n" % (i % 1000, b"v" * 40) for i in range(1000))
+    wire = b"*1\r\n*2\r\n$5\r\ninbox\r\n*1000\r\n" + entries + b":1\r\n"
+    reader = ReplyReader()
+    out, feeds = [], 0
+    for i in range(0, len(wire), 7):
+        out += reader.feed(wire[i:i + 7])
+        feeds += 1
+    [[[name, items]], one] = out
+    assert name == b"inbox" and len(items) == 1000 and items[999] == [b"999", [b"u", b"v" * 40]] and one == 1
+    headers = 4 + 1000 * 5 + 1  # every element of the reply, and the integer after it
+    # Each element read at most twice (the reply was not whole), plus once per feed that cut one.
+    assert headers <= reader.headers_read <= 2 * headers + feeds
+    assert reader.buffered == 0

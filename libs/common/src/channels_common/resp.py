@@ -46,6 +46,17 @@ _INCOMPLETE = _Incomplete()
 _AGGREGATES = frozenset(b"*>~%|")
 
 
+class _Frame:
+    """An aggregate whose elements are still arriving."""
+
+    __slots__ = ("items", "kind", "left")
+
+    def __init__(self, kind: int, count: int):
+        self.kind = kind
+        self.left = count
+        self.items: list = []
+
+
 class ReplyReader:
     """Feed bytes, get complete replies in order.
 
@@ -55,12 +66,20 @@ class ReplyReader:
     Attributes (RESP3 ``|``) are read and dropped. A length past
     `max_bulk` or `max_items`, or a type byte RESP does not have, raises
     RespProtocolError: the stream cannot be trusted after that.
+
+    Linear in the bytes however they are cut: a reply is first read whole;
+    if it is not all there, it is read again element by element, and its
+    complete elements are kept (`_stack`), never parsed again. So each
+    element is read at most twice, plus once more per feed that cuts it
+    (`headers_read` counts element headers read).
     """
 
     def __init__(self, *, max_bulk: int = 512 * 1024 * 1024, max_items: int = 1 << 20):
         self._buf = bytearray()
+        self._stack: list[_Frame] = []
         self._max_bulk = max_bulk
         self._max_items = max_items
+        self.headers_read = 0
 
     @property
     def buffered(self) -> int:
@@ -69,14 +88,39 @@ class ReplyReader:
     def feed(self, data: bytes) -> list:
         buf = self._buf
         buf += data
-        replies = []
+        replies: list = []
+        stack = self._stack
         pos = 0
         try:
             while pos < len(buf):
-                reply, pos2 = self._parse(buf, pos)
-                pos = pos2
-                if reply is not _ATTRIBUTE:
-                    replies.append(reply)
+                if not stack:
+                    # Most replies arrive whole: read them in one go, and
+                    # only a cut one element by element (once, then resumed).
+                    try:
+                        value, pos = self._whole(buf, pos)
+                        if value is not _ATTRIBUTE:
+                            replies.append(value)
+                        continue
+                    except _Incomplete:
+                        pass
+                value, pos = self._element(buf, pos)
+                if type(value) is _Frame:
+                    stack.append(value)
+                    continue
+                while True:
+                    if not stack:
+                        if value is not _ATTRIBUTE:
+                            replies.append(value)
+                        break
+                    top = stack[-1]
+                    top.items.append(value)
+                    top.left -= 1
+                    if top.left:
+                        break
+                    stack.pop()
+                    # An attribute precedes the reply it describes; nobody
+                    # here asks for one, so it is skipped.
+                    value = _ATTRIBUTE if top.kind == 124 else top.items
         except _Incomplete:
             pass
         if pos:
@@ -100,11 +144,25 @@ class ReplyReader:
             raise RespProtocolError(f"RESP length {n} over the limit {limit}")
         return n
 
-    def _parse(self, buf: bytearray, pos: int):
+    def _whole(self, buf: bytearray, pos: int):
+        """The whole reply at `pos` and the position after it."""
+        value, pos = self._element(buf, pos)
+        if type(value) is _Frame:
+            items = value.items
+            for _ in range(value.left):
+                item, pos = self._whole(buf, pos)
+                items.append(item)
+            return (_ATTRIBUTE if value.kind == 124 else items), pos
+        return value, pos
+
+    def _element(self, buf: bytearray, pos: int):
+        """The value at `pos` and the position after it; for an aggregate
+        with elements to come, its _Frame."""
         if pos >= len(buf):
             raise _INCOMPLETE
         kind = buf[pos]
         line, pos = self._line(buf, pos + 1)
+        self.headers_read += 1
         if kind == 36 or kind == 61:  # $ bulk string, = verbatim string
             n = self._length(line, self._max_bulk)
             if n < 0:
@@ -121,15 +179,9 @@ class ReplyReader:
             if n < 0:
                 return None, pos
             count = n * 2 if kind in (37, 124) else n  # % map, | attribute: pairs
-            items = []
-            for _ in range(count):
-                item, pos = self._parse(buf, pos)
-                items.append(item)
-            if kind == 124:
-                # An attribute precedes the reply it describes; nobody here
-                # asks for one, so it is skipped.
-                return _ATTRIBUTE, pos
-            return items, pos
+            if not count:
+                return (_ATTRIBUTE if kind == 124 else []), pos
+            return _Frame(kind, count), pos
         if kind == 43:  # + simple string
             return line, pos
         if kind == 45:  # - error
