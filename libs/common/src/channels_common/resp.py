@@ -56,6 +56,11 @@ class _Frame:
         self.left = count
         self.items: list = []
 
+    def value(self):
+        """Once complete: the list, or for an attribute the marker that
+        drops it (it precedes the reply it describes; nobody here asks)."""
+        return _ATTRIBUTE if self.kind == 124 else self.items
+
 
 class ReplyReader:
     """Feed bytes, get complete replies in order.
@@ -118,9 +123,7 @@ class ReplyReader:
                     if top.left:
                         break
                     stack.pop()
-                    # An attribute precedes the reply it describes; nobody
-                    # here asks for one, so it is skipped.
-                    value = _ATTRIBUTE if top.kind == 124 else top.items
+                    value = top.value()
         except _Incomplete:
             pass
         if pos:
@@ -152,7 +155,7 @@ class ReplyReader:
             for _ in range(value.left):
                 item, pos = self._whole(buf, pos)
                 items.append(item)
-            return (_ATTRIBUTE if value.kind == 124 else items), pos
+            return value.value(), pos
         return value, pos
 
     def _element(self, buf: bytearray, pos: int):
@@ -179,9 +182,8 @@ class ReplyReader:
             if n < 0:
                 return None, pos
             count = n * 2 if kind in (37, 124) else n  # % map, | attribute: pairs
-            if not count:
-                return (_ATTRIBUTE if kind == 124 else []), pos
-            return _Frame(kind, count), pos
+            frame = _Frame(kind, count)
+            return (frame.value() if not count else frame), pos
         if kind == 43:  # + simple string
             return line, pos
         if kind == 45:  # - error

@@ -1,9 +1,10 @@
 """HTTP/1.1 of the records port, for uvicorn (`uvicorn.Config(http=...)`),
 served here in full: Engine.IO long-polling in the protocol itself; other
 requests (/healthz, /readyz, /metrics, the playground) by the service's ASGI
-application through asgihttp.py; a websocket upgrade handed, bytes and all,
-to the websocket protocol class given to `serving` (no uvicorn class is
-involved, only uvicorn's protocol-class contract: the constructor,
+application through asgihttp.py; an engine.io websocket upgrade accepted
+here and the connection adopted by the websocket protocol class given to
+`serving`, any other upgrade handed to it bytes and all (no uvicorn class
+is involved, only uvicorn's protocol-class contract: the constructor,
 `server_state.connections`/`tasks`, `shutdown()`).
 
 Served here, a held GET costs no task and no ASGI messages: the session's
@@ -60,6 +61,9 @@ class IdleSweep:
         self.members.add(conn)
         if self.timer is None:
             self.timer = conn.loop.call_later(self.seconds / self.TICKS, self._sweep, conn.loop)
+
+    def discard(self, conn: RecordsHttpProtocol) -> None:
+        self.members.discard(conn)
 
     def _sweep(self, loop) -> None:
         self.tick += 1
@@ -175,7 +179,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.server_state.connections.discard(self)
-        self.idle_sweep.members.discard(self)
+        self.idle_sweep.discard(self)
         self.waiting.clear()
         if self.exchange is not None:
             self.exchange.lost()
@@ -473,10 +477,11 @@ class RecordsHttpProtocol(asyncio.Protocol):
             self._refuse_and_close()
             return
         self.server_state.connections.discard(self)
-        self.idle_sweep.members.discard(self)
+        self.idle_sweep.discard(self)
         protocol = self.websocket_class(config=self.config, server_state=self.server_state, app_state=self.app_state)
-        if self.engine_websockets is not None and self.url.partition(b"?")[0] in WEBSOCKET_PATHS:
-            self._accept_engineio(protocol, rest)
+        path, _, query_string = self.url.partition(b"?")
+        if self.engine_websockets is not None and path in WEBSOCKET_PATHS:
+            self._accept_engineio(protocol, query_string, rest)
             return
         # Straight to the websocket protocol, which reads the request itself.
         protocol.connection_made(self.transport)
@@ -484,7 +489,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         data, self.buffer = bytes(self.buffer), bytearray()
         protocol.data_received(data)
 
-    def _accept_engineio(self, protocol, rest: bytes) -> None:
+    def _accept_engineio(self, protocol, query_string: bytes, rest: bytes) -> None:
         """An engine.io websocket, accepted from the request as read here
         (a second parse and the ASGI round were ~15 % of a connect's CPU);
         refusals as LeanWebSocketProtocol answers them."""
@@ -497,16 +502,13 @@ class RecordsHttpProtocol(asyncio.Protocol):
             checked = check_upgrade(self.header_list)
         if isinstance(checked, Refusal):
             log.warning("bad websocket handshake", extra={"status": checked.status, "reason": checked.reason})
-            transport.write(refusal_response(checked.status, checked.reason, checked.extra_headers))
-            transport.close()
+            self._refuse_upgrade(checked)
             return
         key = checked[0]
         websockets = self.engine_websockets
-        query_string = self.url.partition(b"?")[2]
         query = websockets.admit(query_string, self.headers, self.secure)
         if query is None:
-            transport.write(refusal_response(403, ""))
-            transport.close()
+            self._refuse_upgrade(Refusal(403, ""))
             return
         protocol.adopt(transport)
         attached = websockets.attach(query, query_string, protocol)
@@ -517,6 +519,10 @@ class RecordsHttpProtocol(asyncio.Protocol):
             return
         first, handler = attached
         protocol.accept_detached(response + first, handler.on_message, handler.on_close, rest)
+
+    def _refuse_upgrade(self, refusal: Refusal) -> None:
+        self.transport.write(refusal_response(refusal.status, refusal.reason, refusal.extra_headers))
+        self.transport.close()
 
 
 def _ignore_message(_arg) -> None:
