@@ -14,7 +14,7 @@ FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 COPY locks/collab.txt /src/locks/collab.txt
-RUN /opt/venv/bin/pip install --require-hashes --only-binary :all: -r /src/locks/collab.txt
+RUN /opt/venv/bin/pip install --no-deps --require-hashes --only-binary :all: -r /src/locks/collab.txt
 COPY libs/common /src/libs/common
 COPY services/collab /src/services/collab
 RUN /opt/venv/bin/pip install --no-deps "/src/libs/common[sentry]" /src/services/collab \
