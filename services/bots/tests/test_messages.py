@@ -86,3 +86,32 @@ def test_bad_messages_are_rejected_with_a_reason_that_never_shows_the_token(chan
         parse(channel, data)
     assert caught.value.reason == reason
     assert TOKEN not in str(caught.value)
+
+
+def _event_bytes(content: dict) -> int:
+    return len(json.dumps(content, ensure_ascii=False).encode())
+
+
+def test_an_over_long_publish_becomes_plain_text_that_fits_one_event():
+    # Matrix refuses an event over 64 KiB: HTML too long for it is sent as its text alone.
+    from channels_bots.messages import MAX_CONTENT_BYTES
+    from channels_bots.render import TRUNCATED
+
+    html = "<p>" + "é\"" * 30_000 + "</p>"  # 90 KB of UTF-8, more once JSON escapes the quotes
+    data = {"config": {"server": SERVER, "access_token": TOKEN, "channel": "!abc:example.org"},
+            "payload": {"html": html}}
+    content = parse("chatbot/publish", json.dumps(data).encode()).content
+    assert set(content) == {"msgtype", "body"} and content["msgtype"] == "m.text"
+    assert content["body"].startswith("é\"é\"") and content["body"].endswith(TRUNCATED)
+    assert _event_bytes(content) <= MAX_CONTENT_BYTES
+    # One that fits keeps its HTML.
+    data["payload"]["html"] = "<p>" + "é" * 10_000 + "</p>"
+    assert "formatted_body" in parse("chatbot/publish", json.dumps(data).encode()).content
+
+
+def test_an_over_long_test_message_is_cut_to_fit_one_event():
+    from channels_bots.messages import MAX_CONTENT_BYTES
+
+    data = {"server": SERVER, "access_token": TOKEN, "channel": "#a:b", "message": "\U0001f600" * 50_000}
+    content = parse("chatbot/test", json.dumps(data, ensure_ascii=False).encode()).content
+    assert content["body"].startswith("\U0001f600") and _event_bytes(content) <= MAX_CONTENT_BYTES

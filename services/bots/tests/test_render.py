@@ -1,7 +1,7 @@
 """HTML -> the plain-text `body` of a Matrix message."""
 
 import pytest
-from channels_bots.render import html_to_text
+from channels_bots.render import MAX_INDENT_DEPTH, MAX_TEXT_CHARS, TRUNCATED, html_to_text
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,26 @@ def test_malformed_markup_never_raises_and_keeps_the_words(html):
         assert out == "unclosed bold"
     if "stray" in html:
         assert out == "stray"
+
+
+def test_nested_lists_indent_to_a_bounded_depth():
+    # 3000 nested lists once rendered to 9 M characters (each item indented by its depth).
+    out = html_to_text("<ul><li>x" * 3000)
+    assert len(out) <= MAX_TEXT_CHARS + len(TRUNCATED)
+    lines = out.split("\n")
+    assert max(len(line) - len(line.lstrip(" ")) for line in lines) <= 2 * MAX_INDENT_DEPTH
+    assert lines[0] == "- x" and lines[1] == "  - x"
+
+
+def test_nested_quotes_are_prefixed_to_a_bounded_depth():
+    out = html_to_text("<blockquote>x" * 3000)
+    assert len(out) <= MAX_TEXT_CHARS + len(TRUNCATED)
+    assert max(len(line) for line in out.split("\n") if line != TRUNCATED.strip()) <= 2 * MAX_INDENT_DEPTH + 1
+
+
+def test_an_over_long_text_is_cut_with_a_marker():
+    out = html_to_text("<p>" + "word " * 20_000 + "</p><p>last</p>")
+    assert out.endswith(TRUNCATED) and len(out) <= MAX_TEXT_CHARS + len(TRUNCATED)
+    assert out.startswith("word word") and "last" not in out
+    # Text within the bound is whole, without a marker.
+    assert html_to_text("<p>" + "word " * 1000 + "</p>") == ("word " * 1000).strip()

@@ -2,6 +2,10 @@
 `formatted_body` is the HTML. Clients without HTML support, notifications and
 search all show `body`, so it must read well on its own: paragraphs and list
 items on their own lines, links with their targets, no tags, entities decoded.
+
+The HTML is what Loomio users wrote, so the output is bounded: lists and
+quotes nested deeper than MAX_INDENT_DEPTH are drawn at that depth, and the
+text stops at MAX_TEXT_CHARS, ending with TRUNCATED (see docs/bots.md).
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ _PARAGRAPH = {"p", "blockquote", "pre", "table", "ul", "ol", "h1", "h2", "h3", "
 _SKIP = {"script", "style", "head", "title", "template", "noscript"}
 _SPACES = re.compile(r"[ \t\r\n\f\v]+")
 
+# A Matrix event is at most 64 KiB, formatted_body included: a body longer
+# than this could never be sent, so it is not built.
+MAX_TEXT_CHARS = 32 * 1024
+TRUNCATED = "\n[…]"
+# Deeper lists and quotes are indented no further: the indentation of one
+# line is bounded, not the nesting depth times each line.
+MAX_INDENT_DEPTH = 8
+
 
 class _TextParser(HTMLParser):
     def __init__(self) -> None:
@@ -30,20 +42,28 @@ class _TextParser(HTMLParser):
         self.lists: list[list] = []  # per open list: [kind, next number]
         self.quote_depth = 0
         self.links: list[tuple[str | None, int]] = []  # href, position in line when opened
+        self.size = 0  # characters in self.lines, newlines included
+        self.full = False  # MAX_TEXT_CHARS reached: the rest is not rendered
 
     # -- line building ---------------------------------------------------------
 
     def _prefix(self) -> str:
-        return "> " * self.quote_depth
+        return "> " * min(self.quote_depth, MAX_INDENT_DEPTH)
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+        self.size += len(line) + 1
+        if self.size > MAX_TEXT_CHARS:
+            self.full = True
 
     def _break(self, paragraph: bool = False) -> None:
         # Only the right side: list items carry their nesting as indentation.
         text = "".join(self.line).rstrip()
         self.line = []
         if text.strip():
-            self.lines.append(self._prefix() + text)
+            self._emit(self._prefix() + text)
         if paragraph and self.lines and self.lines[-1] != "":
-            self.lines.append("")
+            self._emit("")
 
     def _write(self, text: str) -> None:
         if not self.line and self.lists and not text.strip():
@@ -53,6 +73,8 @@ class _TextParser(HTMLParser):
     # -- parser callbacks ------------------------------------------------------
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.full:
+            return
         if tag in _SKIP:
             self.skip_depth += 1
             return
@@ -64,7 +86,7 @@ class _TextParser(HTMLParser):
         if tag == "br":
             self._break()
         elif tag == "hr":
-            self.lines.append(self._prefix() + "---")
+            self._emit(self._prefix() + "---")
             self._break(paragraph=True)
         elif tag == "pre":
             self.pre_depth += 1
@@ -73,7 +95,7 @@ class _TextParser(HTMLParser):
         elif tag in ("ul", "ol"):
             self.lists.append([tag, 1])
         elif tag == "li":
-            indent = "  " * max(0, len(self.lists) - 1)
+            indent = "  " * min(max(0, len(self.lists) - 1), MAX_INDENT_DEPTH)
             if self.lists and self.lists[-1][0] == "ol":
                 marker = f"{self.lists[-1][1]}. "
                 self.lists[-1][1] += 1
@@ -95,6 +117,8 @@ class _TextParser(HTMLParser):
             self.handle_endtag(tag)
 
     def handle_endtag(self, tag: str) -> None:
+        if self.full:
+            return
         if tag in _SKIP:
             self.skip_depth = max(0, self.skip_depth - 1)
             return
@@ -118,14 +142,14 @@ class _TextParser(HTMLParser):
             self.lists.pop()
 
     def handle_data(self, data: str) -> None:
-        if self.skip_depth:
+        if self.skip_depth or self.full:
             return
         if self.pre_depth:
             # Preformatted text keeps its own line breaks.
             first, *rest = data.split("\n")
             self.line.append(first)
             for part in rest:
-                self.lines.append(self._prefix() + "".join(self.line).rstrip())
+                self._emit(self._prefix() + "".join(self.line).rstrip())
                 self.line = [part]
             return
         text = _SPACES.sub(" ", data)
@@ -138,8 +162,10 @@ class _TextParser(HTMLParser):
         self._break()
         while self.lines and self.lines[-1] == "":
             self.lines.pop()
-        out = "\n".join(self.lines)
-        return re.sub(r"\n{3,}", "\n\n", out).strip()
+        out = re.sub(r"\n{3,}", "\n\n", "\n".join(self.lines)).strip()
+        if len(out) > MAX_TEXT_CHARS:
+            out = out[:MAX_TEXT_CHARS].rstrip() + TRUNCATED
+        return out
 
 
 def html_to_text(html: str) -> str:
