@@ -37,6 +37,7 @@ WSSERVER = "libs/common/src/channels_common/wsserver.py"
 SERVER = "libs/common/src/channels_common/server.py"
 REDIS = "libs/common/src/channels_common/redis.py"
 HTTPSERVER = "services/records/src/channels_records/httpserver.py"
+RENDER = "services/bots/src/channels_bots/render.py"
 
 
 def _sources() -> list[Path]:
@@ -91,6 +92,8 @@ CONTRACTS = {c.name: c for c in (
     Contract("redis.asyncio.Connection._reader", "_reader", (REDIS,)),
     Contract("redis.asyncio.Connection._writer", "_writer", (REDIS,)),
     Contract("asyncio.StreamReader._buffer", "_buffer", (REDIS,)),
+    # The stdlib's HTML parser: what it holds back after feed() (bots' render.py).
+    Contract("html.parser.HTMLParser.rawdata (the unparsed rest after feed)", "rawdata", (RENDER,)),
     # Since redis-py 5.3 (the floor in the pyproject files).
     Contract("redis.asyncio.ConnectionPool.get_connection() without arguments", "get_connection",
              _calls_without_arguments("get_connection")),
@@ -315,6 +318,19 @@ def test_stream_reader_keeps_unread_bytes_in_a_bytearray_buffer():
         CONTRACTS["asyncio.StreamReader._buffer"].broken(f"{buffer!r}")
     buffer.clear()
     assert reader._buffer == b"", CONTRACTS["asyncio.StreamReader._buffer"].broken("not cleared in place")
+
+
+def test_html_parser_holds_back_an_unterminated_tag_in_rawdata():
+    from html.parser import HTMLParser
+
+    contract = CONTRACTS["html.parser.HTMLParser.rawdata (the unparsed rest after feed)"]
+    with breaks(contract.name):
+        parser = HTMLParser(convert_charrefs=True)
+        parser.feed("text <b>bold</b> <a href='x")
+        rest = parser.rawdata
+    assert rest == "<a href='x", contract.broken(f"rawdata after feed: {rest!r}")
+    parser.reset()
+    assert parser.rawdata == "", contract.broken("reset() keeps rawdata")
 
 
 # --- the list stays complete --------------------------------------------------------
