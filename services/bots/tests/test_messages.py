@@ -115,3 +115,26 @@ def test_an_over_long_test_message_is_cut_to_fit_one_event():
     data = {"server": SERVER, "access_token": TOKEN, "channel": "#a:b", "message": "\U0001f600" * 50_000}
     content = parse("chatbot/test", json.dumps(data, ensure_ascii=False).encode()).content
     assert content["body"].startswith("\U0001f600") and _event_bytes(content) <= MAX_CONTENT_BYTES
+
+
+@pytest.mark.parametrize("data", [b"[" * 100_000, b'{"config":' * 10_000 + b"1" + b"}" * 10_000])
+def test_deeply_nested_json_is_rejected_as_not_json(data):
+    with pytest.raises(Rejected) as rejected:
+        parse("chatbot/publish", data)
+    assert rejected.value.reason == "not_json"
+
+
+def test_a_rejected_message_is_logged_once_and_counted(caplog):
+    from channels_bots.app import BotsService
+    from channels_bots.metrics import BotsMetrics
+    from channels_common.redis import Message
+    from channels_common.settings import BotsSettings
+
+    metrics = BotsMetrics()
+    service = BotsService(BotsSettings(), metrics)
+    with caplog.at_level("WARNING", logger="channels"):
+        service.handle(Message("chatbot/publish", b"[" * 100_000))
+    dropped = [r for r in caplog.records if r.getMessage() == "chatbot message dropped"]
+    assert len(dropped) == 1 and dropped[0].reason == "not_json" and dropped[0].levelname == "WARNING"
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert metrics.registry.get_sample_value("bots_messages_failed_total", {"reason": "not_json"}) == 1

@@ -77,6 +77,12 @@ async def test_read_only_answer(body):
     assert decision.allowed and decision.readonly
 
 
+@pytest.mark.parametrize("body", [b"[" * 4000, b'{"scope": ' * 300 + b'"readonly"' + b"}" * 300, b"{oops"])
+async def test_an_unreadable_200_body_allows_read_write(body):
+    decision, _ = await decide([(200, body)])
+    assert decision.allowed and decision.scope == "read-write"
+
+
 @pytest.mark.parametrize("status", [401, 403, 404, 500, 302])
 async def test_anything_but_200_denies(status):
     decision, _ = await decide([(status, b"{}")])

@@ -11,6 +11,8 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from channels_common import jsonin
+
 from .render import TRUNCATED, html_to_text
 
 TEST_CHANNEL = "chatbot/test"
@@ -120,9 +122,9 @@ def parse(channel: str, data: bytes) -> Command:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise Rejected("too_large", f"{len(data)} bytes")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise Rejected("not_json") from None
+        obj = jsonin.loads(data, max_bytes=MAX_PAYLOAD_BYTES)
+    except jsonin.JSONInputError as exc:
+        raise Rejected("not_json", exc.reason) from None
     if not isinstance(obj, dict):
         raise Rejected("incomplete", "payload is not an object")
 

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import httpx
+from channels_common import jsonin
 
 from .protocol import SCOPE_READ_ONLY, SCOPE_READ_WRITE
 
@@ -20,6 +21,7 @@ AUTH_PATH = "/api/hocuspocus"
 MAX_TOKEN_LENGTH = 1024
 RETRIES = 2
 DENIED_REASON = "permission-denied"
+MAX_BODY_BYTES = 4096  # of a 200 answer: a longer one is not read
 
 # Why a decision went the way it did, as the `cause` label of
 # collab_auth_total (a fixed set, so the label cannot grow).
@@ -49,11 +51,11 @@ def _scope_from_body(response: httpx.Response) -> str:
     """Rails answers 200 with no particular body today; a JSON body saying
     `{"scope": "readonly"}` (or `"read_only": true`) opens the document
     read-only."""
-    if not response.content or len(response.content) > 4096:
+    if not response.content or len(response.content) > MAX_BODY_BYTES:
         return SCOPE_READ_WRITE
     try:
-        body = response.json()
-    except ValueError:
+        body = jsonin.loads(response.content, max_bytes=MAX_BODY_BYTES)
+    except jsonin.JSONInputError:
         return SCOPE_READ_WRITE
     if not isinstance(body, dict):
         return SCOPE_READ_WRITE
