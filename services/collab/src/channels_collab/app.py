@@ -25,7 +25,7 @@ from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.tasks import spawn
 from channels_common.wsframe import binary_frame
-from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol
+from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol, abort_hung_up
 from starlette.applications import Starlette
 
 from .client_address import scope_client_address
@@ -210,6 +210,15 @@ class CollabService:
                 await self.cluster.refresh_ttls()
 
     def _check_sockets(self, conns: list[Connection], now: float) -> None:
+        # A socket paused for its pending auths hears nothing of its peer:
+        # one that hung up is let go here, and its auths with it.
+        paused = [conn.transport.protocol for conn in conns
+                  if not conn.closed and conn.transport.protocol.read_paused]
+        if paused:
+            gone = abort_hung_up(paused)
+            if gone:
+                log.info("peers hung up while their reading was paused; their pending auths are cancelled",
+                         extra={"sockets": gone})
         keepalive = self.keepalive
         for conn in conns:
             try:

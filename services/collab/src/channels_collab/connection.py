@@ -52,7 +52,7 @@ PAUSED_FOR_AUTH = "pending-auth"
 
 
 class Authenticator(Protocol):
-    def authenticate(self, token: str, document_name: str) -> Awaitable[Decision]: ...
+    def authenticate(self, token: str, document_name: str, caller: object = None) -> Awaitable[Decision]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +241,9 @@ class Connection:
 
     async def _authenticate(self, address: str, name: str, token: str) -> None:
         try:
-            decision = await self.authenticator.authenticate(token, name)
+            # This socket is the caller: Rails' clients are shared fairly
+            # between sockets, a few calls each at a time (rails.py).
+            decision = await self.authenticator.authenticate(token, name, caller=self)
         except asyncio.CancelledError:
             raise
         except Exception:
