@@ -20,6 +20,7 @@ from channels_common.closecodes import (
     RESET_CONNECTION,
     UNSUPPORTED_DATA,
 )
+from channels_common.httphead import HeadGuard, guarded_httptools
 from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
@@ -376,8 +377,15 @@ def main() -> None:
     settings = CollabSettings()
     setup_logging("collab", settings.log_level)
     setup_sentry(settings.sentry_dsn, "collab")
+    app = create_app(settings)
+    metrics = app.service.metrics
+    # Request heads (the upgrade's included) are read by uvicorn's httptools
+    # protocol, which has no deadline of its own: this one gives it one.
+    heads = HeadGuard(settings.http_head_timeout_seconds, settings.http_max_pending_heads,
+                      on_close=lambda cause: metrics.heads_closed.labels(cause).inc())
     serve(
-        create_app(settings),
+        app,
+        http=guarded_httptools(heads),
         host=settings.host,
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,

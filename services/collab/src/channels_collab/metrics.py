@@ -59,6 +59,11 @@ class CollabMetrics:
             "collab_documents_loaded_total", "Document loads from Redis (snapshot and log tail)", registry=r
         )
         self.redis_up = Gauge("collab_redis_up", "1 while appends and the reader work", registry=r)
+        self.heads_closed = Counter(
+            "collab_http_heads_closed",
+            "Connections closed in their request head: too slow (deadline) or too many at once (bound)",
+            ["cause"], registry=r,
+        )
         self.throttled = Counter(
             "collab_throttled_total", "Connection attempts refused with 429 by the attempt throttle", registry=r
         )
