@@ -70,3 +70,16 @@ def test_the_bounds_are_checked_before_parsing(monkeypatch):
 
 def test_text_and_value():
     assert jsonin.loads_with_text(b' {"a": 1}\n', max_bytes=100) == (' {"a": 1}\n', {"a": 1})
+
+
+@pytest.mark.parametrize("padding", [0, 2000])  # few brackets, and more than the quick passes take
+def test_brackets_in_strings_neither_hide_nor_add_depth(padding):
+    pad = b'"p": [' + b"[]," * padding + b"[]], "
+    deep = b"[" * (MAX_DEPTH + 1) + b"]" * (MAX_DEPTH + 1)
+    # Closing brackets inside a string do not cancel real depth...
+    hidden = b"{" + pad + b'"a": "' + b"]" * 100 + b'", "b": "x", "c": ' + deep + b"}"
+    with pytest.raises(JSONInputError, match="too_deep"):
+        jsonin.loads(hidden, max_bytes=1 << 20)
+    # ...nor opening ones inside strings (escaped quotes and all) add any.
+    shallow = b"{" + pad + b'"a": "\\"' + b"[" * 100 + b'\\\\", "b": "", "c": "{{{{", "d": [["x"]]}'
+    assert jsonin.loads(shallow, max_bytes=1 << 20)["d"] == [["x"]]
