@@ -146,6 +146,8 @@ class CollabService:
         m = self.metrics
         m.open_sockets.set_function(lambda: len(self.sockets))
         m.loaded_documents.set_function(lambda: len(self.registry.docs) if self.registry else 0)
+        m.rails_calls.set_function(lambda: self.authenticator.share.running if self.authenticator else 0)
+        m.rails_waiting.set_function(lambda: self.authenticator.share.waiting if self.authenticator else 0)
 
     def readiness(self) -> tuple[bool, dict]:
         """Ready when accepting sockets and Redis takes appends and reads."""

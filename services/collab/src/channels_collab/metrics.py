@@ -22,6 +22,10 @@ class CollabMetrics:
             "collab_stored_drafts", "Documents whose draft this instance wrote to Redis, within the draft TTL",
             registry=r,
         )
+        self.rails_calls = Gauge("collab_rails_calls", "Auth calls to Rails in flight", registry=r)
+        self.rails_waiting = Gauge(
+            "collab_rails_calls_waiting", "Auth calls waiting for their socket's turn at Rails' clients", registry=r,
+        )
         self.auth = Counter(
             "collab_auth_total",
             "Document auth decisions: result (allowed, denied, refused_name) and cause (allowed, rails_denied, "
