@@ -83,3 +83,9 @@ def test_brackets_in_strings_neither_hide_nor_add_depth(padding):
     # ...nor opening ones inside strings (escaped quotes and all) add any.
     shallow = b"{" + pad + b'"a": "\\"' + b"[" * 100 + b'\\\\", "b": "", "c": "{{{{", "d": [["x"]]}'
     assert jsonin.loads(shallow, max_bytes=1 << 20)["d"] == [["x"]]
+
+
+def test_text_is_bounded_as_bytes_are():
+    with pytest.raises(JSONInputError, match="too_deep"):
+        jsonin.loads("[" * 100 + "]" * 100, max_bytes=1000)
+    assert jsonin.loads('{"é": ["[[[["]}', max_bytes=1000) == {"é": ["[[[["]}

@@ -96,14 +96,16 @@ def loads_with_text(data: bytes | str, *, max_bytes: int, max_depth: int = MAX_D
         raise JSONInputError(TOO_LARGE, f"{len(data)} bytes")
     if isinstance(data, str):
         text = data
-        raw = data.encode("utf-8", "surrogatepass")
+        # The scan reads bytes; a text with few brackets needs none.
+        few = data.count("[") + data.count("{") <= max_depth
+        refusal = None if few else nesting_refusal(data.encode("utf-8", "surrogatepass"), max_depth)
     else:
         raw = bytes(data)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise JSONInputError(NOT_UTF8) from None
-    refusal = nesting_refusal(raw, max_depth)
+        refusal = nesting_refusal(raw, max_depth)
     if refusal is not None:
         raise JSONInputError(refusal, f"brackets nested deeper than {max_depth}" if refusal == TOO_DEEP
                              else "brackets do not balance")
