@@ -5,7 +5,9 @@ Before a document's auth completes its frames are queued, within the
 bounds Hocuspocus uses (5 MiB, 1,000 messages, 100 pending documents per
 socket). Reaching one stops reading the socket until pending auths finish:
 TCP holds the client back, and a legitimate client (500 documents on one
-socket) is never refused. A socket that authenticates no document by an
+socket) is never refused. A paused socket whose peer hangs up is found by
+the service's sweep (wsserver.abort_hung_up) and its auths are cancelled;
+its Rails calls share the pool fairly with other sockets' (rails.py). A socket that authenticates no document by an
 absolute deadline is closed with 4408, after every auth still pending got
 PermissionDenied. Liveness of authenticated sockets is RFC 6455 pings
 (`KeepAlive`, run by the service's sweep), not an idle timeout. A malformed
