@@ -333,3 +333,28 @@ async def test_reading_pauses_past_the_hold_limit_and_nothing_is_lost(redis_url,
         assert not sub._link.paused
     finally:
         await sub.stop()
+
+
+async def test_read_clock_gives_the_redis_time_just_before_the_subscribe(redis_url, redis):
+    got: list[bytes] = []
+    sub = Subscription(url=redis_url, handler=lambda m: got.append(m.data), channels=["/records"], read_clock=True)
+    seconds, micros = await redis.time()
+    before = int(seconds) * 1000 + int(micros) // 1000
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        seconds, micros = await redis.time()
+        after = int(seconds) * 1000 + int(micros) // 1000
+        assert before <= sub.subscribed_at_ms <= after
+        assert sub.generation == 1
+        await redis.publish("/records", b"first")  # the TIME reply is not taken for a message
+        await until(lambda: got == [b"first"], what="the message")
+    finally:
+        await sub.stop()
+    plain = Subscription(url=redis_url, handler=got.append, channels=["/records"])
+    plain.start()
+    try:
+        assert await plain.wait_live(10)
+        assert plain.subscribed_at_ms is None and plain.generation == 1
+    finally:
+        await plain.stop()

@@ -134,9 +134,8 @@ class RecordsService:
             batch_handler=relay.handle_batch,
             channels=(RECORDS_CHANNEL, NOTICE_CHANNEL),
             on_reconnect=self.metrics.redis_reconnects.inc,
-            # Pub/sub messages published while it was down were never seen:
-            # the store's occurrence count for cross-instance dedup restarts.
-            on_live=self.store.mark_live,
+            on_live=self._feed_live,
+            read_clock=True,
         )
         self.subscription.start()
         self.gateway.connections = self.connections
@@ -150,6 +149,17 @@ class RecordsService:
             self.engine.stop_pinger()
             await self.subscription.stop()
             await self.redis.aclose()
+
+    def _feed_live(self):
+        """The subscription is (again) live. Messages published while it was
+        down were never seen: the store's occurrence count for cross-instance
+        dedup restarts from the moment it subscribed (Redis clock), before
+        any message is handled."""
+        at = self.subscription.subscribed_at_ms
+        if at is not None:
+            self.store.listening_since(at)
+            return None
+        return self.store.mark_live()  # Redis did not tell the time: from now, less a grace
 
     def _evict(self, eio_sid: str) -> None:
         """A socket would exceed its send buffer: cut it off (once)."""

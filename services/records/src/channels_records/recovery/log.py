@@ -77,10 +77,21 @@ class EventLog:
     def _me(self) -> str:
         return f"{self.instance_id}:{self._start_ms}"
 
+    def listening_since(self, at_ms: int) -> None:
+        """Call when the pub/sub subscription (re)becomes live, with the
+        Redis clock read just before its SUBSCRIBE took effect (see
+        channels_common.redis.Subscription.read_clock), before it hands over
+        any message: a fresh occurrence count from then, with no grace, so
+        that an occurrence logged earlier (published while this instance was
+        not listening) is never taken for one it is about to see."""
+        self._start_ms = int(at_ms)
+
     async def mark_live(self) -> None:
         """Call when the pub/sub subscription (re)becomes live: messages
         published while it was down were not seen, so this instance starts a
-        fresh occurrence count from now (Redis clock)."""
+        fresh occurrence count from now (Redis clock) less the start grace.
+        Occurrences logged within the grace before it started listening are
+        taken for ones it will see: prefer `listening_since`."""
         if self._clock:
             now = self._now_local()
         else:
