@@ -56,3 +56,70 @@ async def test_nothing_missed_and_something_broadcast_meanwhile():
     c = make(store, relayed="5-0")
     missed = await c._missed_meanwhile(RecoveryRequest("p" * 20, "4-0"), "tok", [])
     assert [e.offset for e in missed] == ["5-0"] and store.reads == ["4-0"]
+
+
+class Metrics:
+    def __init__(self):
+        self.seen = []
+        outer = self
+
+        class Counter:
+            def __init__(self, label):
+                self.label = label
+
+            def inc(self):
+                outer.seen.append(self.label)
+
+            def dec(self):
+                outer.seen.append("-" + self.label)
+
+        self.recoveries = types.SimpleNamespace(labels=lambda label: Counter(label))
+        self.connected = Counter("connected")
+
+
+def wired(store, feed):
+    from channels_records.broadcast import Broadcaster
+    from channels_records.sockets import Engine, EngineSocket, Rooms
+
+    engine = Engine()
+    engine.sockets["e0"] = EngineSocket(engine, "e0", "", "polling")
+    rooms = Rooms()
+    broadcaster = Broadcaster(engine, rooms, limit_bytes=10_000, on_overflow=lambda e: None, order_key=offset_key)
+    metrics = Metrics()
+    c = Connections(engine, rooms, broadcaster, None, metrics, store, order_key=offset_key,
+                    relayed_offset=lambda: None, feed=feed)
+    return c, engine.sockets["e0"], rooms, broadcaster, metrics
+
+
+async def test_no_recovery_while_the_subscription_is_down():
+    """Issue 25: what is published before the subscription is live never
+    reaches this instance; the log read alone would leave a silent gap."""
+    store = Store([ev("1-0")])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: None)
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is False
+    assert store.reads == [] and metrics.seen == ["refused"]
+    assert rooms.sid_of == {} and sock.pending == []
+
+
+async def test_a_subscription_lost_during_the_recovery_gives_a_fresh_session():
+    store = Store([ev("1-0")])
+    generations = iter([3, 4])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: next(generations))
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is False
+    assert metrics.seen == ["refused"]
+    assert rooms.sid_of == {} and rooms.members == {} and sock.pending == []
+    assert "e0" in broadcaster.held  # still held for the fresh CONNECT that follows
+
+
+async def test_a_recovery_on_a_steady_subscription_replays_then_releases():
+    store = Store([ev("1-0"), ev("2-0")])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: 7)
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is True
+    assert sock.take_pending() == ['40{"sid":"s","pid":"' + "p" * 20 + '"}', '42["records",{},"1-0"]',
+                                   '42["records",{},"2-0"]']
+    assert broadcaster.floor_offsets == {"e0": frozenset({"1-0", "2-0"})}
+    assert "recovered" in metrics.seen and "e0" not in broadcaster.held
+    assert rooms.of_sid == {"s": {"g"}}

@@ -43,6 +43,7 @@ class Connections:
         touch_interval: float = 60.0,
         order_key=None,
         relayed_offset=lambda: None,
+        feed=lambda: 0,
     ):
         self.rooms = rooms
         self.sockets = engine.sockets
@@ -54,6 +55,10 @@ class Connections:
         self.touch_interval = touch_interval
         self.order_key = order_key
         self.relayed_offset = relayed_offset
+        # The generation of the live pub/sub subscription, None while it is
+        # down: a recovery needs the same one live from its log read to its
+        # CONNECT reply, or what is published meanwhile never reaches it.
+        self.feed = feed
         self._background: set[asyncio.Task] = set()
         # sid -> recovery pid (None when the session could not be stored).
         # Membership means "connected and counted".
@@ -148,6 +153,15 @@ class Connections:
             self.deferred[sid] = spawn(self._join_later(sid, token), name="records-join-later")
 
     async def _recover(self, eio_sid: str, token: str | None, request: RecoveryRequest) -> bool:
+        """Register the session again and queue its CONNECT reply, then every
+        missed event of its rooms in offset order, then what was broadcast
+        to it meanwhile (held; copies of replayed events skipped). False,
+        with nothing left registered: the client gets a fresh session."""
+        generation = self.feed()
+        if generation is None:
+            log.info("recovery refused", extra={"reason": "not subscribed to redis"})
+            self.metrics.recoveries.labels("refused").inc()
+            return False
         try:
             restored = await asyncio.wait_for(
                 self.store.restore(request.pid, token, request.offset), self.lookup_timeout * 2
@@ -171,6 +185,15 @@ class Connections:
         missed = await self._missed_meanwhile(request, token, restored.missed)
         if self._gone(eio_sid):
             return True  # registered: the gateway cleans it up
+        if self.feed() != generation:
+            # The subscription dropped meanwhile: what was published while
+            # it was down reached neither the log read nor this socket.
+            log.info("recovery refused", extra={"reason": "redis subscription lost during the recovery"})
+            self.metrics.recoveries.labels("refused").inc()
+            self.rooms.remove(sid)
+            self.broadcaster.drop_held(eio_sid)
+            self.broadcaster.hold(eio_sid)
+            return False
         self.broadcaster.send_now(eio_sid, encode_connect(sid, request.pid))
         replayed = set()
         for event in missed:
@@ -184,7 +207,7 @@ class Connections:
             # this instance's own live copies are still to come.
             relayed = self.relayed_offset()
             if relayed is None or self.order_key(newest) > self.order_key(relayed):
-                self.broadcaster.set_floor(eio_sid, newest)
+                self.broadcaster.set_floor(eio_sid, newest, replayed)
         self._mark_live(sid, request.pid)
         self.broadcaster.release(eio_sid, replayed)
         self.metrics.recoveries.labels("recovered").inc()
