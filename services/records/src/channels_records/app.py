@@ -128,6 +128,7 @@ class RecordsService:
             touch_interval=max(1.0, min(60.0, s.recovery_window_seconds / 4)),
             order_key=offset_key,
             relayed_offset=lambda: relay.last_offset,
+            relayed_count=lambda: relay.emitted,
             feed=lambda: self.subscription.generation if self.subscription.live else None,
         )
         self.subscription = Subscription(

@@ -112,6 +112,9 @@ class Relay:
         # same step as the broadcast, so a recovery running meanwhile can
         # tell which logged events this instance has yet to send live.
         self.last_offset: str | None = None
+        # Broadcasts so far: whether any went out while a recovery was
+        # reading the log, whatever offsets they carried.
+        self.emitted = 0
 
     async def handle(self, message) -> None:
         pending = self.handle_batch([message])
@@ -198,4 +201,5 @@ class Relay:
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
         if offset is not None:
             self.last_offset = offset
+        self.emitted += 1
         self.metrics.hot.relayed_one(result.event)
