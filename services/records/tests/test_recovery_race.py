@@ -123,3 +123,23 @@ async def test_a_recovery_on_a_steady_subscription_replays_then_releases():
     assert broadcaster.floor_offsets == {"e0": frozenset({"1-0", "2-0"})}
     assert "recovered" in metrics.seen and "e0" not in broadcaster.held
     assert rooms.of_sid == {"s": {"g"}}
+
+
+async def test_anything_relayed_during_the_read_means_a_second_read_whatever_its_offset():
+    """Issue 25: a copy relayed with an older event's offset (a dedup that
+    matched the wrong occurrence) must not hide that something went out."""
+    store = Store([ev("1-0"), ev("2-0"), ev("3-0")])
+    c = make(store, relayed="1-0")
+    missed = await c._missed_meanwhile(
+        RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0"), ev("2-0")], relayed_meanwhile=True
+    )
+    assert [e.offset for e in missed] == ["1-0", "2-0", "3-0"] and store.reads == ["2-0"]
+
+
+async def test_a_failed_second_read_is_no_replay():
+    class Failing(Store):
+        async def restore(self, pid, token, offset):
+            raise OSError("redis went away")
+
+    c = make(Failing([]), relayed="3-0")
+    assert await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")]) is None
