@@ -186,6 +186,13 @@ class Subscription:
     subscription, none published before that time does. `generation` counts
     the times it became live.
 
+    With `epoch_channel`, the SUBSCRIBE goes in one MULTI with a script that
+    increments the key of that name and publishes the new number on the
+    channel of that name (subscribed too): every subscriber of it, this one
+    first, gets that marker exactly where this subscription begins in the
+    order of everything published. Should Redis refuse it, the next attempt
+    subscribes without.
+
     A connection that stays silent for `idle_ping_seconds` gets a PING; one
     that stays silent after that is taken for dead and replaced.
     """
@@ -200,6 +207,7 @@ class Subscription:
     max_backoff: float = 5.0
     idle_ping_seconds: float = 10.0
     read_clock: bool = False
+    epoch_channel: str | None = None
     live: bool = field(default=False, init=False)
     subscribed_at_ms: int | None = field(default=None, init=False)
     generation: int = field(default=0, init=False)
@@ -325,7 +333,14 @@ class Subscription:
             commands.append(pack_command("TIME"))
             self._clock_reply = asyncio.get_running_loop().create_future()
         self.subscribed_at_ms = None
-        if self.channels:
+        if self.epoch_channel:
+            commands += [
+                _MULTI,
+                pack_command("SUBSCRIBE", *self.channels, self.epoch_channel),
+                pack_command("EVAL", _EPOCH_SCRIPT, 1, self.epoch_channel, self.epoch_channel),
+                _EXEC,
+            ]
+        elif self.channels:
             commands.append(pack_command("SUBSCRIBE", *self.channels))
         if self.patterns:
             commands.append(pack_command("PSUBSCRIBE", *self.patterns))
@@ -357,6 +372,9 @@ class Subscription:
                 message = _message(reply)
             except ReplyError as exc:
                 log.warning("redis refused a subscription command", extra={"error": str(exc)})
+                if self.epoch_channel and self._pong is not None:
+                    log.warning("subscribing without an epoch marker from now on")
+                    self.epoch_channel = None
                 if self._link is not None:
                     self._link.abort(exc)
                 return
@@ -445,6 +463,10 @@ _HOLD_LIMIT_BYTES = 8 * 1024 * 1024
 # The largest message a subscriber accepts; Redis itself allows 512 MB.
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _PING = pack_command("PING")
+_MULTI = pack_command("MULTI")
+_EXEC = pack_command("EXEC")
+# KEYS[1]: the epoch counter; ARGV[1]: the channel its new value goes to.
+_EPOCH_SCRIPT = "local n = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', ARGV[1], n) return n"
 _MESSAGE = b"message"
 _PMESSAGE = b"pmessage"
 

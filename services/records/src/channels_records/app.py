@@ -117,7 +117,8 @@ class RecordsService:
             instance_id=secrets.token_hex(6),
             max_events_per_room=s.recovery_max_events_per_room,
         )
-        relay = Relay(self.broadcaster, self.metrics, self.store)
+        epochs = self.store.keys.epoch  # counter key and marker channel (see EventLog.set_epoch)
+        relay = Relay(self.broadcaster, self.metrics, self.store, epoch_channel=epochs)
         self.connections = Connections(
             self.engine,
             self.rooms,
@@ -138,6 +139,7 @@ class RecordsService:
             on_reconnect=self.metrics.redis_reconnects.inc,
             on_live=self._feed_live,
             read_clock=True,
+            epoch_channel=epochs,
         )
         self.subscription.start()
         self.gateway.connections = self.connections
@@ -155,8 +157,10 @@ class RecordsService:
     def _feed_live(self):
         """The subscription is (again) live. Messages published while it was
         down were never seen: the store's occurrence count for cross-instance
-        dedup restarts from the moment it subscribed (Redis clock), before
-        any message is handled."""
+        dedup restarts, before any message is handled. With the epoch marker
+        (the first message to come) it restarts exactly there; until then,
+        or without one, from the moment it subscribed (Redis clock)."""
+        self.store.set_epoch(None)
         at = self.subscription.subscribed_at_ms
         if at is not None:
             self.store.listening_since(at)
