@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
 from channels_common.redis import Message, Subscription, create_redis
 
 from tests.support import until
@@ -386,7 +387,8 @@ async def test_an_epoch_marker_starts_each_subscription_where_everyone_sees_it(r
         await second.stop()
 
 
-async def test_a_redis_that_refuses_the_epoch_marker_gets_a_plain_subscribe_next(caplog):
+@pytest.mark.parametrize("how", ["refused", "left out"])
+async def test_a_redis_that_refuses_the_epoch_marker_gets_a_plain_subscribe_next(caplog, how):
     from tests.support import ScriptedRedis
 
     in_multi = []
@@ -398,9 +400,12 @@ async def test_a_redis_that_refuses_the_epoch_marker_gets_a_plain_subscribe_next
             return b"+OK\r\n"
         if name == b"EXEC":
             in_multi.clear()
+            if how == "left out":  # confirmations and the script's result, but no marker
+                return b"*2\r\n" + _plain_redis([b"SUBSCRIBE", b"/records"]) + b":1\r\n" + _plain_redis(
+                    [b"SUBSCRIBE", b"t:epoch"])
             return b"-EXECABORT Transaction discarded because of previous errors.\r\n"
         if in_multi:
-            return b"-ERR Command not allowed inside a transaction\r\n"
+            return b"+QUEUED\r\n" if how == "left out" else b"-ERR Command not allowed inside a transaction\r\n"
         return _plain_redis(command)
 
     fake = ScriptedRedis(refusing)
@@ -412,7 +417,7 @@ async def test_a_redis_that_refuses_the_epoch_marker_gets_a_plain_subscribe_next
         with caplog.at_level(logging.WARNING, logger="channels.redis"):
             assert await sub.wait_live(10)
         assert sub.epoch_channel is None and len(fake.connections) == 2
-        assert any("without an epoch marker" in r.getMessage() for r in caplog.records)
+        assert any("subscribing without" in r.getMessage() for r in caplog.records)
         assert [c for c in fake.commands if c[0].upper() == b"SUBSCRIBE"][-1] == [b"SUBSCRIBE", b"/records"]
     finally:
         await sub.stop()

@@ -190,8 +190,8 @@ class Subscription:
     increments the key of that name and publishes the new number on the
     channel of that name (subscribed too): every subscriber of it, this one
     first, gets that marker exactly where this subscription begins in the
-    order of everything published. Should Redis refuse it, the next attempt
-    subscribes without.
+    order of everything published (the first message handed over). Should
+    Redis refuse it or leave it out, the next attempt subscribes without.
 
     A connection that stays silent for `idle_ping_seconds` gets a PING; one
     that stays silent after that is taken for dead and replaced.
@@ -354,6 +354,11 @@ class Subscription:
             await link.closed  # raises why
             raise EOFError("redis closed the connection")
         self._pong = None
+        if self.epoch_channel and not (self._early and self._early[0].channel == self.epoch_channel):
+            # Published inside the EXEC, the marker comes before the PING's reply.
+            log.warning("no epoch marker from redis: subscribing without one from now on")
+            self.epoch_channel = None
+            raise EOFError("no epoch marker")
         if self._clock_reply is not None:
             # Answered before the PING: done by now.
             reply, self._clock_reply = self._clock_reply.result() if self._clock_reply.done() else None, None

@@ -157,9 +157,12 @@ class RecordsService:
     def _feed_live(self):
         """The subscription is (again) live. Messages published while it was
         down were never seen: the store's occurrence count for cross-instance
-        dedup restarts, before any message is handled. With the epoch marker
-        (the first message to come) it restarts exactly there; until then,
-        or without one, from the moment it subscribed (Redis clock)."""
+        dedup restarts. With epoch markers, the subscription's own marker is
+        the first message to come and restarts it exactly there, in order
+        behind any message of the old epoch still held. Without, it restarts
+        from the moment the subscription began (Redis clock)."""
+        if self.subscription.epoch_channel:
+            return None
         self.store.set_epoch(None)
         at = self.subscription.subscribed_at_ms
         if at is not None:

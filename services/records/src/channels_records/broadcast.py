@@ -96,9 +96,9 @@ class Broadcaster:
         # Deliveries, and those written straight to a transport, for /metrics.
         self.counters = counters if counters is not None else HotCounters()
         self.held: dict[str, Held] = {}
-        # eio_sid -> order key of the newest event a recovery replayed to it,
-        # set only when this instance had not relayed that far yet: its live
-        # copies of those events must not reach the socket a second time.
+        # eio_sid -> order key of the newest event a recovery replayed to it:
+        # this instance's own live copies of those events, if still to come,
+        # must not reach the socket a second time.
         self.floors: dict[str, object] = {}
         # eio_sid -> the offsets that replay carried: only these are skipped
         # at or below the floor (see set_floor).
