@@ -143,3 +143,18 @@ async def test_a_failed_second_read_is_no_replay():
 
     c = make(Failing([]), relayed="3-0")
     assert await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")]) is None
+
+
+async def test_a_recovery_waits_a_moment_for_the_subscription():
+    store = Store([ev("1-0")])
+    live = []
+
+    async def wait_feed(timeout):
+        live.append(timeout)
+
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: 1 if live else None)
+    c.wait_feed = wait_feed
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is True
+    assert live == [c.lookup_timeout] and store.reads == ["0-1"] and "recovered" in metrics.seen
+    assert sock.take_pending()[1:] == ['42["records",{},"1-0"]'] and rooms.of_sid == {"s": {"g"}}

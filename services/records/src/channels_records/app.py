@@ -131,6 +131,7 @@ class RecordsService:
             relayed_offset=lambda: relay.last_offset,
             relayed_count=lambda: relay.emitted,
             feed=lambda: self.subscription.generation if self.subscription.live else None,
+            wait_feed=lambda timeout: self.subscription.wait_live(timeout),
         )
         self.subscription = Subscription(
             url=s.redis_url,

@@ -45,6 +45,7 @@ class Connections:
         relayed_offset=lambda: None,
         relayed_count=lambda: 0,
         feed=lambda: 0,
+        wait_feed=None,
     ):
         self.rooms = rooms
         self.sockets = engine.sockets
@@ -61,6 +62,9 @@ class Connections:
         # down: a recovery needs the same one live from its log read to its
         # CONNECT reply, or what is published meanwhile never reaches it.
         self.feed = feed
+        # async (timeout) -> None: wait that long at most for the
+        # subscription to be live (a restarted process, a Redis blip).
+        self.wait_feed = wait_feed
         self._background: set[asyncio.Task] = set()
         # sid -> recovery pid (None when the session could not be stored).
         # Membership means "connected and counted".
@@ -160,6 +164,9 @@ class Connections:
         to it meanwhile (held; copies of replayed events skipped). False,
         with nothing left registered: the client gets a fresh session."""
         generation = self.feed()
+        if generation is None and self.wait_feed is not None:
+            await self.wait_feed(self.lookup_timeout)
+            generation = None if self._gone(eio_sid) else self.feed()
         if generation is None:
             log.info("recovery refused", extra={"reason": "not subscribed to redis"})
             self.metrics.recoveries.labels("refused").inc()
