@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,26 @@ def docker_ignored(relpath: str, patterns: list[str]) -> bool:
     parts = relpath.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     return any(rx.match(prefix) for rx in regexes for prefix in prefixes)
+
+
+def stage_build_sources(dockerfile: Dockerfile, dest: Path) -> None:
+    """Every COPY of the build stage into /src/, placed under `dest` (dest/src/...)
+    as the build context delivers it (.dockerignore applied)."""
+    patterns = dockerignore_patterns()
+    for src, target in dockerfile.copies():
+        if not target.startswith("/src/"):
+            continue
+        to = dest / target.lstrip("/")
+        if (ROOT / src).is_file():
+            to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / src, to)
+            continue
+        for path in (ROOT / src).rglob("*"):
+            rel = str(path.relative_to(ROOT))
+            if path.is_file() and not docker_ignored(rel, patterns):
+                out = to / path.relative_to(ROOT / src)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, out)
 
 
 def load_kustomization() -> tuple[dict, list[tuple[str, dict]]]:
