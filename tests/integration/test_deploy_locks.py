@@ -50,8 +50,9 @@ def _env() -> dict[str, str]:
     venv; caching on, whatever the caller's environment says."""
     keep = {k: v for k, v in os.environ.items()
             if k in ("HOME", "LANG", "LC_ALL", "TMPDIR") or (k.startswith("PIP_") and k != "PIP_NO_CACHE_DIR")}
+    # No byte-compiling (most of the time, and nothing that resolves).
     return {**keep, "PATH": "/usr/local/bin:/usr/bin:/bin", "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-            "PIP_CACHE_DIR": _pip_cache()}
+            "PIP_CACHE_DIR": _pip_cache(), "PIP_NO_COMPILE": "1"}
 
 
 def _python311() -> str:
