@@ -154,15 +154,49 @@ _PATH_OPTIONS = {"cert", "client-cert", "constraint", "requirement", "find-links
                  "extra-index-url", "build-constraint"}
 
 
+def _pip_config_files() -> list[Path]:
+    """pip's configuration files, in the order it loads them (later wins)."""
+    xdg_dirs = (os.environ.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(":")
+    xdg_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    files = [*(Path(d) / "pip" / "pip.conf" for d in reversed(xdg_dirs)), Path("/etc/pip.conf"),
+             Path.home() / ".pip" / "pip.conf", xdg_home / "pip" / "pip.conf", Path(sys.prefix) / "pip.conf"]
+    if os.environ.get("PIP_CONFIG_FILE"):
+        files.append(Path(os.environ["PIP_CONFIG_FILE"]))
+    return files
+
+
+def _listed_by_pip() -> str | None:
+    try:
+        done = _run([sys.executable, "-m", "pip", "config", "list"], stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def _listed_by_hand() -> str:
+    """`pip config list`'s lines, for a Python without pip: its files, then PIP_*."""
+    lines = []
+    for path in _pip_config_files():
+        parser = configparser.ConfigParser(interpolation=None)
+        with contextlib.suppress(OSError, configparser.Error):
+            parser.read(path)
+        lines += [f"{section}.{option}={value!r}" for section in parser.sections()
+                  for option, value in parser.items(section)]
+    skip = {"PIP_CONFIG_FILE"}
+    lines += [f":env:.{name[4:].lower().replace('_', '-')}={value!r}" for name, value in os.environ.items()
+              if name.startswith("PIP_") and name not in skip]
+    return "\n".join(lines)
+
+
 def machine_pip_config() -> dict[str, dict[str, str]]:
     """This machine's effective pip settings, {section: {option: value}}, as
     `pip config list` reports them (files in pip's order, then PIP_* from the
-    environment, which apply to every command and so win in every section)."""
-    try:
-        listed = _run([sys.executable, "-m", "pip", "config", "list"], stdout=subprocess.PIPE,
-                      stderr=subprocess.DEVNULL, text=True, timeout=60).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        listed = ""
+    environment, which apply to every command and so win in every section);
+    read by hand where this Python has no pip."""
+    listed = _listed_by_pip()
+    if listed is None:
+        listed = _listed_by_hand()
     sections: dict[str, dict[str, str]] = {}
     from_env: dict[str, str] = {}
     for line in listed.splitlines():

@@ -7,6 +7,7 @@ tests/integration/test_deploy_images.py."""
 from __future__ import annotations
 
 import configparser
+import os
 
 import pytest
 
@@ -66,6 +67,7 @@ def test_environment_settings_win_in_every_section(build, monkeypatch):
     listed = "global.timeout='10'\ninstall.timeout='20'\n:env:.timeout='30'\nglobal.retries='2'\n"
 
     class Done:
+        returncode = 0
         stdout = listed
 
     monkeypatch.setattr(build, "_run", lambda *a, **k: Done())
@@ -96,3 +98,24 @@ def test_the_base_key_follows_its_recipe(build, monkeypatch):
     monkeypatch.setattr(build, "machine_pip_config", lambda: {"global": {"timeout": "10"}})
     monkeypatch.setattr(build, "debian_mirror", lambda: ("http://other.invalid/debian", None))
     assert build.base_recipe()[0] != first
+
+
+def test_without_pip_the_files_and_environment_are_read_by_hand(build, monkeypatch, tmp_path):
+    (tmp_path / "xdg" / "pip").mkdir(parents=True)
+    (tmp_path / "xdg" / "pip" / "pip.conf").write_text("[global]\nindex-url = https://a.invalid/simple\n"
+                                                       "timeout = 5\n[install]\ntimeout = 7\n")
+    (tmp_path / "home" / ".config" / "pip").mkdir(parents=True)
+    (tmp_path / "home" / ".config" / "pip" / "pip.conf").write_text("[global]\nindex-url = https://b.invalid/s\n")
+    monkeypatch.setenv("XDG_CONFIG_DIRS", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
+    monkeypatch.delenv("PIP_CONFIG_FILE", raising=False)
+    for name in [n for n in os.environ if n.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_DEFAULT_TIMEOUT", "9")
+    monkeypatch.setattr(build, "_listed_by_pip", lambda: None)
+    got = build.machine_pip_config()
+    # (/etc/pip.conf, when there is one, is read too.)
+    assert {k: got["global"][k] for k in ("index-url", "timeout", "default-timeout")} == {
+        "index-url": "https://b.invalid/s", "timeout": "5", "default-timeout": "9"}
+    assert got["install"] == {"timeout": "7"}
