@@ -155,3 +155,18 @@ class Running:
                        capture_output=True, timeout=60, check=False)
         if not self._log.closed:
             self._log.close()
+
+
+def remove_left_over_containers(engine: str, prefix: str) -> None:
+    """Containers named {prefix}{pid}-... whose test process is gone (a run
+    killed before its clean-up); those of live runs stay."""
+    tool = "docker" if engine == "docker" else "buildah"
+    listing = ["docker", "ps", "-a", "--format", "{{.Names}}"] if tool == "docker" else [
+        "buildah", "containers", "--format", "{{.ContainerName}}"]
+    names = subprocess.run(listing, capture_output=True, text=True, timeout=60, check=False).stdout.split()
+    for name in names:
+        pid = name.removeprefix(prefix).split("-")[0]
+        if not name.startswith(prefix) or not pid.isdigit() or Path(f"/proc/{pid}").exists():
+            continue
+        subprocess.run([tool, "rm", "-f", name] if tool == "docker" else [tool, "rm", name],
+                       capture_output=True, timeout=60, check=False)

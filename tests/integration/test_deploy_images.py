@@ -10,6 +10,7 @@ The images are what the compose file runs: names, ports, health checks."""
 from __future__ import annotations
 
 import itertools
+import os
 import subprocess
 
 import httpx
@@ -27,7 +28,7 @@ from tests.integration.deploy_support import (
     production_port,
     service_script,
 )
-from tests.integration.image_support import ImageConfig, Running, build_module
+from tests.integration.image_support import ImageConfig, Running, build_module, remove_left_over_containers
 from tests.integration.records_support import APP_ORIGIN, Rails, SioClients
 from tests.support import free_port, wait_for
 
@@ -39,6 +40,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]
 TAG = "test"
 BUILD_TIMEOUT = 1400
 _names = itertools.count()
+# Containers are named {CONTAINERS}{pid}-...: those of a run that was killed are removed by the next.
+CONTAINERS = "channels-test-"
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +60,13 @@ def images(tmp_path_factory):
 @pytest.fixture
 def run_image(images):
     engine, configs = images
+    remove_left_over_containers(engine, CONTAINERS)
     started: list[Running] = []
 
     def run(service: str, **env: str) -> Running:
         port = free_port()
         env = {"PORT": str(port), "HOST": "127.0.0.1", **env}
-        running = Running(engine, configs[service], env, f"channels-test-{service}-{next(_names)}")
+        running = Running(engine, configs[service], env, f"{CONTAINERS}{os.getpid()}-{service}-{next(_names)}")
         running.port = port
         started.append(running)
 
