@@ -41,10 +41,14 @@ DEPLOY = ROOT / "deploy"
 SERVICES = ("records", "collab", "bots")
 RECIPE = HERE / "base-bookworm.sh"
 BASE_REPOSITORY = "localhost/loomio-channels-base"
+# Part of the base's recipe besides base-bookworm.sh: bump it when what
+# _make_base_tarball puts in the base changes, so kept bases are made again.
+BASE_LAYOUT = "1"
 # Where the base's pip finds the bundle copied in (Debian's system bundle path).
 BASE_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
-# How long a pull of the default base may take before the bookworm base is made instead.
-PULL_TIMEOUT = 300
+# How long a pull of the default base may take before the bookworm base is
+# used instead (where registries are out of reach, a pull fails or hangs).
+PULL_TIMEOUT = 120
 
 
 def log(message: str) -> None:
@@ -100,6 +104,14 @@ class Docker:
     def pull(self, ref: str) -> bool:
         return _quiet(["docker", "pull", "-q", ref], timeout=PULL_TIMEOUT)
 
+    def tags(self, repository: str) -> list[str]:
+        out = _run(["docker", "images", "--format", "{{.Repository}}:{{.Tag}}"],
+                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60).stdout
+        return [ref for ref in out.split() if ref.startswith(f"{repository}:")]
+
+    def remove(self, ref: str) -> None:
+        _quiet(["docker", "rmi", ref])
+
     def import_rootfs(self, tarball: Path, ref: str, env: dict[str, str]) -> None:
         changes = [f"--change=ENV {k}={v}" for k, v in env.items()] + ['--change=CMD ["python3"]']
         _check(["docker", "import", *changes, str(tarball), ref])
@@ -117,6 +129,14 @@ class Buildah:
 
     def pull(self, ref: str) -> bool:
         return _quiet(["buildah", "pull", "-q", ref], timeout=PULL_TIMEOUT)
+
+    def tags(self, repository: str) -> list[str]:
+        out = _run(["buildah", "images", "--format", "{{.Name}}:{{.Tag}}"],
+                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, timeout=60).stdout
+        return [ref for ref in out.split() if ref.startswith(f"{repository}:")]
+
+    def remove(self, ref: str) -> None:
+        _quiet(["buildah", "rmi", ref])
 
     def import_rootfs(self, tarball: Path, ref: str, env: dict[str, str]) -> None:
         container = _check(["buildah", "from", "scratch"])
@@ -361,7 +381,8 @@ def base_recipe() -> tuple[str, dict]:
     pip_conf, files, notes = base_pip_settings()
     mirror, keyring = debian_mirror()
     digest = hashlib.sha256()
-    for part in (RECIPE.read_bytes(), (mirror or "").encode(), (keyring or "").encode(), pip_conf.encode()):
+    for part in (BASE_LAYOUT.encode(), RECIPE.read_bytes(), (mirror or "").encode(), (keyring or "").encode(),
+                 pip_conf.encode()):
         digest.update(len(part).to_bytes(8, "big") + part)
     for path in sorted(files):
         digest.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
@@ -374,6 +395,12 @@ def base_ref(key: str) -> str:
 
 
 def _make_base_tarball(tarball: Path, recipe: dict) -> None:
+    # What a killed run left (the lock is held: no other run is making one).
+    for left in [*tarball.parent.glob("base-*"), *tarball.parent.glob("*.partial")]:
+        if left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink()
     work = Path(tempfile.mkdtemp(prefix="base-", dir=tarball.parent))
     rootfs = work / "rootfs"
     try:
@@ -395,29 +422,34 @@ def _make_base_tarball(tarball: Path, recipe: dict) -> None:
             target.chmod(0o644)
         partial = tarball.with_suffix(".partial")
         _check(["tar", "-cf", str(partial), "--numeric-owner", "-C", str(rootfs),
-                "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*", "--exclude=./run/*", "."])
+                "--exclude=./dev/*", "--exclude=./proc/*", "--exclude=./sys/*", "."])
         partial.rename(tarball)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def ensure_base(engine) -> str:
-    """The bookworm base's image reference, made or imported if missing."""
+    """The bookworm base's image reference, made or imported if missing;
+    bases of older recipes are removed."""
     key, recipe = base_recipe()
     ref = base_ref(key)
+    tarball = cache_dir() / f"bookworm-{key}.tar"
     if engine.has_image(ref):
         log(f"base {ref} (kept from an earlier run)")
-        return ref
-    tarball = cache_dir() / f"bookworm-{key}.tar"
-    if not tarball.exists():
-        _make_base_tarball(tarball, recipe)
+    else:
+        if not tarball.exists():
+            _make_base_tarball(tarball, recipe)
+        engine.import_rootfs(tarball, ref, {"LANG": "C.UTF-8",
+                                            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
+        log(f"base {ref} imported from {tarball}")
     for stale in cache_dir().glob("bookworm-*.tar"):
         if stale != tarball:
             log(f"removing a base of an older recipe: {stale}")
             stale.unlink()
-    engine.import_rootfs(tarball, ref, {"LANG": "C.UTF-8",
-                                        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"})
-    log(f"base {ref} imported from {tarball}")
+    for stale in engine.tags(BASE_REPOSITORY):
+        if stale != ref:
+            log(f"removing a base of an older recipe: {stale}")
+            engine.remove(stale)
     return ref
 
 
