@@ -91,6 +91,7 @@ class BotsService:
         return live, {"redis": self.subscription.live, "claims": self.claims_ok, "pending": self.dispatcher.pending}
 
     async def start(self) -> None:
+        log.info("starting", extra={"instance": self.claims.instance})
         self.subscription.start()
         self._sweeper = spawn(self._sweep_idle_clients(), name="bots-client-sweeper")
         self._watcher = spawn(self._watch_claims(), name="bots-claims-watch")

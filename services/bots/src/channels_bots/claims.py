@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -56,6 +58,12 @@ class Grant:
     done: int
     taken_over: bool = False
     skipped: int = 0
+
+
+def instance_name() -> str:
+    """This process among the instances: host (the pod's name in k8s), pid
+    and a random part, so that a restarted process is a new instance."""
+    return f"{socket.gethostname()[:64]}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 def room_id(server: str, room: str) -> str:
@@ -152,7 +160,7 @@ class RedisClaims:
     def __init__(self, redis: Redis, *, instance: str | None = None, prefix: str = "bots:",
                  lease: float = 10.0, window: float = 86400.0, gap: float | None = None):
         self.redis = redis
-        self.instance = instance or uuid.uuid4().hex[:12]
+        self.instance = instance or instance_name()
         self.prefix = prefix
         self.lease = lease
         self.window = window
