@@ -165,10 +165,11 @@ def cluster():
 
 
 class Stream:
-    """300 publishes over 5 rooms, paced so that kills land mid-stream;
+    """Publishes (300) over 5 rooms, paced so that kills land mid-stream;
     `published` keeps, per room, the bodies some instance received."""
 
-    def __init__(self, world: World, server: str, redis_url: str):
+    def __init__(self, world: World, server: str, redis_url: str, count: int = MESSAGES):
+        self.count = count
         self.world = world
         self.server = server
         self.redis_url = redis_url
@@ -184,7 +185,7 @@ class Stream:
         actions = actions or {}
         client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=1, socket_timeout=1)
         try:
-            for i in range(MESSAGES):
+            for i in range(self.count):
                 if i in actions:
                     result = actions[i]()
                     if asyncio.iscoroutine(result):
@@ -256,11 +257,10 @@ async def test_two_instances_post_300_messages_over_5_rooms_once_each_in_order(w
         assert "bots_messages_given_up_total" not in " ".join(service.metrics())
 
 
-@pytest.mark.parametrize("slow", [False, True], ids=["fast", "slow-homeserver"])
-async def test_sigkill_of_one_of_two_instances_at_a_random_point(world, proxies, cluster, redis_url, slow):
+async def test_sigkill_of_one_of_two_instances_at_a_random_point(world, proxies, cluster, redis_url):
     seed = random.randrange(10**6)
     rng = random.Random(seed)
-    proxy = proxies(delay=0.05 if slow else 0.0)
+    proxy = proxies()
     instances = [cluster(redis_url), cluster(redis_url)]
     stream = Stream(world, proxy.url, redis_url)
     killed: list[ServiceProcess] = []
@@ -279,8 +279,10 @@ async def test_sigkill_of_one_of_two_instances_at_a_random_point(world, proxies,
     assert len(killed) == 1, f"seed {seed}"
 
 
-async def test_sigkill_while_a_send_is_in_flight(world, proxies, cluster, redis_url):
-    proxy = proxies(hold_at=100)
+async def test_sigkill_while_a_send_is_in_flight_to_a_slow_homeserver(world, proxies, cluster, redis_url):
+    # Every answer comes 50 ms late, and the 100th send is held until the
+    # instance that made it is dead; then it reaches the homeserver anyway.
+    proxy = proxies(delay=0.05, hold_at=100)
     instances = [cluster(redis_url), cluster(redis_url)]
     stream = Stream(world, proxy.url, redis_url)
     done = {}
@@ -308,7 +310,7 @@ async def test_sigkill_while_a_send_is_in_flight(world, proxies, cluster, redis_
 async def test_a_rolling_restart_loses_and_doubles_nothing(world, proxies, cluster, redis_url):
     proxy = proxies(delay=0.01)
     old = cluster(redis_url)
-    stream = Stream(world, proxy.url, redis_url)
+    stream = Stream(world, proxy.url, redis_url, count=150)
     new: list[ServiceProcess] = []
 
     def start_new():
@@ -317,7 +319,7 @@ async def test_a_rolling_restart_loses_and_doubles_nothing(world, proxies, clust
     def stop_old():
         old.signal(signal.SIGTERM)
 
-    await stream.play({100: start_new, 160: stop_old})
+    await stream.play({40: start_new, 80: stop_old})
     assert old.process.wait(20) == 0
     await stream.check(new)
     assert stream.unheard == 0
@@ -327,16 +329,16 @@ async def test_a_redis_restart_loses_only_what_was_published_while_it_was_down(
         world, proxies, cluster, private_redis):
     proxy = proxies(delay=0.01)
     instances = [cluster(private_redis.url), cluster(private_redis.url)]
-    stream = Stream(world, proxy.url, private_redis.url)
+    stream = Stream(world, proxy.url, private_redis.url, count=150)
 
     async def restart():
         private_redis.kill()
         await asyncio.sleep(0.5)
         private_redis.start()
 
-    await stream.play({120: restart}, pace=0.01)
+    await stream.play({60: restart}, pace=0.01)
     await stream.check(instances)
     assert stream.failed > 0
-    assert sum(len(v) for v in stream.published.values()) + stream.failed + stream.unheard == MESSAGES
+    assert sum(len(v) for v in stream.published.values()) + stream.failed + stream.unheard == stream.count
     for service in instances:
         assert service.metrics()["bots_redis_reconnects_total"] == 1

@@ -108,3 +108,14 @@ async def _clean(redis):
     keys = await redis.keys("test-claims:*")
     if keys:
         await redis.delete(*keys)
+
+
+async def test_numbering_refuses_to_mix_epochs(redis):
+    a = instance(redis, "a")
+    (old,) = await a.register(ROOM, [("m1", True)])
+    await redis.delete("test-claims:room:" + ROOM)
+    # m2 heard after m1: it must not be numbered before m1 is, in the new epoch.
+    assert await a.register(ROOM, [("m2", True)], old.epoch) is None
+    assert await redis.exists("test-claims:room:" + ROOM) == 0
+    again = await a.register(ROOM, [("m1", False), ("m2", True)])
+    assert [r.seq for r in again] == [1, 2]

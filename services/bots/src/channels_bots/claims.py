@@ -74,9 +74,14 @@ def _now_ms() -> str:
     return "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 
-# KEYS: room, msg. ARGV: instance, fresh epoch, window ms, "1" when newly heard.
+# KEYS: room, msg. ARGV: instance, fresh epoch, window ms, "1" when newly
+# heard, the epoch the caller's other messages of the room are numbered in
+# ('' for none). A room whose state is not that epoch numbers nothing: the
+# caller must number all it keeps again, in order, or a message heard later
+# could be numbered before them.
 _REGISTER = """
 local e = redis.call('HGET', KEYS[1], 'e')
+if ARGV[5] ~= '' and e ~= ARGV[5] then return {false, 0, 0, 0} end
 if not e then
   e = ARGV[2]
   redis.call('HSET', KEYS[1], 'e', e, 's', 0, 'd', 0)
@@ -184,14 +189,19 @@ class RedisClaims:
     def _window_ms(self) -> int:
         return max(1, int(self.window * 1000))
 
-    async def register(self, room: str, messages: list[tuple[str, bool]]) -> list[Registration]:
-        """Places for (txn id, newly heard) in one room, in the order given."""
+    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None
+                       ) -> list[Registration] | None:
+        """Places for (txn id, newly heard) in one room, in the order given;
+        None when the room is no longer in epoch `expect`."""
         pipe = self.redis.pipeline(transaction=False)
         epoch = uuid.uuid4().hex[:12]
         for txn, new in messages:
             await self._register(keys=[self._room(room), f"{self.prefix}msg:{txn}"],
-                                 args=[self.instance, epoch, self._window_ms, "1" if new else "0"], client=pipe)
+                                 args=[self.instance, epoch, self._window_ms, "1" if new else "0", expect or ""],
+                                 client=pipe)
         replies = await pipe.execute()
+        if any(not e for e, *_ in replies):
+            return None
         return [Registration(_text(e), int(s), int(d), int(h) > 1) for e, s, d, h in replies]
 
     async def take(self, room: str, epoch: str, lowest: int) -> Grant:
@@ -236,8 +246,11 @@ class LocalClaims:
     _rooms: dict[str, _LocalRoom] = field(default_factory=dict)
     _messages: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
-    async def register(self, room: str, messages: list[tuple[str, bool]]) -> list[Registration]:
+    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None
+                       ) -> list[Registration] | None:
         await asyncio.sleep(0)
+        if expect and (room not in self._rooms or self._rooms[room].epoch != expect):
+            return None
         state = self._rooms.setdefault(room, _LocalRoom(uuid.uuid4().hex[:12]))
         out = []
         for txn, new in messages:

@@ -315,7 +315,17 @@ class Dispatcher:
         todo = [h for h in room.messages if h.epoch is None]
         if not todo:
             return
-        places = await self.claims.register(room.id, [(h.command.txn_id, h.new) for h in todo])
+        expect = next((h.epoch for h in room.messages if h.epoch is not None), None)
+        places = await self.claims.register(room.id, [(h.command.txn_id, h.new) for h in todo], expect)
+        if places is None:
+            # The room's state is gone (evicted, Redis restarted): number
+            # everything kept again, in the order heard.
+            for held in room.messages:
+                held.epoch = None
+            todo = list(room.messages)
+            places = await self.claims.register(room.id, [(h.command.txn_id, h.new) for h in todo])
+            if places is None:
+                return
         for held, place in zip(todo, places, strict=True):
             if held not in room.messages:
                 continue
