@@ -342,3 +342,21 @@ async def test_a_redis_restart_loses_only_what_was_published_while_it_was_down(
     assert sum(len(v) for v in stream.published.values()) + stream.failed + stream.unheard == stream.count
     for service in instances:
         assert service.metrics()["bots_redis_reconnects_total"] == 1
+
+
+async def test_identical_publishes_within_the_window_are_one_message(world, proxies, cluster, redis_url, redis):
+    proxy = proxies()
+    instances = [cluster(redis_url), cluster(redis_url)]
+    run = uuid.uuid4().hex[:8]
+    room, alias = world.rooms[0], world.aliases[0]
+    token = world.bot.access_token
+    for body in ("first", "again", "again", "again", "last"):
+        payload = {"config": {"server": proxy.url, "access_token": token, "channel": alias},
+                   "payload": {"html": f"<p>{run}-{body}</p>"}}
+        assert await redis.publish("chatbot/publish", json.dumps(payload)) == 2
+    await until(lambda: all(s.metrics().get("bots_pending_messages") == 0 for s in instances), 30,
+                interval=0.2, what="both done")
+    assert world.bodies(room, run) == [f"{run}-first", f"{run}-again", f"{run}-last"]
+    # Each instance heard the repeat twice more, and counted it.
+    assert [s.metrics()["bots_messages_deduplicated_total"] for s in instances] == [2, 2]
+    assert proxy.sends == 3
