@@ -331,12 +331,19 @@ async def test_a_redis_restart_loses_only_what_was_published_while_it_was_down(
     instances = [cluster(private_redis.url), cluster(private_redis.url)]
     stream = Stream(world, proxy.url, private_redis.url, count=150)
 
-    async def restart():
-        private_redis.kill()
+    back: list[asyncio.Task] = []
+
+    async def start_again():
         await asyncio.sleep(0.5)
-        private_redis.start()
+        await asyncio.to_thread(private_redis.start)
+
+    def restart():
+        # Publishing goes on meanwhile: those publishes fail.
+        private_redis.kill()
+        back.append(asyncio.ensure_future(start_again()))
 
     await stream.play({60: restart}, pace=0.01)
+    await back[0]
     await stream.check(instances)
     assert stream.failed > 0
     assert sum(len(v) for v in stream.published.values()) + stream.failed + stream.unheard == stream.count
