@@ -85,7 +85,13 @@ class Room:
         self.id = room_id(*key)
         self.messages: list[Held] = []
         self.wake = asyncio.Event()
+        # Set while every message kept here is numbered.
+        self.registered = asyncio.Event()
         self.state = "new"
+
+    @property
+    def unregistered(self) -> bool:
+        return any(h.epoch is None for h in self.messages)
 
     def head(self) -> Held | None:
         registered = [h for h in self.messages if h.epoch is not None]
@@ -150,6 +156,10 @@ class Dispatcher:
         self._server_slots: dict[str, list] = {}
         self._rooms: dict[tuple[str, str], Room] = {}
         self._workers: dict[tuple[str, str], asyncio.Task] = {}
+        # Rooms with messages to number, in the order they got them; one task
+        # numbers them as soon as they are heard, whatever the rooms' workers do.
+        self._to_register: dict[tuple[str, str], Room] = {}
+        self._registrar: asyncio.Task | None = None
         self._pending = 0
         self._pending_bytes = 0
         self._closing = False
@@ -195,6 +205,7 @@ class Dispatcher:
             room = self._rooms[key] = Room(key)
         room.messages.append(Held(command, size, self._clock()))
         self._set_pending(self._pending + 1, self._pending_bytes + size)
+        self._needs_numbers(room)
         room.wake.set()
         if key not in self._workers:
             self._workers[key] = spawn(self._run_room(room), name="bots-room")
@@ -225,6 +236,8 @@ class Dispatcher:
             await asyncio.wait(workers, timeout=timeout)
         for task in list(self._workers.values()):
             task.cancel()
+        if self._registrar is not None:
+            self._registrar.cancel()
         for task in list(self._workers.values()):
             # the worker handles its own errors; cancellation is all that is left.
             with contextlib.suppress(asyncio.CancelledError):
@@ -239,6 +252,7 @@ class Dispatcher:
             log.info("shutdown: copies dropped, another instance posts them", extra={"count": others})
         self._rooms.clear()
         self._workers.clear()
+        self._to_register.clear()
         self._set_pending(0, 0)
         return abandoned
 
@@ -248,11 +262,11 @@ class Dispatcher:
         failures = 0
         try:
             while room.messages:
+                await self._numbered(room, self.lease)
+                head = room.head()
+                if head is None:
+                    continue
                 try:
-                    await self._register(room)
-                    head = room.head()
-                    if head is None:
-                        continue
                     asked = self._clock()
                     grant = await self.claims.take(room.id, head.epoch, head.seq)
                     failures = 0
@@ -268,6 +282,7 @@ class Dispatcher:
                     # number everything again, in the order heard.
                     for held in room.messages:
                         held.epoch = None
+                    self._needs_numbers(room)
                     continue
                 self._drop_done(room, grant.epoch, grant.done)
                 if grant.status == STALE:
@@ -305,9 +320,42 @@ class Dispatcher:
                 if not room.messages:
                     self._rooms.pop(room.key, None)
 
+    def _needs_numbers(self, room: Room) -> None:
+        room.registered.clear()
+        self._to_register[room.key] = room
+        if self._registrar is None:
+            self._registrar = spawn(self._register_all(), name="bots-registrar")
+
+    async def _numbered(self, room: Room, timeout: float) -> None:
+        """Wait (at most `timeout`) until every message kept is numbered."""
+        if room.unregistered:
+            self._needs_numbers(room)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(room.registered.wait(), timeout)
+
+    async def _register_all(self) -> None:
+        failures = 0
+        try:
+            while self._to_register:
+                key, room = next(iter(self._to_register.items()))
+                try:
+                    await self._register(room)
+                    failures = 0
+                except UNAVAILABLE as exc:
+                    failures += 1
+                    log.warning("numbering failed, retrying", extra={"error": str(exc) or type(exc).__name__})
+                    await asyncio.sleep(min(0.5, 0.02 * 2 ** min(failures, 8)))
+                    continue
+                if not room.unregistered:
+                    self._to_register.pop(key, None)
+                    room.registered.set()
+        finally:
+            self._registrar = None
+
     async def _register(self, room: Room) -> None:
-        """Number, in the order heard, the messages not numbered yet."""
-        if not any(h.epoch is None for h in room.messages):
+        """Number, in the order heard, the messages not numbered yet (only
+        the registrar calls this: one numbering of a room at a time)."""
+        if not room.unregistered:
             return
         wait = self.settle_until - self._clock()
         if wait > 0:
@@ -349,7 +397,7 @@ class Dispatcher:
         renewer = spawn(self._renew(room, lease), name="bots-claim-renewal")
         try:
             while room.messages:
-                await self._register(room)
+                await self._numbered(room, self.lease)
                 head = room.head()
                 if head is None or head.epoch != lease.epoch:
                     return
