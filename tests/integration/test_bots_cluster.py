@@ -53,6 +53,8 @@ class Proxy:
         self.held_path: str | None = None
         self.sends = 0
         self.lock = threading.Lock()
+        # One pool of kept-alive connections to Synapse for every thread.
+        self.client = httpx.Client(base_url=upstream, timeout=30, limits=httpx.Limits(max_connections=50))
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -82,6 +84,7 @@ class Proxy:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+        self.client.close()
 
     def _forward(self, request: BaseHTTPRequestHandler, method: str) -> None:
         length = int(request.headers.get("Content-Length") or 0)
@@ -96,7 +99,7 @@ class Proxy:
                 self.release.wait(60)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
         try:
-            answer = httpx.request(method, self.upstream + request.path, headers=headers, content=body, timeout=30)
+            answer = self.client.request(method, request.path, headers=headers, content=body)
         except httpx.HTTPError:
             request.close_connection = True
             return
