@@ -166,3 +166,46 @@ async def test_keep_bounds_count_bytes_and_age_are_each_counted():
     gate.set()
     await settled(dispatcher)
     await dispatcher.close(1)
+
+
+async def test_on_an_allkeys_lru_redis_evicted_claims_repeat_but_never_lose():
+    """A Redis so small that it evicts while two instances share the rooms
+    and something else fills it: every message is posted, in order per room;
+    a repeat (from a lost done mark) reaches the homeserver as the same
+    transaction, which posts it once."""
+    import redis.asyncio as aioredis
+    from channels_dev.redis_server import start_local_redis
+
+    server = start_local_redis(extra_args=("--maxmemory", "3mb", "--maxmemory-policy", "allkeys-lru"))
+    client = aioredis.Redis.from_url(server.url)
+    try:
+        hs = Homeserver(delay=0.002)
+        (a, _), (b, _) = instance(client, hs, "a", "bots:"), instance(client, hs, "b", "bots:")
+        rooms = [f"#r{i}:x" for i in range(3)]
+        filler = 0
+
+        async def fill(n: int) -> None:
+            nonlocal filler
+            pipe = client.pipeline(transaction=False)
+            for _ in range(n):
+                pipe.set(f"junk:{filler}", b"x" * 2000)
+                filler += 1
+            await pipe.execute()
+
+        for i in range(300):
+            command = message(rooms[i % 3], f"m{i:03d}")
+            a.submit(command)
+            b.submit(command)
+            if i % 10 == 0:
+                await fill(200)
+                await asyncio.sleep(0.005)
+        await settled(a, b, timeout=60)
+        info = await client.info("stats")
+        assert info["evicted_keys"] > 0
+        for n, room in enumerate(rooms):
+            assert hs.rooms[room] == [f"m{i:03d}" for i in range(n, 300, 3)]
+        await a.close(1)
+        await b.close(1)
+    finally:
+        await client.aclose()
+        server.cleanup()
