@@ -121,6 +121,7 @@ def test_idle_clients_are_closed_by_the_sweeper(redis_url, homeserver, bots_proc
     assert metrics["bots_cached_clients"] == 0 and metrics["bots_open_clients"] == 0
 
 
+@pytest.mark.slow
 def test_not_ready_while_claims_cannot_be_made(redis_url, homeserver, bots_process):
     """A Redis that takes the subscription but refuses scripts (an ACL
     without EVALSHA, say): the bridge could not claim a room, so not ready."""
