@@ -39,6 +39,7 @@ def test_persistence(appendonly, save, status):
     ("tok", None, "not a string value"),
     ("tok", b"\xff{", "not JSON"),
     ("tok", b"[1]", "not a JSON object"),
+    ("tok", b"[" * 100_000, "not JSON"),
     ("tok", b"{}", "no id"),
     ("tok", b'{"id": true}', "id is not a number or null"),
     ("tok", b'{"id": "3"}', "id is not a number or null"),

@@ -112,3 +112,31 @@ def test_a_long_reply_in_small_pieces_is_parsed_once():
     # Each element read at most twice (the reply was not whole), plus once per feed that cut one.
     assert headers <= reader.headers_read <= 2 * headers + feeds
     assert reader.buffered == 0
+
+
+def test_replies_cut_across_reads_leave_no_memory_behind():
+    # A reply that is not complete yet must leave nothing pinned once it is
+    # read (a shared exception instance once kept every cut reply alive
+    # through its ever-growing traceback).
+    import gc
+    import tracemalloc
+
+    reader = ReplyReader()
+    wire = b"*3\r\n$7\r\nmessage\r\n$8\r\n/records\r\n$300000\r\n" + b"y" * 300_000 + b"\r\n"
+
+    def rounds(n):
+        for _ in range(n):
+            assert len(reader.feed(wire[:200_000]) + reader.feed(wire[200_000:])) == 1
+            assert len(reader.feed(wire[:20]) + reader.feed(wire[20:40]) + reader.feed(wire[40:])) == 1
+
+    tracemalloc.start()
+    try:
+        rounds(2)  # warm up: the reader's buffer at its working size
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        rounds(50)  # 100 replies, 30 MB in all
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, grown

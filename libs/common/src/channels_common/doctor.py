@@ -30,7 +30,8 @@ import httpx
 import redis
 from redis.exceptions import ResponseError
 
-from .auth import CURRENT_USER_KEY, valid_token
+from . import jsonin
+from .auth import CURRENT_USER_KEY, MAX_USER_RECORD_BYTES, valid_token
 from .settings import BotsSettings, CollabSettings, RecordsSettings
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -106,8 +107,8 @@ def judge_current_user(token: str, raw: bytes | None) -> str | None:
     if raw is None:
         return "not a string value"
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = jsonin.loads(raw, max_bytes=MAX_USER_RECORD_BYTES)
+    except jsonin.JSONInputError:
         return "not JSON"
     if not isinstance(data, dict):
         return "not a JSON object"

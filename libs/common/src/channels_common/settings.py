@@ -22,6 +22,13 @@ class CommonSettings(BaseSettings):
     # Seconds a service waits for in-flight work after SIGTERM before exiting.
     shutdown_grace_seconds: float = Field(5.0, validation_alias="SHUTDOWN_GRACE_SECONDS")
     host: str = Field("0.0.0.0", validation_alias="HOST")
+    # Seconds a client may take over a request's head (line and headers),
+    # counted from when its connection opens (or its next request begins);
+    # then 408 and the connection is closed (records and collab; httphead.py).
+    http_head_timeout_seconds: float = Field(10.0, gt=0, validation_alias="HTTP_HEAD_TIMEOUT_SECONDS")
+    # Connections in their request head at once, per process; past it the
+    # one waiting longest is closed.
+    http_max_pending_heads: int = Field(5000, gt=0, validation_alias="HTTP_MAX_PENDING_HEADS")
 
 
 def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:

@@ -22,6 +22,10 @@ class CollabMetrics:
             "collab_stored_drafts", "Documents whose draft this instance wrote to Redis, within the draft TTL",
             registry=r,
         )
+        self.rails_calls = Gauge("collab_rails_calls", "Auth calls to Rails in flight", registry=r)
+        self.rails_waiting = Gauge(
+            "collab_rails_calls_waiting", "Auth calls waiting for their socket's turn at Rails' clients", registry=r,
+        )
         self.auth = Counter(
             "collab_auth_total",
             "Document auth decisions: result (allowed, denied, refused_name) and cause (allowed, rails_denied, "
@@ -59,6 +63,11 @@ class CollabMetrics:
             "collab_documents_loaded_total", "Document loads from Redis (snapshot and log tail)", registry=r
         )
         self.redis_up = Gauge("collab_redis_up", "1 while appends and the reader work", registry=r)
+        self.heads_closed = Counter(
+            "collab_http_heads_closed",
+            "Connections closed in their request head: too slow (deadline) or too many at once (bound)",
+            ["cause"], registry=r,
+        )
         self.throttled = Counter(
             "collab_throttled_total", "Connection attempts refused with 429 by the attempt throttle", registry=r
         )

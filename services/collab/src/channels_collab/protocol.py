@@ -14,9 +14,10 @@ is: newer providers append fields (v4 appends its version to Auth).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import IntEnum
+
+from channels_common import jsonin
 
 
 class MessageType(IntEnum):
@@ -370,8 +371,8 @@ def decode_awareness_update(data: bytes) -> list[AwarenessEntry]:
         clock = r.var_uint()
         raw = r.var_string()
         try:
-            state = json.loads(raw) if raw else None
-        except (ValueError, RecursionError) as exc:
-            raise HocuspocusProtocolError("awareness state is not JSON") from exc
+            state = jsonin.loads(raw, max_bytes=len(data)) if raw else None
+        except jsonin.JSONInputError as exc:
+            raise HocuspocusProtocolError(f"awareness state is not JSON ({exc.reason})") from None
         entries.append(AwarenessEntry(client_id, clock, state))
     return entries

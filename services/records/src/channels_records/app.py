@@ -10,6 +10,7 @@ import logging
 import re
 import secrets
 
+from channels_common.httphead import HeadGuard
 from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import freeze_startup_objects, serve
@@ -208,6 +209,8 @@ def main() -> None:
         # within reach of the broadcast fast path).
         http=RecordsHttpProtocol.serving(
             service.polling, app=service.app, websocket=LeanWebSocketProtocol, engine_websockets=service.websockets,
+            head_guard=HeadGuard(settings.http_head_timeout_seconds, settings.http_max_pending_heads,
+                                 on_close=lambda cause: service.metrics.heads_closed.labels(cause).inc()),
         ),
         ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
         interface="asgi3",  # service.app is a bound coroutine method

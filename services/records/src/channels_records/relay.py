@@ -4,10 +4,11 @@ here: the caller logs the reason and drops the message."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from dataclasses import dataclass
+
+from channels_common import jsonin
 
 from .protocol import encode_event
 from .rooms import NOTICE_ROOM
@@ -35,28 +36,16 @@ class Dropped:
     reason: str
 
 
-def _reject_constant(name: str):
-    # NaN and Infinity are Python extensions; JSON.parse in the browser
-    # rejects them, which would break the whole packet on the client.
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-# One decoder for every message: json.loads with an option builds a new
-# decoder per call, which showed in the relay's profile.
-_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+# The relay's reasons: the size and encoding as jsonin names them, any
+# other refusal (syntax, nesting, NaN) as not_json.
+_REASONS = {jsonin.TOO_LARGE: "too_large", jsonin.NOT_UTF8: "not_utf8"}
 
 
 def _decode(data: bytes) -> tuple[str, object] | Dropped:
-    if len(data) > MAX_MESSAGE_BYTES:
-        return Dropped("too_large")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return Dropped("not_utf8")
-    try:
-        value = _JSON.decode(text)
-    except (ValueError, RecursionError):
-        return Dropped("not_json")
+        text, value = jsonin.loads_with_text(data, max_bytes=MAX_MESSAGE_BYTES)
+    except jsonin.JSONInputError as exc:
+        return Dropped(_REASONS.get(exc.reason, "not_json"))
     return text.strip(), value
 
 
