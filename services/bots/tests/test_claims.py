@@ -43,13 +43,13 @@ async def test_every_key_expires_within_the_window(redis):
 
 
 async def test_one_owner_at_a_time_and_takeover_once_the_lease_lapses(redis):
-    a, b = instance(redis, "a"), instance(redis, "b")
+    a, b = instance(redis, "a", lease=1.0), instance(redis, "b", lease=1.0)
     (place,) = await a.register(ROOM, [("m1", True)])
     await b.register(ROOM, [("m1", True)])
     assert (await a.take(ROOM, place.epoch, 1)).status == OWNER
     assert (await b.take(ROOM, place.epoch, 1)).status == BUSY
     assert await a.renew(ROOM, place.epoch)
-    await asyncio.sleep(0.4)  # a stops renewing: it died
+    await asyncio.sleep(1.1)  # a stops renewing: it died
     grant = await b.take(ROOM, place.epoch, 1)
     assert grant.status == OWNER and grant.taken_over
     # The old owner is fenced off: it can neither renew nor finish.

@@ -64,7 +64,7 @@ def instance(redis, homeserver, name: str, prefix: str, lease: float = 0.5, **op
 async def test_two_instances_hearing_everything_post_each_message_once_in_order(redis):
     prefix = f"t{uuid.uuid4().hex[:6]}:"
     hs = Homeserver()
-    (a, ma), (b, mb) = instance(redis, hs, "a", prefix), instance(redis, hs, "b", prefix)
+    (a, ma), (b, mb) = instance(redis, hs, "a", prefix, lease=2.0), instance(redis, hs, "b", prefix, lease=2.0)
     rooms = [f"#r{i}:x" for i in range(4)]
     for i in range(100):
         command = message(rooms[i % 4], f"m{i:03d}")
@@ -82,7 +82,7 @@ async def test_two_instances_hearing_everything_post_each_message_once_in_order(
 async def test_identical_publishes_within_the_window_count_once(redis):
     prefix = f"t{uuid.uuid4().hex[:6]}:"
     hs = Homeserver()
-    (a, ma), (b, mb) = instance(redis, hs, "a", prefix), instance(redis, hs, "b", prefix)
+    (a, ma), (b, mb) = instance(redis, hs, "a", prefix, lease=2.0), instance(redis, hs, "b", prefix, lease=2.0)
     twice = message("#r:x", "same", txn="lc1-same")
     for command in (message("#r:x", "before"), twice, twice, message("#r:x", "after")):
         a.submit(command)
