@@ -278,6 +278,10 @@ def test_compose_publishes_records_and_collab_on_their_own_host_ports():
     assert records == "${CHANNELS_HOST_PORT:-5000}:5000"
     assert collab == "${HOCUSPOCUS_HOST_PORT:-4444}:5000"
     assert "ports" not in services["bots"]
+    # One bots instance by default, and nothing that stops `--scale bots=N`
+    # (a fixed container name or host port would).
+    assert services["bots"].get("deploy", {}).get("replicas", 1) == 1
+    assert "container_name" not in services["bots"]
     redis = services["redis"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert redis["restart"] == "unless-stopped"
@@ -521,9 +525,14 @@ def test_scaling_follows_what_each_service_can_do():
     assert deployments["channels-collab"]["spec"]["strategy"]["type"] == "RollingUpdate"
     assert by_kind(docs, "PodDisruptionBudget")["channels-collab"]["spec"]["minAvailable"] >= 1
     assert "sessionAffinity" not in by_kind(docs, "Service")["channels-collab"]["spec"]
-    # bots: every subscriber posts every message, so exactly one.
-    assert deployments["channels-bots"]["spec"]["replicas"] == 1
-    assert deployments["channels-bots"]["spec"]["strategy"]["type"] == "Recreate"
+    # bots: claims make several instances post each message once; two keep
+    # one subscribed through a crash, and a rollout never has none.
+    bots = deployments["channels-bots"]["spec"]
+    assert bots["replicas"] >= 2
+    assert bots["strategy"]["type"] == "RollingUpdate"
+    assert bots["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert bots["strategy"]["rollingUpdate"].get("maxSurge", 1) not in (0, "0%")
+    assert by_kind(docs, "PodDisruptionBudget")["channels-bots"]["spec"]["minAvailable"] >= 1
     assert "channels-bots" not in hpas
 
 

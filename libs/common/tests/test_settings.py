@@ -99,3 +99,16 @@ def test_request_head_limits(monkeypatch):
     monkeypatch.setenv("HTTP_MAX_PENDING_HEADS", "0")
     with pytest.raises(ValueError):
         RecordsSettings()
+
+
+def test_bots_dedupe_window_must_outlast_what_is_kept(monkeypatch):
+    import pytest
+    from channels_common.settings import BotsSettings
+
+    settings = BotsSettings()
+    assert settings.dedupe_window_seconds > settings.max_pending_age_seconds
+    assert settings.claim_lease_seconds == 10.0
+    monkeypatch.setenv("BOTS_DEDUPE_WINDOW_SECONDS", "600")
+    monkeypatch.setenv("BOTS_MAX_PENDING_AGE_SECONDS", "900")
+    with pytest.raises(ValueError, match="BOTS_DEDUPE_WINDOW_SECONDS"):
+        BotsSettings()

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from channels_bots.messages import MAX_PAYLOAD_BYTES, Rejected, parse
+from channels_bots.messages import MAX_PAYLOAD_BYTES, Rejected, parse, transaction_id
 
 SERVER = "https://matrix.example.org"
 TOKEN = "syt_secret_token_value"
@@ -41,11 +41,16 @@ def test_room_ids_without_a_server_part_are_accepted():
     assert parse("chatbot/publish", json.dumps(data).encode()).room == "!OuJpphXFeCaHGtHB0x8h9lDv5"
 
 
-def test_each_command_has_its_own_transaction_id_and_hides_the_token():
+def test_the_transaction_id_is_the_message_itself_and_the_token_stays_hidden():
     data = json.dumps({"server": SERVER, "access_token": TOKEN, "channel": "#a:b", "message": "m"}).encode()
     first, second = parse("chatbot/test", data), parse("chatbot/test", data)
-    assert first.txn_id and first.txn_id != second.txn_id
-    assert TOKEN not in repr(first)
+    # The same publish is the same transaction, in any instance.
+    assert first.txn_id == second.txn_id == transaction_id("chatbot/test", data)
+    assert first.txn_id.startswith("lc1") and len(first.txn_id) == 43
+    other = json.dumps({"server": SERVER, "access_token": TOKEN, "channel": "#a:b", "message": "n"}).encode()
+    assert parse("chatbot/test", other).txn_id != first.txn_id
+    assert transaction_id("chatbot/publish", data) != first.txn_id
+    assert TOKEN not in repr(first) and TOKEN not in first.txn_id
 
 
 def _test_payload(**changes):

@@ -6,9 +6,9 @@ short reason that is safe to log (never the access token, never the payload).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 
 from channels_common import jsonin
@@ -62,9 +62,9 @@ class Command:
     bot: Bot
     room: str  # as Rails gave it: an alias or a room id
     content: dict = field(repr=False)
-    # Fixed when the message is received, so every retry is the same
-    # transaction to the homeserver and can never post twice.
-    txn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The message's identity (transaction_id): every attempt, by any
+    # instance, is the same transaction to the homeserver.
+    txn_id: str
 
     @property
     def fresh_client(self) -> bool:
@@ -74,6 +74,14 @@ class Command:
     @property
     def queue_key(self) -> tuple[str, str]:
         return (self.bot.server, self.room)
+
+
+def transaction_id(channel: str, data: bytes) -> str:
+    """The Matrix transaction id of a message, from the message itself (its
+    channel and payload bytes): the same publish gets the same id in every
+    instance and every version of the service."""
+    digest = hashlib.sha256(channel.encode() + b"\0" + data).hexdigest()
+    return "lc1" + digest[:40]
 
 
 def _text_field(obj: dict, name: str, where: str) -> str:
@@ -131,7 +139,8 @@ def parse(channel: str, data: bytes) -> Command:
     if channel == TEST_CHANNEL:
         bot, room = _bot_and_room(obj, "")
         message = _text_field(obj, "message", "")
-        return Command("test", bot, room, _fitted({"msgtype": "m.notice", "body": message}))
+        return Command("test", bot, room, _fitted({"msgtype": "m.notice", "body": message}),
+                       transaction_id(channel, data))
 
     config = obj.get("config")
     payload = obj.get("payload")
@@ -147,4 +156,4 @@ def parse(channel: str, data: bytes) -> Command:
         "format": "org.matrix.custom.html",
         "formatted_body": html,
     }
-    return Command("publish", bot, room, _fitted(content))
+    return Command("publish", bot, room, _fitted(content), transaction_id(channel, data))
