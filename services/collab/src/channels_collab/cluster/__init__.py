@@ -125,7 +125,7 @@ class Cluster:
         return self.health.ever_failed
 
     def start(self) -> None:
-        self._tasks.append(spawn(self.appender.run(), name="collab-append"))
+        self.appender.start()
         self._tasks.append(spawn(self.reader.run(), name="collab-read"))
         self._tasks.append(spawn(self.membership.run(), name="collab-members"))
 
@@ -136,7 +136,6 @@ class Cluster:
         try:
             async with asyncio.timeout(timeout):
                 while self.appender.busy:
-                    self.appender.nudge()
                     await asyncio.sleep(0.01)
                 pending = list(self.compactor.tasks)
                 if pending:
@@ -152,6 +151,7 @@ class Cluster:
         if tasks:
             # Bounded: a connection torn down mid-read must not hold up the exit.
             await asyncio.wait(tasks, timeout=2.0)
+        await self.appender.stop()
         await self.appender.line.aclose()
         if self._own_redis:
             try:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from channels_common.redis_line import RedisLine
 from channels_common.resp import pack_command
+from channels_common.tasks import spawn
 from redis.exceptions import NoScriptError, RedisError
 
 from ..metrics import CollabMetrics
@@ -38,6 +39,14 @@ APPEND_BATCH_BYTES = 4 * 1024 * 1024
 # As the Redis client's socket timeout: an append batch Redis does not answer
 # in this time fails, and is retried on a fresh connection.
 APPEND_TIMEOUT_SECONDS = 5.0
+# While updates stream in (an exchange started less than
+# APPEND_STREAMING_SECONDS ago), the next one waits until APPEND_LINGER_SECONDS
+# after it, so that one write carries several appends: each exchange costs a
+# write and a read on both sides, more than the append script's own work.
+# Acks wait that much longer; propagation to the peers does not (it comes
+# before the append). An update after a quiet spell is sent at once.
+APPEND_STREAMING_SECONDS = 0.01
+APPEND_LINGER_SECONDS = 0.002
 # Awareness updates waiting for Redis, at most (awareness is a live view:
 # an outage may drop some, the providers renew their state every 15 s).
 MAX_QUEUED_AWARENESS = 10_000
@@ -83,16 +92,21 @@ class Appender:
         # Id of this instance's last append per open document: a compaction
         # waits for the reader to pass it, so that it covers its own edits.
         self._appended: dict[str, str] = {}
-        self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._running = False
+        # The next exchange, when one is scheduled (end of turn, linger or
+        # backoff); at most one exchange in flight.
+        self._handle: asyncio.Handle | None = None
+        self._inflight = False
+        self._slow: set[asyncio.Task] = set()
+        self._last_send = 0.0
+        self._attempt = 0
 
     # ------------------------------------------------------------- queries
 
     @property
     def busy(self) -> bool:
         """Something is queued or on its way to Redis."""
-        return bool(self._queue or self.aw_queue or self.membership.leaving or not self._idle.is_set())
+        return bool(self._queue or self.aw_queue or self.membership.leaving or self._inflight)
 
     def pending_updates(self, name: str) -> list[bytes]:
         """Updates for `name` still waiting to be appended (a reload must
@@ -111,14 +125,6 @@ class Appender:
         self._appended.pop(name, None)
 
     # ------------------------------------------------------------- queueing
-
-    def wake(self) -> None:
-        """Something was queued: the task writes it (and is busy until then)."""
-        self._idle.clear()
-        self._wake.set()
-
-    def nudge(self) -> None:
-        self._wake.set()
 
     def append(self, name: str, update: bytes | None, ack: Callable[[], None] | None) -> None:
         """Queue `update` for the log of `name`; `ack` runs once it (and
@@ -145,49 +151,86 @@ class Appender:
         self.aw_queue.append((name, kind, update))
         self.wake()
 
-    # ----------------------------------------------------------------- task
+    def wake(self) -> None:
+        """Something was queued: send it at the end of this loop turn, or,
+        while updates stream in, with the next batch (APPEND_LINGER_SECONDS)."""
+        if not self._running or self._inflight or self._handle is not None:
+            return
+        loop = asyncio.get_running_loop()
+        since = time.monotonic() - self._last_send
+        if since < APPEND_STREAMING_SECONDS and since < APPEND_LINGER_SECONDS:
+            self._handle = loop.call_later(APPEND_LINGER_SECONDS - since, self._send)
+        else:
+            self._handle = loop.call_soon(self._send)
 
-    async def run(self) -> None:
-        attempt = 0
-        while True:
-            if not self._queue and not self.aw_queue and not self.membership.leaving:
-                self._idle.set()
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            batch: list[_Append] = []
-            size = 0
-            for entry in self._queue:
-                if len(batch) >= APPEND_BATCH or size > APPEND_BATCH_BYTES:
-                    break
-                batch.append(entry)
-                size += entry.size
-            aw = list(itertools.islice(self.aw_queue, APPEND_BATCH))
-            leaving = self.membership.take_leaving(APPEND_BATCH)
-            try:
-                await self._write(batch, aw, leaving)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                raise_if_cancelled()
-                self.membership.sent(leaving, ok=False)
-                self.health.failed("append", exc)
-                self.health.append_ok = False
-                attempt += 1
-                await asyncio.sleep(backoff(attempt))
-                continue
-            if not self.health.append_ok:
-                log.info("redis answers again; queued edits appended", extra={"updates": self.unacked_updates})
-            attempt = 0
-            self.health.append_ok = True
-            self.membership.sent(leaving, ok=True)
-            for _ in aw:
-                self.aw_queue.popleft()
-            self._done(batch)
+    # ------------------------------------------------------------ lifecycle
 
-    async def _write(self, batch: list[_Append], aw: list[tuple[str, bytes, bytes]], leaving: list[str]) -> None:
-        append_sha = await self._append.sha(self.redis)
-        awareness_sha = await self._awareness.sha(self.redis) if aw else None
+    def start(self) -> None:
+        self._running = True
+        self.wake()
+
+    async def stop(self) -> None:
+        self._running = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        tasks = list(self._slow)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=2.0)
+
+    # ------------------------------------------------------------ exchanges
+
+    def _send(self) -> None:
+        """One pipelined exchange of what is queued (at most one in flight).
+        The usual case is callbacks only: no task, no future. Opening the
+        line or loading the scripts takes the slow path, a task."""
+        self._handle = None
+        if not self._running or self._inflight:
+            return
+        batch: list[_Append] = []
+        size = 0
+        for entry in self._queue:
+            if len(batch) >= APPEND_BATCH or size > APPEND_BATCH_BYTES:
+                break
+            batch.append(entry)
+            size += entry.size
+        aw = list(itertools.islice(self.aw_queue, APPEND_BATCH))
+        leaving = self.membership.take_leaving(APPEND_BATCH)
+        if not batch and not aw and not leaving:
+            return
+        self._last_send = time.monotonic()
+        self._inflight = True
+        if self.line.ready and self._append.loaded and (self._awareness.loaded or not aw):
+            commands, positions = self._commands(batch, aw, leaving)
+            if not commands:
+                self._sent(batch, aw, leaving, positions, [], None)
+                return
+            self.line.start(commands, None,
+                            lambda replies, error: self._sent(batch, aw, leaving, positions, replies, error))
+        else:
+            spawn(self._send_slow(batch, aw, leaving), name="collab-append", tasks=self._slow)
+
+    async def _send_slow(self, batch: list[_Append], aw: list, leaving: list[str]) -> None:
+        positions: list[tuple[int, str]] = []
+        try:
+            await self._append.sha(self.redis)
+            if aw:
+                await self._awareness.sha(self.redis)
+            commands, positions = self._commands(batch, aw, leaving)
+            replies, error = (await self.line.run(commands) if commands else []), None
+        except asyncio.CancelledError:
+            self._inflight = False
+            raise
+        except (RedisError, OSError) as exc:
+            raise_if_cancelled()
+            replies, error = None, exc
+        self._sent(batch, aw, leaving, positions, replies, error)
+
+    def _commands(self, batch: list[_Append], aw: list[tuple[str, bytes, bytes]],
+                  leaving: list[str]) -> tuple[list[bytes], list[tuple[int, str]]]:
+        append_sha, awareness_sha = self._append.loaded, self._awareness.loaded
         commands: list[bytes] = []
         k = self.keys
         inboxes = k.inbox_prefix()
@@ -211,21 +254,50 @@ class Appender:
             ))
         for name in leaving:
             commands.append(pack_command("ZREM", k.members(name), self._instance_b))
-        if commands:
-            results = await self.line.run(commands)
-            for result in results:
-                if isinstance(result, NoScriptError):
-                    # Redis restarted or was flushed: load them, then retry.
-                    self._append.forget()
-                    self._awareness.forget()
-                    raise result
-                if isinstance(result, RedisError):
-                    raise result
+        return commands, positions
+
+    def _sent(self, batch: list[_Append], aw: list, leaving: list[str], positions: list[tuple[int, str]],
+              replies: list | None, error: BaseException | None) -> None:
+        self._inflight = False
+        try:
+            if error is None:
+                for result in replies:
+                    if isinstance(result, NoScriptError):
+                        # Redis restarted or was flushed: load them, then retry.
+                        self._append.forget()
+                        self._awareness.forget()
+                    if isinstance(result, RedisError):
+                        error = result
+                        break
+            if error is not None:
+                self._failed(leaving, error)
+                return
+            if not self.health.append_ok:
+                log.info("redis answers again; queued edits appended", extra={"updates": self.unacked_updates})
+            self._attempt = 0
+            self.health.append_ok = True
+            self.membership.sent(leaving, ok=True)
             for index, name in positions:
                 if self._is_open(name):
-                    self._appended[name] = id_text(results[index])
-        if positions:
-            self.metrics.updates_appended.inc(len(positions))
+                    self._appended[name] = id_text(replies[index])
+            if positions:
+                self.metrics.updates_appended.inc(len(positions))
+            for _ in aw:
+                self.aw_queue.popleft()
+            self._done(batch)
+        except Exception:
+            # A bug of ours must not stop every document's appends.
+            log.exception("append bookkeeping failed")
+        if self._queue or self.aw_queue or self.membership.leaving:
+            self.wake()
+
+    def _failed(self, leaving: list[str], error: BaseException) -> None:
+        self.membership.sent(leaving, ok=False)
+        self.health.failed("append", error)
+        self.health.append_ok = False
+        self._attempt += 1
+        if self._running:
+            self._handle = asyncio.get_running_loop().call_later(backoff(self._attempt), self._send)
 
     def _done(self, batch: list[_Append]) -> None:
         for entry in batch:

@@ -21,6 +21,11 @@ class Script:
             self._sha = await redis.script_load(self.source)
         return self._sha
 
+    @property
+    def loaded(self) -> str | None:
+        """Its SHA when known (no round trip needed)."""
+        return self._sha
+
     def forget(self) -> None:
         """Redis said NOSCRIPT: load it again next time."""
         self._sha = None
