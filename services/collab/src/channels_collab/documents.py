@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 from channels_common.tasks import spawn
@@ -232,8 +233,7 @@ class DocumentRegistry:
         # here for missing structs); else the ack only waits for the appends
         # before it, which may hold what this update repeats.
         record = changed or (msg.payload != p.EMPTY_UPDATE and not self._adds_nothing(doc, msg.payload))
-        history.append(doc.name, msg.payload if record else None,
-                       lambda: peer.send(p.encode_sync_status(address, True)))
+        history.append(doc.name, msg.payload if record else None, partial(peer.send, p.encode_sync_status(address, True)))
         if history.backpressured and peer not in self._paused:
             self._pause(peer)
 

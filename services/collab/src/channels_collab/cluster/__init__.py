@@ -99,6 +99,14 @@ class Cluster:
         self.compactor = Compactor(self.redis, self.keys, self.inbox, instance, ttl_ms, self.positions,
                                    self.appender, self.metrics)
 
+        # The registry's per-update calls go straight to the appender (no
+        # delegating frame on the hot path): append(name, update, ack) queues
+        # `update` for the log of `name`, `ack` runs once it and everything
+        # before it is in Redis (None: only wait for those).
+        self.append = self.appender.append
+        self.publish_awareness = self.appender.publish_awareness
+        self.pending_updates = self.appender.pending_updates
+
         m = self.metrics
         m.unacked_updates.set_function(lambda: self.appender.unacked_updates)
         m.unacked_bytes.set_function(lambda: self.appender.unacked_bytes)
@@ -204,17 +212,6 @@ class Cluster:
         await self.ttls.refresh()
 
     # ------------------------------------------------------------- updates
-
-    def append(self, name: str, update: bytes | None, ack: Callable[[], None] | None) -> None:
-        """Queue `update` for the log of `name`; `ack` runs once it (and
-        everything queued before it) is in Redis. None: only wait for those."""
-        self.appender.append(name, update, ack)
-
-    def publish_awareness(self, name: str, update: bytes, kind: bytes = b"a") -> None:
-        self.appender.publish_awareness(name, update, kind)
-
-    def pending_updates(self, name: str) -> list[bytes]:
-        return self.appender.pending_updates(name)
 
     @property
     def backpressured(self) -> bool:

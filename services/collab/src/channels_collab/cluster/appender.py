@@ -52,6 +52,10 @@ APPEND_LINGER_SECONDS = 0.002
 MAX_QUEUED_AWARENESS = 10_000
 
 
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
 class _Append:
     __slots__ = ("ack", "name", "size", "update")
 
@@ -236,17 +240,26 @@ class Appender:
         inboxes = k.inbox_prefix()
         now = time.monotonic()
         positions: list[tuple[int, str]] = []
+        # The append command, as pack_command would write it, with its
+        # constant parts encoded once per exchange.
+        head = b"*11\r\n$7\r\nEVALSHA\r\n" + _bulk(append_sha.encode()) + b"$1\r\n2\r\n"
+        instance = _bulk(self._instance_b)
+        tail = _bulk(b"%d" % self.inbox_maxlen)
+        inboxes_bulk = _bulk(inboxes.encode())
+        due, ttl_ms = self.ttls.due_on_append, b"%d" % self.ttls.ms
         for entry in batch:
-            if entry.update is None:
+            update = entry.update
+            if update is None:
                 continue
+            name = entry.name
             # A key written here must never outlive the TTL (a crash
             # before the next compaction must not leave it forever).
-            ttl = self.ttls.ms if self.ttls.due_on_append(entry.name, now) else 0
-            positions.append((len(commands), entry.name))
-            commands.append(pack_command(
-                "EVALSHA", append_sha, 2, k.log(entry.name), k.members(entry.name), self._instance_b,
-                entry.update, ttl, self.inbox_maxlen, entry.name, inboxes,
-            ))
+            ttl = ttl_ms if due(name, now) else b"0"
+            positions.append((len(commands), name))
+            commands.append(b"".join((
+                head, _bulk(k.log(name).encode()), _bulk(k.members(name).encode()), instance,
+                b"$%d\r\n" % len(update), update, b"\r\n", _bulk(ttl), tail, _bulk(name.encode()), inboxes_bulk,
+            )))
         for name, kind, update in aw:
             commands.append(pack_command(
                 "EVALSHA", awareness_sha, 1, k.members(name), self._instance_b, kind, update,
