@@ -15,14 +15,14 @@ async def test_the_append_command_is_what_pack_command_writes():
     for u in updates:
         a.append("doc-1", u, None)
     a.append("doc-1", None, None)  # an ack-only entry writes nothing
-    a.append("other", b"y", None)  # not open here: its TTL is set every time
+    a.append("other-é", b"y", None)  # not open here: its TTL is set every time
     commands, positions = a._commands(list(a._queue), [], [])
     k = c.keys
     expected = [
         pack_command("EVALSHA", "f" * 40, 2, k.log(n), k.members(n), b"me", u, ttl, 10_000, n, k.inbox_prefix())
         for n, u, ttl in [("doc-1", updates[0], 600_000), ("doc-1", updates[1], 0), ("doc-1", updates[2], 0),
-                          ("other", b"y", 600_000)]
+                          ("other-é", b"y", 600_000)]
     ]
     assert commands == expected
-    assert positions == [(0, "doc-1"), (1, "doc-1"), (2, "doc-1"), (3, "other")]
+    assert positions == [(0, "doc-1"), (1, "doc-1"), (2, "doc-1"), (3, "other-é")]
     await c.stop()

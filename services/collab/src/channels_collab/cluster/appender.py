@@ -52,6 +52,11 @@ APPEND_LINGER_SECONDS = 0.002
 MAX_QUEUED_AWARENESS = 10_000
 
 
+# The append command's variable parts, between its constant ones: log key,
+# members key, (instance), update, (ttl), (inbox cap), document name, (inboxes).
+_APPEND = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n%s"
+
+
 def _bulk(data: bytes) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
@@ -246,20 +251,22 @@ class Appender:
         instance = _bulk(self._instance_b)
         tail = _bulk(b"%d" % self.inbox_maxlen)
         inboxes_bulk = _bulk(inboxes.encode())
-        due, ttl_ms = self.ttls.due_on_append, b"%d" % self.ttls.ms
+        due = self.ttls.due_on_append
+        with_ttl, no_ttl = _bulk(b"%d" % self.ttls.ms), _bulk(b"0")
         for entry in batch:
             update = entry.update
             if update is None:
                 continue
             name = entry.name
-            # A key written here must never outlive the TTL (a crash
-            # before the next compaction must not leave it forever).
-            ttl = ttl_ms if due(name, now) else b"0"
+            log_key, members_key, name_b = k.log(name).encode(), k.members(name).encode(), name.encode()
             positions.append((len(commands), name))
-            commands.append(b"".join((
-                head, _bulk(k.log(name).encode()), _bulk(k.members(name).encode()), instance,
-                b"$%d\r\n" % len(update), update, b"\r\n", _bulk(ttl), tail, _bulk(name.encode()), inboxes_bulk,
-            )))
+            commands.append(_APPEND % (
+                head, len(log_key), log_key, len(members_key), members_key, instance, len(update), update,
+                # A key written here must never outlive the TTL (a crash
+                # before the next compaction must not leave it forever).
+                with_ttl if due(name, now) else no_ttl,
+                tail, len(name_b), name_b, inboxes_bulk,
+            ))
         for name, kind, update in aw:
             commands.append(pack_command(
                 "EVALSHA", awareness_sha, 1, k.members(name), self._instance_b, kind, update,
