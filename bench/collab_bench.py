@@ -31,6 +31,14 @@ async def run_collab(
     driver = None
     result: dict = {"server": server.name, "config": cfg.__dict__.copy()}
     try:
+        # Every round from an empty Redis, as the reference starts from empty
+        # memory: else ours would load the drafts of the round before (the
+        # same document names), heavier documents than the reference's.
+        if server.env.get("REDIS_URL"):
+            import redis as redis_sync
+
+            with redis_sync.Redis.from_url(server.env["REDIS_URL"]) as client:
+                client.flushall()
         server.start()
         await asyncio.sleep(cfg.settle_seconds / 2)
         baseline = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
