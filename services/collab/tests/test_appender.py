@@ -26,3 +26,30 @@ async def test_the_append_command_is_what_pack_command_writes():
     assert commands == expected
     assert positions == [(0, "doc-1"), (1, "doc-1"), (2, "doc-1"), (3, "other-é")]
     await c.stop()
+
+
+async def test_an_exchange_that_fails_unexpectedly_is_retried_and_acked_once(redis_url):
+    from tests.support import until
+
+    c = Cluster(redis_url, prefix="ap:", ttl_seconds=600)
+    c.start()
+    try:
+        acked = []
+        c.append("doc-2", b"\x00\x00", lambda: acked.append(1))
+        await until(lambda: not c.unacked_updates)  # the line is open and the script loaded
+        line = c.appender.line
+        real, failures = line.start, []
+
+        def start_failing_once(*args):
+            if not failures:
+                failures.append(1)
+                raise RuntimeError("a bug below the appender")
+            return real(*args)
+
+        line.start = start_failing_once
+        c.append("doc-2", b"\x00\x00", lambda: acked.append(2))
+        await until(lambda: acked == [1, 2], timeout=10)
+        assert failures == [1] and not c.unacked_updates
+        assert not c.appender.busy
+    finally:
+        await c.stop()

@@ -216,8 +216,11 @@ class Appender:
             if not commands:
                 self._sent(batch, aw, leaving, positions, [], None)
                 return
-            self.line.start(commands, None,
-                            lambda replies, error: self._sent(batch, aw, leaving, positions, replies, error))
+            try:
+                self.line.start(commands, None,
+                                lambda replies, error: self._sent(batch, aw, leaving, positions, replies, error))
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the batch is retried
+                self._sent(batch, aw, leaving, positions, None, exc)
         else:
             spawn(self._send_slow(batch, aw, leaving), name="collab-append", tasks=self._slow)
 
@@ -234,6 +237,9 @@ class Appender:
             raise
         except (RedisError, OSError) as exc:
             raise_if_cancelled()
+            replies, error = None, exc
+        except Exception as exc:  # a bug of ours must not stop every document's appends
+            log.exception("append exchange failed")
             replies, error = None, exc
         self._sent(batch, aw, leaving, positions, replies, error)
 
