@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 
@@ -35,6 +33,7 @@ from .connection import Connection, Limits
 from .documents import DocumentRegistry
 from .metrics import CollabMetrics
 from .rails import RailsAuthenticator
+from .signals import drain_before_signals
 from .store import DraftStore
 from .throttle import Refused, Throttle
 
@@ -337,7 +336,7 @@ def create_app(settings: CollabSettings | None = None) -> CollabApp:
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await service.start()
-        _forward_signals_through(service)
+        drain_before_signals(service)
         yield
         await service.stop()
 
@@ -349,30 +348,6 @@ def create_app(settings: CollabSettings | None = None) -> CollabApp:
     http = Starlette(routes=routes, lifespan=lifespan)
     http.state.service = service
     return CollabApp(service, http)
-
-
-def _forward_signals_through(service: CollabService) -> None:
-    """The server closes open WebSockets with 1012 on SIGTERM before the app
-    hears of it; catch the signal first, store and close with 4205, then pass
-    it on to the server's own handler."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        previous = signal.getsignal(sig)
-        if not callable(previous):
-            continue
-
-        def handler(signum, frame, previous=previous):
-            async def drain_then_forward():
-                try:
-                    await service.drain()
-                finally:
-                    previous(signum, frame)
-
-            loop.call_soon_threadsafe(lambda: spawn(drain_then_forward(), name="collab-drain", loop=loop))
-
-        signal.signal(sig, handler)
 
 
 def main() -> None:
