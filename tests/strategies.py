@@ -4,6 +4,8 @@ values, valid inputs with a few bytes changed."""
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import strategies as st
 
 
@@ -15,7 +17,7 @@ def segmentations(draw, data: bytes, max_cuts: int = 40) -> list[bytes]:
         return [data]
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=max_cuts)))
     points = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(points, points[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(points)]
 
 
 def byte_at_a_time(data: bytes) -> list[bytes]:

@@ -7,8 +7,10 @@ fragments carry it."""
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
+from channels_common.closecodes import APPLICATION_RANGE, SENDABLE
 from channels_common.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -25,7 +27,6 @@ from channels_common.wsframe import (
     pong_frame,
     text_frame,
 )
-from channels_common.closecodes import APPLICATION_RANGE, SENDABLE
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -65,7 +66,7 @@ def messages(draw):
         data = draw(st.text(max_size=120)).encode("utf-8")
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=4)))
     points = [0, *cuts, len(data)]
-    parts = [data[a:b] for a, b in zip(points, points[1:])]
+    parts = [data[a:b] for a, b in itertools.pairwise(points)]
     frames, events = [], []
     for i, part in enumerate(parts):
         fin = 0x80 if i == len(parts) - 1 else 0
