@@ -410,7 +410,7 @@ async def test_a_bad_request_pipelined_behind_an_application_response_does_not_a
 
 async def test_a_polling_body_declared_over_the_limit_is_refused_from_its_head():
     # The 413 waited for the whole declared body (which nothing keeps).
-    engine, connect, messages, _ = make(max_payload=10)
+    _, connect, messages, _ = make(max_payload=10)
     p, t = connect()
     p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
     sid = json.loads(t.take()[0][2][1:])["sid"]

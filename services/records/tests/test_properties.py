@@ -27,7 +27,14 @@ from channels_records import socketio as sio
 from channels_records.httpserver import MAX_HEAD_BYTES, RecordsHttpProtocol
 from channels_records.polling import Cors, Polling
 from channels_records.protocol import encode_connect, encode_event, parse_recovery
-from channels_records.relay import MAX_ROOM_LENGTH, NOTICE_CHANNEL, RECORDS_CHANNEL, Broadcast, Dropped, parse_message
+from channels_records.relay import (
+    MAX_ROOM_LENGTH,
+    NOTICE_CHANNEL,
+    RECORDS_CHANNEL,
+    Broadcast,
+    Dropped,
+    parse_message,
+)
 from channels_records.sockets import Engine
 from hypothesis import given
 from hypothesis import strategies as st
@@ -335,7 +342,7 @@ def serve(chunks_for, *, session: bool = False):
         try:
             sid = None
             if session:
-                sock, packet = engine.open("EIO=4&transport=polling", "polling")
+                sock, _ = engine.open("EIO=4&transport=polling", "polling")
                 sid = sock.sid
             protocol = cls(config, state, {})
             transport = Transport()
@@ -437,10 +444,10 @@ def test_pipelined_requests_serve_the_same_however_they_are_cut(conversation, da
 requests_to_mutate = st.sampled_from([
     b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nOrigin: http://x\r\n\r\n",
     b"POST /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n4hi",
-    b"POST /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
-    b"3\r\n4hi\r\n0\r\n\r\n",
-    b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    (b"POST /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"3\r\n4hi\r\n0\r\n\r\n"),
+    (b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"),
     b"OPTIONS /socket.io/ HTTP/1.1\r\nOrigin: http://a\r\nAccess-Control-Request-Headers: x\r\n\r\n",
     b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
 ])
