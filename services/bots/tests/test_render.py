@@ -38,3 +38,11 @@ def test_malformed_markup_never_raises_and_keeps_the_words(html):
         assert out == "unclosed bold"
     if "stray" in html:
         assert out == "stray"
+
+
+def test_a_marked_section_of_an_unknown_kind_is_a_bogus_comment_not_an_exception():
+    # `<![x[` raised AssertionError from the standard library's parser,
+    # out of messages.parse (found by the property tests).
+    assert html_to_text("<p>a<![x[b</p>c") == "ac"
+    assert html_to_text("<p>a<![ y") == "a<![ y"  # unterminated: text, as for `<!x`
+    assert html_to_text("<![CDATA[kept]]>text") == "text"

@@ -52,6 +52,14 @@ class _TextParser(HTMLParser):
 
     # -- parser callbacks ------------------------------------------------------
 
+    def parse_marked_section(self, i: int, report: int = 1) -> int:
+        # `<![` not followed by a keyword the standard library knows raised
+        # AssertionError out of feed(); HTML reads it as a bogus comment.
+        try:
+            return super().parse_marked_section(i, report)
+        except AssertionError:
+            return self.parse_bogus_comment(i, report)
+
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _SKIP:
             self.skip_depth += 1
