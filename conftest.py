@@ -32,8 +32,8 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
-    "fuzz", derandomize=False, max_examples=3000, deadline=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow],
+    "fuzz", derandomize=False, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 2000)), deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
