@@ -168,6 +168,16 @@ def test_deeply_nested_json_is_a_socketio_error():
         raise AssertionError("accepted")
 
 
+@given(st.integers(sio.MAX_ACK_ID_DIGITS + 1, 20_000), st.integers(4301, 20_000))
+def test_ack_ids_and_numbers_past_their_bounds_are_socketio_errors(digits, number_digits):
+    for text in ("3" + "1" * digits + "[]", '2["e",' + "1" * number_digits + "]"):
+        try:
+            sio.decode(text)
+        except sio.SocketIOProtocolError:
+            continue
+        raise AssertionError(f"accepted {text[:20]}...")
+
+
 @given(texts, namespaces)
 def test_server_packets_decode_to_what_was_encoded(message, namespace):
     assert sio.decode(sio.encode_connect_error(message, namespace)) == sio.Packet(
