@@ -40,6 +40,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import byte_at_a_time, json_values, mutated, segmentations
+from tests.support import masked
 
 # -- Engine.IO -------------------------------------------------------------------
 
@@ -248,6 +249,7 @@ class Transport(asyncio.Transport):
         self.data = bytearray()
         self.closed = False
         self.paused = False
+        self.protocol = None  # the protocol reads go to (set_protocol: an upgrade's)
 
     def write(self, data):
         self.data += data
@@ -268,10 +270,16 @@ class Transport(asyncio.Transport):
         return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name, default)
 
     def set_protocol(self, protocol):
-        pass
+        self.protocol = protocol
 
 
 async def echo_app(scope, receive, send):
+    if scope["type"] == "websocket":  # an upgrade handed to the websocket protocol: echo
+        await receive()
+        await send({"type": "websocket.accept"})
+        while (event := await receive())["type"] == "websocket.receive":
+            await send({"type": "websocket.send", **{k: v for k, v in event.items() if k in ("text", "bytes")}})
+        return
     if scope["type"] != "http":
         return
     body = (await receive())["body"]
@@ -330,7 +338,10 @@ def read_responses(data: bytes) -> list[tuple[int, bytes]]:
             out[-1][0] = parser.get_status_code()
 
     parser = httptools.HttpResponseParser(Callbacks())
-    parser.feed_data(data)
+    try:
+        parser.feed_data(data)
+    except httptools.HttpParserUpgrade:  # a 101: websocket frames follow
+        out[-1][0] = 101
     return [tuple(r) for r in out]
 
 
@@ -344,6 +355,7 @@ def serve(chunks_for, *, session: bool = False):
         messages = []
         engine = Engine(max_payload=MAX_PAYLOAD, on_message=lambda sock, data: messages.append(data))
         config = uvicorn.Config(echo_app, lifespan="off", log_config=None, ws=LeanWebSocketProtocol)
+        config.load()
         state = types.SimpleNamespace(connections=set(), tasks=set(), default_headers=[])
         cls = RecordsHttpProtocol.serving(Polling(engine, Cors(None)), app=echo_app, websocket=LeanWebSocketProtocol)
         errors = ErrorLog()
@@ -357,6 +369,7 @@ def serve(chunks_for, *, session: bool = False):
             protocol = cls(config, state, {})
             transport = Transport()
             protocol.connection_made(transport)
+            transport.protocol = protocol
             protocol.parser = counting = CountingParser(protocol.parser)
             protocol.buffer = buffer = CountingBuffer()
             for chunk in chunks_for(sid):
@@ -366,10 +379,13 @@ def serve(chunks_for, *, session: bool = False):
                     await asyncio.sleep(0)
                 if transport.closed:
                     break
-                protocol.data_received(chunk)
+                transport.protocol.data_received(chunk)
+                await asyncio.sleep(0)  # what is ready runs between reads
             for _ in range(20):
                 await asyncio.sleep(0)
-            protocol.connection_lost(None)
+            transport.protocol.connection_lost(None)
+            for _ in range(5):
+                await asyncio.sleep(0)
             engine.stop_pinger()
             for sock in list(engine.sockets.values()):
                 sock.discard()
@@ -456,8 +472,8 @@ requests_to_mutate = st.sampled_from([
     b"POST /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n4hi",
     (b"POST /socket.io/?EIO=4&transport=polling&sid=abc HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"3\r\n4hi\r\n0\r\n\r\n"),
-    (b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"),
+    (b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n" + masked(0x81, b"hi")),
     b"OPTIONS /socket.io/ HTTP/1.1\r\nOrigin: http://a\r\nAccess-Control-Request-Headers: x\r\n\r\n",
     b"POST /echo HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nok",
 ])
