@@ -16,7 +16,7 @@ UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate
 	--custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
 
-.PHONY: install run test test-fast fuzz bench lint lock clean node doctor
+.PHONY: install run test test-fast fuzz bench lint lock clean node doctor images
 
 install: $(BIN)/.installed node
 
@@ -84,6 +84,13 @@ test-fast: install
 FUZZ_SECONDS ?= 300
 fuzz: install
 	$(BIN)/python scripts/fuzz.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
+
+# The three images, one after another: docker where an engine answers,
+# buildah otherwise, on a bookworm base made here when the Dockerfiles'
+# default cannot be pulled (deploy/images/build.py; docs/deploy.md).
+# IMAGES_ARGS: --tag TAG, --base auto|default|bookworm, service names.
+images:
+	$(PYTHON) deploy/images/build.py $(IMAGES_ARGS)
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

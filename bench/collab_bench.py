@@ -31,12 +31,18 @@ async def run_collab(
     driver = None
     result: dict = {"server": server.name, "config": cfg.__dict__.copy()}
     try:
+        # Every round from an empty Redis, as the reference starts from empty
+        # memory: else ours would load the drafts of the round before (the
+        # same document names), heavier documents than the reference's.
+        if server.env.get("REDIS_URL"):
+            import redis as redis_sync
+
+            with redis_sync.Redis.from_url(server.env["REDIS_URL"]) as client:
+                client.flushall()
         server.start()
         await asyncio.sleep(cfg.settle_seconds / 2)
         baseline = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
         driver = NodeDriver("collab.mjs")
-        if profiler is not None:
-            profiler.start(server.pid)
         url = f"ws://127.0.0.1:{server.port}"
         loaded = await asyncio.to_thread(driver.call, {"cmd": "load", "url": url, "docs": cfg.docs}, "loaded", 300.0)
         result["load"] = loaded
@@ -44,6 +50,9 @@ async def run_collab(
             + (f", {loaded['failed']} failed" if loaded["failed"] else ""))
         await asyncio.sleep(cfg.settle_seconds)
         loaded_rss = settled_rss(server.pid, interval=cfg.settle_seconds / 10)
+        if profiler is not None:
+            # The edit phase only: what CPU per update measures.
+            profiler.start(server.pid)
         cpu_before = cpu_seconds(server.pid)
         started = time.monotonic()
         others = OtherLoad([server.pid, driver.pid, os.getpid(), *helper_pids])
@@ -54,6 +63,8 @@ async def run_collab(
             cfg.edit_seconds + 120,
         )
         cpu = cpu_seconds(server.pid) - cpu_before
+        if profiler is not None:
+            profiler.stop()
         wall = time.monotonic() - started
         await asyncio.sleep(cfg.settle_seconds / 2)
         edited_rss = settled_rss(server.pid, interval=cfg.settle_seconds / 10)

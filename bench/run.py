@@ -116,7 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--update-readme", action="store_true",
                    help="replace the results tables in docs/benchmarks.md (between the bench-results markers)")
     p.add_argument("--profile", action="store_true",
-                   help="record py-spy profiles of our servers (records: rate steps; collab: load and edits)")
+                   help="record py-spy profiles of our servers (records: rate steps; collab: the edit phase)")
     return p.parse_args(argv)
 
 

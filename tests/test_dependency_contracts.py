@@ -32,11 +32,15 @@ import uvicorn
 from channels_common.server import _Server
 from channels_common.wsserver import LeanWebSocketProtocol
 
+from tests.support import until
+
 ROOT = Path(__file__).resolve().parent.parent
 WSSERVER = "libs/common/src/channels_common/wsserver.py"
 SERVER = "libs/common/src/channels_common/server.py"
 REDIS = "libs/common/src/channels_common/redis.py"
 HTTPSERVER = "services/records/src/channels_records/httpserver.py"
+RENDER = "services/bots/src/channels_bots/render.py"
+HTTPHEAD = "libs/common/src/channels_common/httphead.py"
 
 
 def _sources() -> list[Path]:
@@ -84,6 +88,10 @@ CONTRACTS = {c.name: c for c in (
     # whole port itself and builds the websocket class (above) itself.
     Contract("uvicorn http protocol class (config=, server_state=, app_state=)", "server_state", (HTTPSERVER,)),
     Contract("uvicorn connection.shutdown() on stop", "shutdown", (WSSERVER,)),
+    # collab's request-head deadline subclasses uvicorn's httptools protocol
+    # and hooks the parser callbacks that begin and end a head.
+    Contract("uvicorn HttpToolsProtocol (connection_made/lost, on_message_begin, on_headers_complete, transport)",
+             "HttpToolsProtocol", (HTTPHEAD,)),
     Contract("uvicorn.Server.shutdown(sockets=None)", "shutdown", (SERVER,)),
     Contract("uvicorn.Server.servers", "servers", (SERVER,)),
     # redis-py (and asyncio's StreamReader): RespConnection takes a
@@ -91,6 +99,8 @@ CONTRACTS = {c.name: c for c in (
     Contract("redis.asyncio.Connection._reader", "_reader", (REDIS,)),
     Contract("redis.asyncio.Connection._writer", "_writer", (REDIS,)),
     Contract("asyncio.StreamReader._buffer", "_buffer", (REDIS,)),
+    # The stdlib's HTML parser: what it holds back after feed() (bots' render.py).
+    Contract("html.parser.HTMLParser.rawdata (the unparsed rest after feed)", "rawdata", (RENDER,)),
     # Since redis-py 5.3 (the floor in the pyproject files).
     Contract("redis.asyncio.ConnectionPool.get_connection() without arguments", "get_connection",
              _calls_without_arguments("get_connection")),
@@ -274,6 +284,46 @@ async def test_uvicorn_builds_the_http_protocol_class_with_these_keywords():
         contract.broken(f"built with {args} {keywords}")
 
 
+async def test_uvicorn_httptools_protocol_calls_the_head_hooks_as_the_guard_expects():
+    from channels_common.httphead import HeadGuard, guarded_httptools
+
+    contract = CONTRACTS["uvicorn HttpToolsProtocol (connection_made/lost, on_message_begin, on_headers_complete, "
+                         "transport)"]
+    guard = HeadGuard(30, 10)
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"0")]})
+        await send({"type": "http.response.body", "body": b""})
+
+    with breaks(contract.name):
+        config = uvicorn.Config(ok, host="127.0.0.1", port=0, lifespan="off", log_config=None,
+                                http=guarded_httptools(guard), timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    with breaks(contract.name):
+        serving = asyncio.create_task(server.serve())
+        try:
+            async with asyncio.timeout(10):
+                while not server.started:
+                    assert not serving.done(), serving.exception()
+                    await asyncio.sleep(0.01)
+                port = server.servers[0].sockets[0].getsockname()[1]
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                await until(lambda: len(guard) == 1, 5)  # from connection_made
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")
+                await asyncio.sleep(0.05)
+                assert len(guard) == 1, contract.broken("a head begun is not in the guard")
+                writer.write(b"\r\n")
+                await until(lambda: len(guard) == 0, 5)  # on_headers_complete
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"GET / HTTP/1.1\r\n")  # the next head of a kept-alive connection
+                await until(lambda: len(guard) == 1, 5)  # on_message_begin
+                writer.close()
+                await until(lambda: len(guard) == 0, 5)  # connection_lost
+        finally:
+            server.should_exit = True
+            await asyncio.wait_for(serving, 10)
+
+
 # --- redis-py -------------------------------------------------------------------
 
 
@@ -315,6 +365,19 @@ def test_stream_reader_keeps_unread_bytes_in_a_bytearray_buffer():
         CONTRACTS["asyncio.StreamReader._buffer"].broken(f"{buffer!r}")
     buffer.clear()
     assert reader._buffer == b"", CONTRACTS["asyncio.StreamReader._buffer"].broken("not cleared in place")
+
+
+def test_html_parser_holds_back_an_unterminated_tag_in_rawdata():
+    from html.parser import HTMLParser
+
+    contract = CONTRACTS["html.parser.HTMLParser.rawdata (the unparsed rest after feed)"]
+    with breaks(contract.name):
+        parser = HTMLParser(convert_charrefs=True)
+        parser.feed("text <b>bold</b> <a href='x")
+        rest = parser.rawdata
+    assert rest == "<a href='x", contract.broken(f"rawdata after feed: {rest!r}")
+    parser.reset()
+    assert parser.rawdata == "", contract.broken("reset() keeps rawdata")
 
 
 # --- the list stays complete --------------------------------------------------------

@@ -160,7 +160,20 @@ ROWS = [
         panel("Messages retried, by reason",
               (f"sum by (reason) (increase({sel('bots_messages_retried_total')}[{RATE}]))", "{{reason}}")),
         panel("Pending messages", (f"sum by (instance) ({sel('bots_pending_messages')})", "{{instance}}"),
-              description="Queued or being delivered; beyond BOTS_MAX_PENDING_MESSAGES new ones are dropped."),
+              description="Kept until seen done (queued, in flight, or copies for a takeover); beyond "
+                          "BOTS_MAX_PENDING_MESSAGES new ones are dropped."),
+        panel("Exactly once: claims",
+              (f"sum by (instance) (increase({sel('bots_messages_claimed_total')}[{RATE}]))", "claimed {{instance}}"),
+              (f"sum by (instance) (increase({sel('bots_messages_taken_over_total')}[{RATE}]))",
+               "taken over {{instance}}"),
+              (f"sum by (instance) (increase({sel('bots_messages_deduplicated_total')}[{RATE}]))",
+               "deduplicated {{instance}}"),
+              description="Started under the room's claim; of those, in rooms taken over from an instance "
+                          "whose lease lapsed; identical publishes counted once."),
+        panel("Messages given up, by reason",
+              (f"sum by (reason) (increase({sel('bots_messages_given_up_total')}[{RATE}]))", "{{reason}}"),
+              description="Kept messages dropped before done: a keep bound (count, bytes, age), lost (no live "
+                          "instance held them), shutdown."),
         panel("Redis reconnects",
               (f"sum by (instance) (increase({sel('bots_redis_reconnects_total')}[{RATE}]))", "{{instance}}")),
         panel("Matrix clients",

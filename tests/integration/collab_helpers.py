@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import json
 import queue
+import select
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,10 +34,16 @@ class _Server(ThreadingHTTPServer):
 
 class RailsStandIn:
     """POST /api/hocuspocus, decided as Rails does. Special users: 500
-    answers 500, 504 answers after `slow_seconds` (past the auth timeout)."""
+    answers 500, 504 answers after `slow_seconds` (past the auth timeout),
+    or not at all if the caller hangs up first (`abandoned`)."""
 
     def __init__(self, slow_seconds: float = 3.0):
         self.requests: list[dict] = []
+        # Indices (in `requests`) of the requests being decided now, of the
+        # slow ones answered and of the slow ones whose caller hung up first.
+        self.deciding: set[int] = set()
+        self.answered_slowly: list[int] = []
+        self.abandoned: list[int] = []
         self.slow_seconds = slow_seconds
         self.lock = threading.Lock()
         stand_in = self
@@ -48,8 +56,17 @@ class RailsStandIn:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with stand_in.lock:
+                    index = len(stand_in.requests)
                     stand_in.requests.append({"path": self.path, **body})
-                status, answer = stand_in.decide(self.path, body)
+                    stand_in.deciding.add(index)
+                try:
+                    decided = stand_in.decide(self.path, body, self.connection, index)
+                finally:
+                    with stand_in.lock:
+                        stand_in.deciding.discard(index)
+                if decided is None:
+                    return  # the caller hung up before the answer
+                status, answer = decided
                 payload = json.dumps(answer).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -68,7 +85,27 @@ class RailsStandIn:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def decide(self, path: str, body: dict) -> tuple[int, dict]:
+    @property
+    def in_flight(self) -> int:
+        return len(self.deciding)
+
+    def _caller_left(self, connection: socket.socket | None, seconds: float, index: int) -> bool:
+        """Waits `seconds` for a slow answer, unless the caller hangs up
+        first (it sends nothing more while it waits for the answer)."""
+        left = False
+        if connection is None:
+            time.sleep(seconds)
+        elif select.select([connection], [], [], seconds)[0]:
+            try:
+                left = connection.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                left = True
+        with self.lock:
+            (self.abandoned if left else self.answered_slowly).append(index)
+        return left
+
+    def decide(self, path: str, body: dict, connection: socket.socket | None = None,
+               index: int = -1) -> tuple[int, dict] | None:
         if path != "/api/hocuspocus":
             return 404, {}
         user, _, secret = str(body.get("user_secret", "")).partition(",")
@@ -76,8 +113,7 @@ class RailsStandIn:
         if user == "500":
             return 500, {"error": "boom"}
         if user == "504":
-            time.sleep(self.slow_seconds)
-            return 200, {}
+            return None if self._caller_left(connection, self.slow_seconds, index) else (200, {})
         if user == "0":
             return 200, {}
         if USERS.get(user) != secret:

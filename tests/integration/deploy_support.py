@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,6 +206,80 @@ def docker_ignored(relpath: str, patterns: list[str]) -> bool:
     parts = relpath.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     return any(rx.match(prefix) for rx in regexes for prefix in prefixes)
+
+
+def stage_build_sources(dockerfile: Dockerfile, dest: Path) -> None:
+    """Every COPY of the build stage into /src/, placed under `dest` (dest/src/...)
+    as the build context delivers it (.dockerignore applied)."""
+    patterns = dockerignore_patterns()
+    for src, target in dockerfile.copies():
+        if not target.startswith("/src/"):
+            continue
+        to = dest / target.lstrip("/")
+        if (ROOT / src).is_file():
+            to.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / src, to)
+            continue
+        for path in (ROOT / src).rglob("*"):
+            rel = str(path.relative_to(ROOT))
+            if path.is_file() and not docker_ignored(rel, patterns):
+                out = to / path.relative_to(ROOT / src)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, out)
+
+
+# docker compose's merge of several -f files (the Compose Specification's
+# "Merge and override"): mappings merge key by key, later files winning;
+# these are replaced whole, sequences otherwise appended (these as sets).
+_REPLACED = {("command",), ("entrypoint",), ("healthcheck", "test")}
+_KEYED = {"environment", "labels", "networks", "depends_on", "extra_hosts"}
+_UNIQUE = {"ports", "expose", "dns", "dns_search", "tmpfs", "volumes", "env_file", "security_opt"}
+
+
+def _as_mapping(key: str, value):
+    """The list forms of a service's keyed options, as mappings."""
+    if not isinstance(value, list):
+        return value
+    if key == "depends_on":
+        return {name: {"condition": "service_started"} for name in value}
+    if key == "networks":
+        return {name: None for name in value}
+    out = {}
+    for item in value:
+        name, sep, rest = str(item).partition("=" if key != "extra_hosts" else ":")
+        out[name] = rest if sep else None
+    return out
+
+
+def _merge_service(base: dict, override: dict, path: tuple = ()) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        here = (*path, key)
+        if here in _REPLACED or key not in out:
+            out[key] = _as_mapping(key, value) if not path and key in _KEYED else value
+        elif not path and key in _KEYED:
+            out[key] = {**_as_mapping(key, out[key]), **_as_mapping(key, value)}
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = _merge_service(out[key], value, here)
+        elif isinstance(value, list) and isinstance(out[key], list):
+            out[key] = out[key] + [v for v in value if not (key in _UNIQUE and v in out[key])]
+        else:
+            out[key] = value
+    return out
+
+
+def compose_merge(base: dict, override: dict) -> dict:
+    """`docker compose -f base -f override config`'s model of the two files."""
+    merged = {k: v for k, v in base.items() if k not in ("services", "networks", "volumes")}
+    merged.update({k: v for k, v in override.items() if k not in ("services", "networks", "volumes")})
+    services = dict(base.get("services", {}))
+    for name, service in override.get("services", {}).items():
+        services[name] = _merge_service(services.get(name, {}), service)
+    merged["services"] = services
+    for top in ("networks", "volumes"):
+        if top in base or top in override:
+            merged[top] = {**(base.get(top) or {}), **(override.get(top) or {})}
+    return merged
 
 
 def load_kustomization() -> tuple[dict, list[tuple[str, dict]]]:

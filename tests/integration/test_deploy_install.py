@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,8 +25,7 @@ from tests.integration.deploy_support import (
     ROOT,
     SERVICES,
     Dockerfile,
-    docker_ignored,
-    dockerignore_patterns,
+    stage_build_sources,
 )
 from tests.support import free_port, wait_for
 
@@ -40,16 +38,6 @@ def _app_exists(service: str) -> bool:
     return (ROOT / "services" / service / "src" / f"channels_{service}" / "app.py").exists()
 
 
-def _copy_context(src_rel: str, dest: Path, patterns: list[str]) -> None:
-    """COPY <src_rel> <dest>, as the Docker build context would deliver it."""
-    for path in (ROOT / src_rel).rglob("*"):
-        rel = str(path.relative_to(ROOT))
-        if path.is_file() and not docker_ignored(rel, patterns):
-            target = dest / path.relative_to(ROOT / src_rel)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
-
-
 def _clean_env(**extra: str) -> dict[str, str]:
     """No trace of the development venv or of the repository on sys.path."""
     keep = {k: v for k, v in os.environ.items()
@@ -60,20 +48,13 @@ def _clean_env(**extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def installs(tmp_path_factory):
     base = tmp_path_factory.mktemp("images")
-    patterns = dockerignore_patterns()
     started = {}
     for service in SERVICES:
         if not _app_exists(service):
             continue
         root = base / service
         dockerfile = Dockerfile.load(DEPLOY / f"{service}.Dockerfile")
-        for src, dest in dockerfile.copies():
-            if dest.startswith("/src/"):
-                if (ROOT / src).is_file():
-                    (root / dest.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(ROOT / src, root / dest.lstrip("/"))
-                else:
-                    _copy_context(src, root / dest.lstrip("/"), patterns)
+        stage_build_sources(dockerfile, root)
         venv = root / "venv"
         # The development pip drives the fresh venv (`--python`): no pip
         # bootstrap per venv; `--no-compile` only skips writing .pyc files.

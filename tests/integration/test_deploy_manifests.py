@@ -28,6 +28,7 @@ from tests.integration.deploy_support import (
     SERVICES,
     Dockerfile,
     by_kind,
+    compose_merge,
     console_scripts,
     docker_ignored,
     dockerignore_patterns,
@@ -38,6 +39,7 @@ from tests.integration.deploy_support import (
     service_script,
     setting_names,
 )
+from tests.integration.image_support import build_module
 
 K8S_VERSION = "1.30.0"
 HEALTHCHECK_SCRIPT = "channels-healthcheck"
@@ -76,7 +78,9 @@ def test_dockerfile_builds_one_service_as_non_root(service):
         "libs/common", f"services/{service}", f"locks/{service}.txt"}
     assert (f"locks/{service}.txt", f"/src/locks/{service}.txt") in df.copies()
     locked, ours = df.pip_installs()
-    assert "--require-hashes" in locked and "--no-deps" not in locked
+    # Exactly the lock, nothing resolved against the index (issue 20: pip
+    # resolves an extra such as python-socks[asyncio] unless told --no-deps).
+    assert "--require-hashes" in locked and "--no-deps" in locked
     assert locked[locked.index("-r") + 1] == f"/src/locks/{service}.txt"
     assert [a for a in locked if not a.startswith("-") and a not in (":all:", f"/src/locks/{service}.txt")] == []
     assert "--no-deps" in ours
@@ -249,7 +253,10 @@ def test_compose_service_matches_image_and_service(service):
     df = dockerfile(service)
     assert svc["build"] == {"context": "..", "dockerfile": f"deploy/{service}.Dockerfile"}
     assert (DEPLOY / ".." / svc["build"]["dockerfile"]).resolve().exists()
-    assert svc["image"].split(":")[0] == f"loomio-channels-{service}"
+    # Exactly the image `make images` builds (deploy/images/build.py), tag
+    # from CHANNELS_TAG as there.
+    build = build_module()
+    assert svc["image"] == build.image_name(service, "${CHANNELS_TAG:-latest}")
     # No command override: the image's entrypoint, the service's console script.
     assert "command" not in svc and "entrypoint" not in svc
     assert svc["restart"] in ("unless-stopped", "always")
@@ -271,9 +278,120 @@ def test_compose_publishes_records_and_collab_on_their_own_host_ports():
     assert records == "${CHANNELS_HOST_PORT:-5000}:5000"
     assert collab == "${HOCUSPOCUS_HOST_PORT:-4444}:5000"
     assert "ports" not in services["bots"]
+    # One bots instance by default, and nothing that stops `--scale bots=N`
+    # (a fixed container name or host port would).
+    assert services["bots"].get("deploy", {}).get("replicas", 1) == 1
+    assert "container_name" not in services["bots"]
     redis = services["redis"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert redis["restart"] == "unless-stopped"
+
+
+def test_make_images_builds_each_service_from_its_dockerfile():
+    build = build_module()
+    assert build.SERVICES == SERVICES
+    assert build.DEPLOY == DEPLOY
+    assert {build.image_name(s, "x") for s in SERVICES} == {f"loomio-channels-{s}:x" for s in SERVICES}
+    # The bookworm base stands in for the Dockerfiles' own default, which is one.
+    assert build.default_python_image() == dockerfile("records").all("ARG")[0].split("=", 1)[1]
+
+
+# --- Loomio 3.1: collab in place of Loomio's hocuspocus service -----------------------
+
+LOOMIO_31 = ROOT / "tests" / "integration" / "loomio-3.1-stack.yml"
+OVERRIDE_31 = DEPLOY / "loomio-3.1" / "compose.collab.yml"
+
+
+def loomio_31_merged() -> tuple[dict, dict]:
+    stack = yaml.safe_load(LOOMIO_31.read_text())
+    return stack, compose_merge(stack, yaml.safe_load(OVERRIDE_31.read_text()))
+
+
+def _command(service: dict) -> list[str]:
+    command = service.get("command", [])
+    return command if isinstance(command, list) else command.split()
+
+
+def test_loomio_31_override_merged_into_the_stack_is_valid():
+    _, merged = loomio_31_merged()
+    errors = sorted(compose_validator().iter_errors(merged), key=str)
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
+    # Every reference resolves: services depended on, networks, named volumes.
+    services = merged["services"]
+    for name, svc in services.items():
+        assert set(svc.get("depends_on", {})) <= set(services), name
+        nets = svc.get("networks", {})
+        assert set(nets) <= set(merged.get("networks", {})) | {"default"}, name
+        for volume in svc.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if not source.startswith(("/", ".")):
+                assert source in merged.get("volumes", {}), (name, volume)
+
+
+def test_loomio_31_override_broken_is_refused():
+    _, merged = loomio_31_merged()
+    merged["services"]["collab-redis"]["command"] = 5
+    merged["services"]["hocuspocus"]["restart_policy"] = "always"
+    assert len(list(compose_validator().iter_errors(merged))) >= 2
+
+
+def test_loomio_31_hocuspocus_runs_collab_with_a_redis_of_its_own():
+    stack, merged = loomio_31_merged()
+    services = merged["services"]
+    # Only hocuspocus changes, and one Redis joins; records and bots have no
+    # client in Loomio 3.1 and are not there.
+    assert set(services) == set(stack["services"]) | {"collab-redis"}
+    for name, svc in stack["services"].items():
+        if name != "hocuspocus":
+            assert services[name] == svc, name
+
+    collab = services["hocuspocus"]
+    port = production_port("collab")
+    assert collab["image"] == build_module().image_name("collab", "${CHANNELS_TAG:-latest}")
+    # The image's own entrypoint; nothing of Loomio's task dispatch is a command here.
+    assert "command" not in collab and "entrypoint" not in collab
+    env = collab["environment"]
+    assert env["PORT"] == env["VIRTUAL_PORT"] == str(port)
+    assert env["RAILS_ENV"] == "production"
+    assert env["PRIVATE_APP_URL"] == "http://app:3000"
+    assert env["REDIS_URL"] == "redis://collab-redis:6379/0"
+    # Loomio's nginx-proxy host and env file carry over.
+    assert env["VIRTUAL_HOST"] == "hocuspocus.${CANONICAL_HOST}"
+    assert collab["env_file"] == stack["services"]["hocuspocus"]["env_file"]
+    assert collab["healthcheck"]["test"] == ["CMD", *dockerfile("collab").healthcheck_command()]
+    assert "ports" not in collab and "expose" not in collab
+    # On Loomio's network (nginx-proxy reaches it) and on one with its Redis.
+    redis_nets = set(services["collab-redis"]["networks"])
+    assert set(stack["services"]["hocuspocus"]["networks"]) <= set(collab["networks"])
+    assert redis_nets & set(collab["networks"])
+    assert not any(redis_nets & set(services[n].get("networks", {"default": None}))
+                   for n in services if n not in ("hocuspocus", "collab-redis"))
+    assert collab["depends_on"]["collab-redis"]["condition"] == "service_healthy"
+
+    # Drafts are persisted and never evicted; Loomio's Redis evicts and persists nothing.
+    own = _command(services["collab-redis"])
+    assert own[own.index("--appendonly") + 1] == "yes"
+    assert own[own.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "/data" in {str(v).split(":")[1] for v in services["collab-redis"]["volumes"]}
+    shared = _command(services["redis"])
+    assert shared[shared.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert shared[shared.index("--appendonly") + 1] == "no"
+
+
+def test_compose_merge_follows_the_specification():
+    base = {"services": {"s": {"image": "a", "command": ["x", "y"], "environment": ["A=1", "B=2"],
+                               "ports": ["1:1"], "networks": ["main"], "depends_on": ["db"],
+                               "healthcheck": {"test": ["CMD", "a"], "retries": 3}}}}
+    override = {"services": {"s": {"command": ["z"], "environment": {"B": "3", "C": "4"}, "ports": ["1:1", "2:2"],
+                                   "networks": ["other"], "depends_on": {"cache": {"condition": "service_healthy"}},
+                                   "healthcheck": {"test": ["CMD", "b"]}}}}
+    s = compose_merge(base, override)["services"]["s"]
+    assert s["image"] == "a" and s["command"] == ["z"]
+    assert s["environment"] == {"A": "1", "B": "3", "C": "4"}
+    assert s["ports"] == ["1:1", "2:2"]
+    assert set(s["networks"]) == {"main", "other"}
+    assert s["depends_on"] == {"db": {"condition": "service_started"}, "cache": {"condition": "service_healthy"}}
+    assert s["healthcheck"] == {"test": ["CMD", "b"], "retries": 3}
 
 
 def test_env_example_documents_known_settings_only():
@@ -337,7 +455,7 @@ def test_deployment_matches_the_service(service):
 
     (container,) = pod["spec"]["containers"]
     port = production_port(service)
-    assert container["image"] == f"loomio-channels-{service}:latest"
+    assert container["image"] == build_module().image_name(service, "latest")
     assert "command" not in container and "args" not in container
     (http,) = container["ports"]
     assert (http["name"], http["containerPort"]) == ("http", port)
@@ -407,9 +525,14 @@ def test_scaling_follows_what_each_service_can_do():
     assert deployments["channels-collab"]["spec"]["strategy"]["type"] == "RollingUpdate"
     assert by_kind(docs, "PodDisruptionBudget")["channels-collab"]["spec"]["minAvailable"] >= 1
     assert "sessionAffinity" not in by_kind(docs, "Service")["channels-collab"]["spec"]
-    # bots: every subscriber posts every message, so exactly one.
-    assert deployments["channels-bots"]["spec"]["replicas"] == 1
-    assert deployments["channels-bots"]["spec"]["strategy"]["type"] == "Recreate"
+    # bots: claims make several instances post each message once; two keep
+    # one subscribed through a crash, and a rollout never has none.
+    bots = deployments["channels-bots"]["spec"]
+    assert bots["replicas"] >= 2
+    assert bots["strategy"]["type"] == "RollingUpdate"
+    assert bots["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert bots["strategy"]["rollingUpdate"].get("maxSurge", 1) not in (0, "0%")
+    assert by_kind(docs, "PodDisruptionBudget")["channels-bots"]["spec"]["minAvailable"] >= 1
     assert "channels-bots" not in hpas
 
 

@@ -86,7 +86,7 @@ def test_a_healthy_system_is_all_ticks(system):
     marks = lines(out)
     assert set(marks.values()) == {"✓"}, out
     assert code == 0
-    assert {"redis", "redis eviction policy", "redis persistence", "/current_users/* keys",
+    assert {"redis", "redis eviction policy", "redis persistence", "/current_users/* keys", "bots claim keys",
             "rails auth callback", "PUBLIC_APP_URL"} <= set(marks)
     assert sum(name.startswith("port ") for name in marks) == 3
     assert "Valkey" in out or "Redis" in out

@@ -18,6 +18,14 @@ def test_parse_current_user_logged_out_and_garbage():
     assert parse_current_user(b'{"id": "7", "group_ids": 5}') == ChannelUser(id=None, group_ids=())
 
 
+def test_parse_current_user_refuses_deep_nesting_with_a_warning(caplog):
+    # Once a RecursionError out of the token reader, not a refusal.
+    with caplog.at_level("WARNING", logger="channels.auth"):
+        assert parse_current_user(b"[" * 100_000) is None
+        assert parse_current_user(b'{"id": 1, "group_ids": ' + b"[" * 5000 + b"]" * 5000 + b"}") is None
+    assert [r.getMessage() for r in caplog.records] == ["unparseable current user record"] * 2
+
+
 def test_valid_token():
     assert valid_token("abc")
     assert not valid_token("")

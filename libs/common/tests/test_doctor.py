@@ -39,6 +39,7 @@ def test_persistence(appendonly, save, status):
     ("tok", None, "not a string value"),
     ("tok", b"\xff{", "not JSON"),
     ("tok", b"[1]", "not a JSON object"),
+    ("tok", b"[" * 100_000, "not JSON"),
     ("tok", b"{}", "no id"),
     ("tok", b'{"id": true}', "id is not a number or null"),
     ("tok", b'{"id": "3"}', "id is not a number or null"),
@@ -84,3 +85,29 @@ def test_public_app_url_must_be_an_origin(env, status):
     check = doctor.judge_origin(RecordsSettings.model_validate(env))
     assert check.status == status
     assert "pw" not in check.message
+
+
+def test_bots_claim_keys_are_counted_and_must_expire():
+    ok = doctor.judge_bots_claims(3, 120, 0, True, 86400.0, 200.0)
+    assert ok.status == "ok" and "123 (3 rooms, 120 messages, about 24 KiB) for a 24 h dedupe window" in ok.message
+    assert doctor.judge_bots_claims(0, 0, 0, True, 3600.0, None).status == "ok"
+    partial = doctor.judge_bots_claims(5, 5, 0, False, 3600.0, None)
+    assert "at least 10" in partial.message
+    assert doctor.judge_bots_claims(1, 1, 1, True, 3600.0, None).status == "warn"
+
+
+def test_bots_claim_keys_counted_in_a_real_redis(redis_sync_client):
+    from channels_common.settings import BotsSettings
+
+    client = redis_sync_client
+    for i in range(3):
+        client.hset(f"bots:room:r{i}", "e", "x")
+        client.pexpire(f"bots:room:r{i}", 60_000)
+    for i in range(7):
+        client.hset(f"bots:msg:m{i}", "s", i)
+        client.pexpire(f"bots:msg:m{i}", 60_000)
+    client.set("unrelated", "1")
+    check = doctor.check_bots_claims(client, BotsSettings())
+    assert check.status == "ok" and check.message.startswith("10 (3 rooms, 7 messages"), check.message
+    client.hset("bots:msg:forever", "s", 1)
+    assert doctor.check_bots_claims(client, BotsSettings()).status == "warn"

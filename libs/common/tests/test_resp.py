@@ -165,3 +165,31 @@ def test_an_attribute_before_an_element_is_dropped_not_counted_as_one():
     wire = b"*2\r\n|1\r\n+ttl\r\n:3600\r\n:1\r\n:2\r\n+next\r\n"
     for chunks in ([wire], [wire[i:i + 1] for i in range(len(wire))]):
         assert _outcome(chunks) == ([[1, 2], b"next"], False)
+
+
+def test_replies_cut_across_reads_leave_no_memory_behind():
+    # A reply that is not complete yet must leave nothing pinned once it is
+    # read (a shared exception instance once kept every cut reply alive
+    # through its ever-growing traceback).
+    import gc
+    import tracemalloc
+
+    reader = ReplyReader()
+    wire = b"*3\r\n$7\r\nmessage\r\n$8\r\n/records\r\n$300000\r\n" + b"y" * 300_000 + b"\r\n"
+
+    def rounds(n):
+        for _ in range(n):
+            assert len(reader.feed(wire[:200_000]) + reader.feed(wire[200_000:])) == 1
+            assert len(reader.feed(wire[:20]) + reader.feed(wire[20:40]) + reader.feed(wire[40:])) == 1
+
+    tracemalloc.start()
+    try:
+        rounds(2)  # warm up: the reader's buffer at its working size
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        rounds(50)  # 100 replies, 30 MB in all
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 1_000_000, grown

@@ -85,3 +85,30 @@ def test_publish_settings_keep_the_matrix_token_secret(monkeypatch):
     assert s.redis_url == "redis://elsewhere:6379/2"
     assert s.matrix_access_token.get_secret_value() == "syt_secret"
     assert "syt_secret" not in repr(s)
+
+
+def test_request_head_limits(monkeypatch):
+    for name in ("HTTP_HEAD_TIMEOUT_SECONDS", "HTTP_MAX_PENDING_HEADS"):
+        monkeypatch.delenv(name, raising=False)
+    s = CollabSettings()
+    assert (s.http_head_timeout_seconds, s.http_max_pending_heads) == (10.0, 5000)
+    monkeypatch.setenv("HTTP_HEAD_TIMEOUT_SECONDS", "2.5")
+    monkeypatch.setenv("HTTP_MAX_PENDING_HEADS", "7")
+    s = RecordsSettings()
+    assert (s.http_head_timeout_seconds, s.http_max_pending_heads) == (2.5, 7)
+    monkeypatch.setenv("HTTP_MAX_PENDING_HEADS", "0")
+    with pytest.raises(ValueError):
+        RecordsSettings()
+
+
+def test_bots_dedupe_window_must_outlast_what_is_kept(monkeypatch):
+    import pytest
+    from channels_common.settings import BotsSettings
+
+    settings = BotsSettings()
+    assert settings.dedupe_window_seconds > settings.max_pending_age_seconds
+    assert settings.claim_lease_seconds == 10.0
+    monkeypatch.setenv("BOTS_DEDUPE_WINDOW_SECONDS", "600")
+    monkeypatch.setenv("BOTS_MAX_PENDING_AGE_SECONDS", "900")
+    with pytest.raises(ValueError, match="BOTS_DEDUPE_WINDOW_SECONDS"):
+        BotsSettings()

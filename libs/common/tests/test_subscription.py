@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import pytest
 from channels_common.redis import Message, Subscription, create_redis
 
 from tests.support import until
@@ -333,3 +334,91 @@ async def test_reading_pauses_past_the_hold_limit_and_nothing_is_lost(redis_url,
         assert not sub._link.paused
     finally:
         await sub.stop()
+
+
+async def test_read_clock_gives_the_redis_time_just_before_the_subscribe(redis_url, redis):
+    got: list[bytes] = []
+    sub = Subscription(url=redis_url, handler=lambda m: got.append(m.data), channels=["/records"], read_clock=True)
+    seconds, micros = await redis.time()
+    before = int(seconds) * 1000 + int(micros) // 1000
+    sub.start()
+    try:
+        assert await sub.wait_live(10)
+        seconds, micros = await redis.time()
+        after = int(seconds) * 1000 + int(micros) // 1000
+        assert before <= sub.subscribed_at_ms <= after
+        assert sub.generation == 1
+        await redis.publish("/records", b"first")  # the TIME reply is not taken for a message
+        await until(lambda: got == [b"first"], what="the message")
+    finally:
+        await sub.stop()
+    plain = Subscription(url=redis_url, handler=got.append, channels=["/records"])
+    plain.start()
+    try:
+        assert await plain.wait_live(10)
+        assert plain.subscribed_at_ms is None and plain.generation == 1
+    finally:
+        await plain.stop()
+
+
+async def test_an_epoch_marker_starts_each_subscription_where_everyone_sees_it(redis_url, redis):
+    """The marker is the first message of the new subscription and reaches
+    the older one at the same place among the other publishes."""
+    old: list[Message] = []
+    new: list[Message] = []
+    first = Subscription(url=redis_url, handler=old.append, channels=["/records"], epoch_channel="t:epoch")
+    first.start()
+    second = Subscription(url=redis_url, handler=new.append, channels=["/records"], epoch_channel="t:epoch")
+    try:
+        assert await first.wait_live(10)
+        await redis.publish("/records", b"before")
+        await until(lambda: len(old) == 2, what="the first marker and a message")
+        second.start()
+        assert await second.wait_live(10)
+        await redis.publish("/records", b"after")
+        await until(lambda: len(old) == 4 and len(new) == 2, what="the second marker and a message")
+        n1, n2 = int(old[0].data), int(new[0].data)
+        assert n2 == n1 + 1 and old[0].channel == "t:epoch" == new[0].channel
+        assert [m.data for m in old] == [old[0].data, b"before", new[0].data, b"after"]
+        assert [m.data for m in new] == [new[0].data, b"after"]
+        assert await redis.get("t:epoch") == new[0].data
+    finally:
+        await first.stop()
+        await second.stop()
+
+
+@pytest.mark.parametrize("how", ["refused", "left out"])
+async def test_a_redis_that_refuses_the_epoch_marker_gets_a_plain_subscribe_next(caplog, how):
+    from tests.support import ScriptedRedis
+
+    in_multi = []
+
+    def refusing(command: list[bytes]) -> bytes:
+        name = command[0].upper()
+        if name == b"MULTI":
+            in_multi.append(True)
+            return b"+OK\r\n"
+        if name == b"EXEC":
+            in_multi.clear()
+            if how == "left out":  # confirmations and the script's result, but no marker
+                return b"*2\r\n" + _plain_redis([b"SUBSCRIBE", b"/records"]) + b":1\r\n" + _plain_redis(
+                    [b"SUBSCRIBE", b"t:epoch"])
+            return b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+        if in_multi:
+            return b"+QUEUED\r\n" if how == "left out" else b"-ERR Command not allowed inside a transaction\r\n"
+        return _plain_redis(command)
+
+    fake = ScriptedRedis(refusing)
+    url = await fake.start()
+    sub = Subscription(url=url, handler=lambda m: None, channels=["/records"], epoch_channel="t:epoch",
+                       max_backoff=0.2)
+    sub.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="channels.redis"):
+            assert await sub.wait_live(10)
+        assert sub.epoch_channel is None and len(fake.connections) == 2
+        assert any("subscribing without" in r.getMessage() for r in caplog.records)
+        assert [c for c in fake.commands if c[0].upper() == b"SUBSCRIBE"][-1] == [b"SUBSCRIBE", b"/records"]
+    finally:
+        await sub.stop()
+        await fake.close()

@@ -9,7 +9,7 @@ import types
 from channels_common import wsframe
 from channels_common.wsserver import MAX_INBOX, LeanWebSocketProtocol
 
-from tests.support import FakeTransport, masked, settle
+from tests.support import FakeTransport, masked, settle, until
 
 REQUEST = (
     b"GET /socket.io/?EIO=4&transport=websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
@@ -294,3 +294,59 @@ async def test_a_head_over_the_limit_is_refused_even_when_it_arrives_in_one_read
     proto, t, _ = make(app)
     proto.data_received(head)
     assert t.take().startswith(b"HTTP/1.1 400 ") and t.closed and proto.scope is None
+
+
+class _PausedPeer(asyncio.Protocol):
+    """A real socket whose reading is paused after the first bytes, as a
+    socket held back for its pending auths is."""
+
+    def __init__(self, lost: list):
+        self.lost = lost
+        self.read_paused = False
+        self.transport = None
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def data_received(self, data):
+        self.transport.pause_reading()
+        self.read_paused = True
+
+    def connection_lost(self, exc):
+        self.lost.append(self)
+
+
+async def test_a_peer_that_hangs_up_while_reading_is_paused_is_noticed_and_aborted():
+    import socket
+    import struct
+
+    from channels_common.wsserver import abort_hung_up
+
+    lost: list = []
+    peers: list[_PausedPeer] = []
+
+    def factory():
+        peers.append(_PausedPeer(lost))
+        return peers[-1]
+
+    server = await asyncio.get_running_loop().create_server(factory, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    for client in clients:
+        client.sendall(b"x" * 1000)
+    await until(lambda: len(peers) == 3 and all(p.read_paused for p in peers), 5)
+    # More bytes wait unread, then the peer leaves: an RST, a FIN; the third stays.
+    clients[0].sendall(b"y" * 1000)
+    clients[0].setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    clients[0].close()
+    clients[1].sendall(b"y" * 1000)
+    clients[1].close()
+    await asyncio.sleep(0.1)
+    assert lost == []  # paused: the transport itself hears nothing
+    by_port = {p.transport.get_extra_info("peername")[1]: p for p in peers}
+    assert abort_hung_up(peers) == 2
+    await until(lambda: len(lost) == 2, 5)
+    assert by_port[clients[2].getsockname()[1]] not in lost
+    assert abort_hung_up(peers) == 0  # the one still there is left alone
+    clients[2].close()
+    server.close()

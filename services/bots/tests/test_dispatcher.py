@@ -13,7 +13,8 @@ from channels_bots.metrics import BotsMetrics
 
 
 def command(room: str, body: str, token: str = "t1", kind: str = "publish") -> Command:
-    return Command(kind, Bot("https://hs.example", token), room, {"msgtype": "m.text", "body": body})
+    return Command(kind, Bot("https://hs.example", token), room, {"msgtype": "m.text", "body": body},
+                   f"txn-{kind}-{token}-{room}-{body}")
 
 
 class FakeTransport:
@@ -186,7 +187,7 @@ async def test_pending_messages_are_bounded():
     dispatcher = Dispatcher(transport, max_pending=5, metrics=metrics)
     accepted = [dispatcher.submit(command(f"#r{i % 2}:x", str(i))) for i in range(8)]
     assert accepted == [True] * 5 + [False] * 3
-    assert value(metrics, "bots_messages_failed_total", reason="overloaded") == 3
+    assert value(metrics, "bots_messages_given_up_total", reason="count") == 3
     transport.gate.set()
     await drain(dispatcher)
     assert len(transport.delivered) == 5
@@ -199,7 +200,7 @@ async def test_queues_are_released_once_empty():
         dispatcher.submit(command(f"#room{i}:x", "m"))
     await drain(dispatcher)
     await asyncio.sleep(0)
-    assert dispatcher._queues == {} and dispatcher._workers == {}
+    assert dispatcher._rooms == {} and dispatcher._workers == {}
 
 
 async def test_test_messages_use_a_fresh_client_and_publishes_a_cached_one():
@@ -233,7 +234,7 @@ async def test_close_abandons_what_does_not_finish_in_time(caplog):
     abandoned = await dispatcher.close(timeout=0.05)
     assert abandoned == 4
     assert transport.delivered == []
-    assert value(metrics, "bots_messages_failed_total", reason="shutdown") == 4
+    assert value(metrics, "bots_messages_given_up_total", reason="shutdown") == 4
     assert value(metrics, "bots_pending_messages") == 0
     assert "shutdown: messages not delivered" in caplog.text
 
@@ -251,7 +252,7 @@ async def test_a_slow_homeserver_cannot_take_every_slot():
     dispatcher = Dispatcher(transport, max_concurrent=4, max_per_server=2)
     slow = Bot("https://slow.example", "t")
     for i in range(10):
-        dispatcher.submit(Command("publish", slow, f"#r{i}:slow", {"body": f"slow-{i}"}))
+        dispatcher.submit(Command("publish", slow, f"#r{i}:slow", {"body": f"slow-{i}"}, f"slow-{i}"))
     for i in range(10):
         dispatcher.submit(command(f"#r{i}:x", f"fast-{i}"))
 

@@ -25,7 +25,8 @@ ALIAS = "#general:localhost"
 
 
 def cmd(server: str, room: str = ALIAS, body: str = "hello", token: str = "tok-1", kind: str = "publish"):
-    return Command(kind, Bot(server, token), room, {"msgtype": "m.text", "body": body})
+    return Command(kind, Bot(server, token), room, {"msgtype": "m.text", "body": body},
+                   f"txn-{kind}-{token}-{room}-{body}")
 
 
 def gateway(ttl: float = 300.0, size: int = 10, clock=None) -> Matrix:

@@ -1,7 +1,9 @@
 """HTML -> the plain-text `body` of a Matrix message."""
 
+import time
+
 import pytest
-from channels_bots.render import html_to_text
+from channels_bots.render import MAX_HTML_CHARS, MAX_INDENT_DEPTH, MAX_TEXT_CHARS, TRUNCATED, html_to_text
 
 
 @pytest.mark.parametrize(
@@ -30,7 +32,7 @@ def test_renders_readable_text(html, text):
     assert html_to_text(html) == text
 
 
-@pytest.mark.parametrize("html", ["<p>unclosed <b>bold", "</p></li></ul>stray", "<<<>>>", "<a href=", "<!-- x"])
+@pytest.mark.parametrize("html", ["<p>unclosed <b>bold", "</p></li></ul>stray", "<<<>>>", "<a href=", "<!-- x", "<p>unclosed <b>bold<![<![x"])
 def test_malformed_markup_never_raises_and_keeps_the_words(html):
     out = html_to_text(html)
     assert "<p>" not in out and "<b>" not in out
@@ -40,9 +42,61 @@ def test_malformed_markup_never_raises_and_keeps_the_words(html):
         assert out == "stray"
 
 
-def test_a_marked_section_of_an_unknown_kind_is_a_bogus_comment_not_an_exception():
-    # `<![x[` raised AssertionError from the standard library's parser,
-    # out of messages.parse (found by the property tests).
-    assert html_to_text("<p>a<![x[b</p>c") == "ac"
-    assert html_to_text("<p>a<![ y") == "a<![ y"  # unterminated: text, as for `<!x`
-    assert html_to_text("<![CDATA[kept]]>text") == "text"
+def test_nested_lists_indent_to_a_bounded_depth():
+    # 3000 nested lists once rendered to 9 M characters (each item indented by its depth).
+    out = html_to_text("<ul><li>x" * 3000)
+    assert len(out) <= MAX_TEXT_CHARS + len(TRUNCATED)
+    lines = out.split("\n")
+    assert max(len(line) - len(line.lstrip(" ")) for line in lines) <= 2 * MAX_INDENT_DEPTH
+    assert lines[0] == "- x" and lines[1] == "  - x"
+
+
+def test_nested_quotes_are_prefixed_to_a_bounded_depth():
+    out = html_to_text("<blockquote>x" * 3000)
+    assert len(out) <= MAX_TEXT_CHARS + len(TRUNCATED)
+    assert max(len(line) for line in out.split("\n") if line != TRUNCATED.strip()) <= 2 * MAX_INDENT_DEPTH + 1
+
+
+def test_an_over_long_text_is_cut_with_a_marker():
+    out = html_to_text("<p>" + "word " * 20_000 + "</p><p>last</p>")
+    assert out.endswith(TRUNCATED) and len(out) <= MAX_TEXT_CHARS + len(TRUNCATED)
+    assert out.startswith("word word") and "last" not in out
+    # So is one whose HTML is longer than is read.
+    out = html_to_text("<p>" + "<b>x</b>" * (MAX_HTML_CHARS // 8) + "</p><p>last</p>")
+    assert out.endswith(TRUNCATED) and "last" not in out and out.startswith("xxx")
+    # Text within the bound is whole, without a marker.
+    assert html_to_text("<p>" + "word " * 1000 + "</p>") == ("word " * 1000).strip()
+
+
+def _cpu_seconds(html: str, repeat: int) -> float:
+    # CPU time of this process, the best of a few runs: a ratio of two such
+    # sizes is what is compared, never an absolute time.
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.process_time()
+        html_to_text(html)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@pytest.mark.parametrize(
+    "unit, tail",
+    [
+        ("x<i>", ""),  # tag soup: one line of many pieces
+        ('x<a href="u">y</a>', ""),  # many links on one line
+        ('<a href="u">x', "</a>"),  # links opened inside links, closed at the end
+        ("<a", ""),  # a tag never closed (the stdlib parser's end-of-input recovery is quadratic)
+        ("<!--", ""),  # a comment never closed
+        ("</", ""),
+    ],
+)
+def test_rendering_is_linear_in_the_input(unit, tail):
+    # Counts are out of reach here (the cost was inside str.join and the
+    # stdlib parser), so: ten times the input may cost at most thirty times
+    # the CPU (a quadratic renderer costs about a hundred times).
+    n = 60_000 // len(unit + tail) // 10
+    small = unit * n + tail * n
+    big = unit * (10 * n) + tail * (10 * n)
+    assert not html_to_text(big).endswith(TRUNCATED)  # under the cap: the whole input is rendered
+    ratio = _cpu_seconds(big, 3) / max(_cpu_seconds(small, 5), 1e-4)
+    assert ratio < 30, ratio

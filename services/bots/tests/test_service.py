@@ -87,11 +87,13 @@ def test_sigterm_gives_up_on_sends_that_outlast_the_grace_period(redis_url, home
 def test_survives_a_redis_outage_and_delivers_afterwards(private_redis, homeserver, bots_process):
     homeserver.add_bot(TOKEN, ROOM)
     bots = bots_process(private_redis.url)
+    assert httpx.get(bots.url + "/readyz").json() == {"ready": True, "redis": True, "claims": True, "pending": 0}
     publish(private_redis.url, homeserver.url, "<p>before</p>")
     wait_for(lambda: homeserver.bodies(ROOM) == ["before"], 10, what="first message")
 
     private_redis.kill()
     wait_for(lambda: httpx.get(bots.url + "/readyz").status_code == 503, 20, what="readiness down")
+    wait_for(lambda: httpx.get(bots.url + "/readyz").json()["claims"] is False, 20, what="claims seen down")
     assert httpx.get(bots.url + "/healthz").status_code == 200
     down = bots.metrics()
     assert down["bots_ready"] == down["bots_redis_subscription_live"] == 0
@@ -117,3 +119,26 @@ def test_idle_clients_are_closed_by_the_sweeper(redis_url, homeserver, bots_proc
     )
     metrics = bots.metrics()
     assert metrics["bots_cached_clients"] == 0 and metrics["bots_open_clients"] == 0
+
+
+@pytest.mark.slow
+def test_not_ready_while_claims_cannot_be_made(redis_url, homeserver, bots_process):
+    """A Redis that takes the subscription but refuses scripts (an ACL
+    without EVALSHA, say): the bridge could not claim a room, so not ready."""
+    client = redis_sync.Redis.from_url(redis_url)
+    user = "bots-no-scripts"
+    client.acl_setuser(user, enabled=True, passwords=["+pw"], commands=["+@all", "-evalsha", "-eval"],
+                       keys=["*"], channels=["*"])
+    try:
+        parts = redis_url.split("://", 1)[1].split("/", 1)
+        limited = f"redis://{user}:pw@{parts[0].split('@')[-1]}/{parts[1] if len(parts) > 1 else '0'}"
+        bots = ServiceProcess("channels-bots", free_port(), {"REDIS_URL": limited, "LOG_LEVEL": "INFO"}).start()
+        try:
+            wait_for(lambda: httpx.get(bots.url + "/readyz").json().get("redis") is True, 20, what="subscribed")
+            answer = httpx.get(bots.url + "/readyz")
+            assert answer.status_code == 503 and answer.json()["claims"] is False
+        finally:
+            bots.stop()
+    finally:
+        client.acl_deluser(user)
+        client.close()

@@ -49,7 +49,7 @@ class Auth:
         self.gate.set()
         self.asked = []
 
-    async def authenticate(self, token, name):
+    async def authenticate(self, token, name, caller=None):
         self.asked.append(name)
         await self.gate.wait()
         if token == "ro":

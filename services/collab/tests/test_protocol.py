@@ -127,7 +127,8 @@ def test_awareness_update():
     ]
 
 
-@pytest.mark.parametrize("update", [b"", b"\x01\x05", b"\x01\x05\x02\x05{bad}", b"\x01\x05\x02\x09{\"a\":", b"\xff\x01"])
+@pytest.mark.parametrize("update", [b"", b"\x01\x05", b"\x01\x05\x02\x05{bad}", b"\x01\x05\x02\x09{\"a\":", b"\xff\x01",
+                                    b"\x01\x05\x02\xa0\x9c\x01" + b"[" * 20_000])
 def test_bad_awareness_update_raises(update):
     with pytest.raises(p.HocuspocusProtocolError):
         p.decode_awareness_update(update)

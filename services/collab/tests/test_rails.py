@@ -77,6 +77,12 @@ async def test_read_only_answer(body):
     assert decision.allowed and decision.readonly
 
 
+@pytest.mark.parametrize("body", [b"[" * 4000, b'{"scope": ' * 300 + b'"readonly"' + b"}" * 300, b"{oops"])
+async def test_an_unreadable_200_body_allows_read_write(body):
+    decision, _ = await decide([(200, body)])
+    assert decision.allowed and decision.scope == "read-write"
+
+
 @pytest.mark.parametrize("status", [401, 403, 404, 500, 302])
 async def test_anything_but_200_denies(status):
     decision, _ = await decide([(status, b"{}")])
@@ -140,3 +146,75 @@ def test_tls_is_verified_unless_rails_is_plain_http():
                           ("http://rails:3000", False), ("HTTP://rails:3000", False)):
         auth = RailsAuthenticator(url, timeout_seconds=1)
         assert (auth._verify is not False) is verified, url
+
+
+# ------------------------------------------------------------ the fair share
+
+
+async def test_fair_share_caps_each_caller_and_serves_callers_in_turn():
+    from channels_collab.rails import FairShare
+
+    share = FairShare(size=4, per_caller=2)
+    order = []
+
+    async def call(caller, i, release_after: asyncio.Event):
+        await share.acquire(caller)
+        order.append((caller, i))
+        await release_after.wait()
+        share.release(caller)
+
+    done = asyncio.Event()
+    hog = [asyncio.create_task(call("hog", i, done)) for i in range(10)]
+    await asyncio.sleep(0)
+    assert order == [("hog", 0), ("hog", 1)] and share.running == 2  # its cap, not the whole pool
+    others = [asyncio.create_task(call(name, 0, done)) for name in ("a", "b")]
+    await asyncio.sleep(0)
+    assert share.running == 4 and ("a", 0) in order and ("b", 0) in order
+    late = asyncio.create_task(call("c", 0, done))
+    await asyncio.sleep(0)
+    assert ("c", 0) not in order and share.waiting == 9
+    done.set()
+    await asyncio.gather(*hog, *others, late)
+    # Once slots freed, "c" came before the hog's eight other waits.
+    assert order.index(("c", 0)) < order.index(("hog", 4))
+    assert share.running == 0 and share.waiting == 0
+
+
+async def test_fair_share_cancelled_waits_take_nothing():
+    from channels_collab.rails import FairShare
+
+    share = FairShare(size=1, per_caller=1)
+    await share.acquire("a")
+    waiting = [asyncio.create_task(share.acquire("b")) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert share.waiting == 3
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert share.waiting == 0
+    share.release("a")
+    assert share.running == 0
+    # Granted and cancelled in the same turn: the slot comes back.
+    await share.acquire("a")
+    granted = asyncio.create_task(share.acquire("b"))
+    await asyncio.sleep(0)
+    share.release("a")  # grants "b"
+    granted.cancel()
+    await asyncio.gather(granted, return_exceptions=True)
+    assert share.running == 0 and share.held("b") == 0
+
+
+async def test_one_caller_holds_at_most_its_share_of_rails():
+    async with FakeRails([], delay=0.2) as rails:
+        auth = RailsAuthenticator(rails.url, timeout_seconds=5, max_concurrent=8, max_per_caller=2)
+        try:
+            hog = object()
+            calls = [auth.authenticate("1,s", f"comment-{i}", caller=hog) for i in range(6)]
+            other = auth.authenticate("2,s", "comment-other", caller=object())
+            results = await asyncio.gather(*calls, other)
+        finally:
+            await auth.aclose()
+    assert all(r.allowed for r in results)
+    assert rails.most_in_flight == 3  # the hog's two, and the other caller's one
+    # The other caller was not queued behind the hog's six.
+    assert [r[1]["document_name"] for r in rails.requests].index("comment-other") <= 2

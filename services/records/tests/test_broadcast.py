@@ -102,6 +102,26 @@ def test_floor_skips_live_copies_of_replayed_events_until_caught_up():
     assert b.floors == {}
 
 
+def test_a_floor_with_the_replayed_offsets_skips_only_those():
+    """Issue 25: a live copy at or below the floor that the replay did not
+    carry (its offset belongs to another event) is sent, not lost."""
+    engine = make_engine(1)
+    b = Broadcaster(
+        engine, make_rooms({"g": ["e0"]}), limit_bytes=1000, on_overflow=lambda e: None,
+        order_key=lambda o: tuple(int(x) for x in o.split("-")),
+    )
+    b.set_floor("e0", "5-0", {"4-0", "5-0"})
+    b.to_room("g", '2["records",4,"4-0"]', "4-0")
+    b.to_room("g", '2["records",2,"2-0"]', "2-0")
+    b.to_room("g", '2["records",5,"5-0"]', "5-0")
+    b.to_room("g", '2["records",6,"6-0"]', "6-0")
+    assert drain(engine.sockets["e0"]) == ['42["records",2,"2-0"]', '42["records",6,"6-0"]']
+    assert b.floors == {} and b.floor_offsets == {}
+    b.set_floor("e0", "9-0", {"9-0"})
+    b.forget("e0")
+    assert b.floors == {} and b.floor_offsets == {}
+
+
 def on_websocket(sock):
     sock.go_direct(FakeTransport(reads=False))
     return sock.transport

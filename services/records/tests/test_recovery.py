@@ -722,3 +722,49 @@ async def test_open_session_reads_the_token_and_restores_the_rooms_it_gives(clie
     pid2, _, raw2 = await a.open_session("sid-u", "no-such-token")
     assert raw2 is None
     assert (await a.restore(pid2, "no-such-token", None)).rooms == ["notice"]
+
+
+async def redis_ms(redis) -> int:
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def test_an_occurrence_logged_just_before_an_instance_listens_is_never_its_next_one(clients, redis):
+    """Issue 25: Rails republished a payload while this instance restarted.
+    The occurrence logged before it subscribed (here 1 ms before, well inside
+    the old start grace) is not one it will see: its first sighting is the
+    next occurrence, whose offset every instance shares."""
+    a, b = stores(clients)[:2]
+    data = record("group-1", 1)
+    o1 = await log_message(a, "group-1", "records", data)
+    await asyncio.sleep(0.002)
+    b.listening_since(await redis_ms(redis))  # b's SUBSCRIBE goes through now
+    o2 = await log_message(b, "group-1", "records", data)
+    assert await log_message(a, "group-1", "records", data) == o2 != o1
+    # and the other way round: the instance that kept listening logs first
+    o3 = await log_message(a, "group-1", "records", data)
+    assert await log_message(b, "group-1", "records", data) == o3
+    assert [e[0] for e in await stream(redis, "group-1")] == [o1, o2, o3]
+
+
+async def test_within_an_epoch_every_instance_counts_from_zero(clients, redis):
+    """Issue 25: a restarted instance (c) begins epoch 2 with its marker;
+    the others switch at the same place in the pub/sub order. Occurrences of
+    epoch 1, even logged late by a lagging instance (b), are never taken for
+    epoch 2's, and epoch 2's first occurrence is every instance's first."""
+    a, b, c = stores(clients)
+    data = record("group-1", 1)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    o1 = await log_message(a, "group-1", "records", data)
+    for s in (a, c):
+        s.set_epoch(2)
+    o2 = await log_message(a, "group-1", "records", data)  # published after c's marker
+    assert await log_message(c, "group-1", "records", data) == o2 != o1
+    assert await log_message(b, "group-1", "records", data) == o1  # b lags: epoch 1's occurrence
+    b.set_epoch(2)
+    assert await log_message(b, "group-1", "records", data) == o2
+    o3 = await log_message(c, "group-1", "records", data)  # c first this time
+    assert await log_message(a, "group-1", "records", data) == o3
+    assert await log_message(b, "group-1", "records", data) == o3
+    assert [e[0] for e in await stream(redis, "group-1")] == [o1, o2, o3]

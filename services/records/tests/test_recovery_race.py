@@ -56,3 +56,105 @@ async def test_nothing_missed_and_something_broadcast_meanwhile():
     c = make(store, relayed="5-0")
     missed = await c._missed_meanwhile(RecoveryRequest("p" * 20, "4-0"), "tok", [])
     assert [e.offset for e in missed] == ["5-0"] and store.reads == ["4-0"]
+
+
+class Metrics:
+    def __init__(self):
+        self.seen = []
+        outer = self
+
+        class Counter:
+            def __init__(self, label):
+                self.label = label
+
+            def inc(self):
+                outer.seen.append(self.label)
+
+            def dec(self):
+                outer.seen.append("-" + self.label)
+
+        self.recoveries = types.SimpleNamespace(labels=lambda label: Counter(label))
+        self.connected = Counter("connected")
+
+
+def wired(store, feed):
+    from channels_records.broadcast import Broadcaster
+    from channels_records.sockets import Engine, EngineSocket, Rooms
+
+    engine = Engine()
+    engine.sockets["e0"] = EngineSocket(engine, "e0", "", "polling")
+    rooms = Rooms()
+    broadcaster = Broadcaster(engine, rooms, limit_bytes=10_000, on_overflow=lambda e: None, order_key=offset_key)
+    metrics = Metrics()
+    c = Connections(engine, rooms, broadcaster, None, metrics, store, order_key=offset_key,
+                    relayed_offset=lambda: None, feed=feed)
+    return c, engine.sockets["e0"], rooms, broadcaster, metrics
+
+
+async def test_no_recovery_while_the_subscription_is_down():
+    """Issue 25: what is published before the subscription is live never
+    reaches this instance; the log read alone would leave a silent gap."""
+    store = Store([ev("1-0")])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: None)
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is False
+    assert store.reads == [] and metrics.seen == ["refused"]
+    assert rooms.sid_of == {} and sock.pending == []
+
+
+async def test_a_subscription_lost_during_the_recovery_gives_a_fresh_session():
+    store = Store([ev("1-0")])
+    generations = iter([3, 4])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: next(generations))
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is False
+    assert metrics.seen == ["refused"]
+    assert rooms.sid_of == {} and rooms.members == {} and sock.pending == []
+    assert "e0" in broadcaster.held  # still held for the fresh CONNECT that follows
+
+
+async def test_a_recovery_on_a_steady_subscription_replays_then_releases():
+    store = Store([ev("1-0"), ev("2-0")])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: 7)
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is True
+    assert sock.take_pending() == ['40{"sid":"s","pid":"' + "p" * 20 + '"}', '42["records",{},"1-0"]',
+                                   '42["records",{},"2-0"]']
+    assert broadcaster.floor_offsets == {"e0": frozenset({"1-0", "2-0"})}
+    assert "recovered" in metrics.seen and "e0" not in broadcaster.held
+    assert rooms.of_sid == {"s": {"g"}}
+
+
+async def test_anything_relayed_during_the_read_means_a_second_read_whatever_its_offset():
+    """Issue 25: a copy relayed with an older event's offset (a dedup that
+    matched the wrong occurrence) must not hide that something went out."""
+    store = Store([ev("1-0"), ev("2-0"), ev("3-0")])
+    c = make(store, relayed="1-0")
+    missed = await c._missed_meanwhile(
+        RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0"), ev("2-0")], relayed_meanwhile=True
+    )
+    assert [e.offset for e in missed] == ["1-0", "2-0", "3-0"] and store.reads == ["2-0"]
+
+
+async def test_a_failed_second_read_is_no_replay():
+    class Failing(Store):
+        async def restore(self, pid, token, offset):
+            raise OSError("redis went away")
+
+    c = make(Failing([]), relayed="3-0")
+    assert await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")]) is None
+
+
+async def test_a_recovery_waits_a_moment_for_the_subscription():
+    store = Store([ev("1-0")])
+    live = []
+
+    async def wait_feed(timeout):
+        live.append(timeout)
+
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: 1 if live else None)
+    c.wait_feed = wait_feed
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is True
+    assert live == [c.lookup_timeout] and store.reads == ["0-1"] and "recovered" in metrics.seen
+    assert sock.take_pending()[1:] == ['42["records",{},"1-0"]'] and rooms.of_sid == {"s": {"g"}}

@@ -152,3 +152,34 @@ async def test_a_store_that_answers_at_once_still_keeps_the_order():
         (1, None), (2, None), (3, None),
     ]
     assert not relay._in_flight
+
+
+class EpochStore(ManualStore):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def log_batch(self, messages, on_done):
+        super().log_batch(messages, on_done)
+        self.calls[-1] = (self.calls[-1][0], self.calls[-1][1], self.epochs[-1] if self.epochs else None)
+
+    def set_epoch(self, epoch):
+        self.epochs.append(epoch)
+
+
+async def test_an_epoch_marker_splits_a_batch_and_is_never_broadcast():
+    """Issue 25: what came before a marker is logged in the old epoch, what
+    follows in the new one, in publish order."""
+    store, out = EpochStore(), Recorder()
+    relay = Relay(out, Metrics(), store, epoch_channel="recovery:epoch")
+    marker = Message(channel="recovery:epoch", data=b"7", pattern=None)
+    garbage = Message(channel="recovery:epoch", data=b"seven", pattern=None)
+    relay.handle_batch([record(0), record(1), marker, record(2)])
+    relay.handle_batch([garbage, record(3)])
+    assert [(n, epoch) for n, _, epoch in store.calls] == [([0, 1], None), (2, 7), (3, None)]
+    assert store.epochs == [7, None]  # a marker that is not ours: back to the start-time count
+    store.calls[0][1].set_result(["1-0", "2-0"])
+    for i, (_, answer, _) in enumerate(store.calls[1:], start=3):
+        answer.set_result(f"{i}-0")
+    await settle(5)
+    assert [o for _, _, o in out.sent] == ["1-0", "2-0", "3-0", "4-0"]

@@ -3,14 +3,17 @@ at boot (`/current_users/{token}`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
+
+from . import jsonin
 
 log = logging.getLogger("channels.auth")
 
 CURRENT_USER_KEY = "/current_users/{token}"
 MAX_TOKEN_LENGTH = 256
+# A user record is a few ids; one in a thousand groups is some 10 KB.
+MAX_USER_RECORD_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +36,9 @@ def parse_current_user(raw: bytes | str | None) -> ChannelUser | None:
     if raw is None:
         return None
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        log.warning("unparseable current user record", extra={"size": len(raw)})
+        data = jsonin.loads(raw, max_bytes=MAX_USER_RECORD_BYTES)
+    except jsonin.JSONInputError as exc:
+        log.warning("unparseable current user record", extra={"size": len(raw), "reason": exc.reason})
         return None
     if not isinstance(data, dict):
         log.warning("current user record is not an object", extra={"size": len(raw)})

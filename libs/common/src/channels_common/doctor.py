@@ -5,7 +5,8 @@ one ✓/✗ line per check, from the environment the services read.
 
 Checks: Redis answers (and its version); its eviction policy and persistence
 suit recovery logs and collab drafts; `/current_users/*` values look like
-Rails writes them (a bounded sample); Rails' /api/hocuspocus refuses a wrong
+Rails writes them (a bounded sample); how many claim keys the bots keep
+(each must expire within the dedupe window); Rails' /api/hocuspocus refuses a wrong
 secret; PUBLIC_APP_URL is an origin; each service's port is free or served by
 that service. Exit status 1 when any check fails (✗); warnings (!) do not.
 
@@ -29,7 +30,8 @@ import httpx
 import redis
 from redis.exceptions import ResponseError
 
-from .auth import CURRENT_USER_KEY, valid_token
+from . import jsonin
+from .auth import CURRENT_USER_KEY, MAX_USER_RECORD_BYTES, valid_token
 from .settings import BotsSettings, CollabSettings, RecordsSettings
 
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
@@ -105,8 +107,8 @@ def judge_current_user(token: str, raw: bytes | None) -> str | None:
     if raw is None:
         return "not a string value"
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        data = jsonin.loads(raw, max_bytes=MAX_USER_RECORD_BYTES)
+    except jsonin.JSONInputError:
         return "not JSON"
     if not isinstance(data, dict):
         return "not a JSON object"
@@ -133,6 +135,21 @@ def judge_current_users(sampled: int, problems: Counter) -> Check:
     bad = sum(problems.values())
     reasons = ", ".join(f"{reason} ({count})" for reason, count in problems.most_common())
     return Check(name, FAIL, f"{bad} of {sampled} sampled are not as Rails writes them: {reasons}")
+
+
+def judge_bots_claims(rooms: int, messages: int, without_ttl: int, complete: bool, window: float,
+                      sample_bytes: float | None) -> Check:
+    """The bots' claim keys: counted (a bounded SCAN), all with a TTL. They
+    number about rooms + messages heard per window, which bounds them."""
+    name = "bots claim keys"
+    count = rooms + messages
+    about = "" if complete else "at least "
+    size = f", about {count * sample_bytes / 1024:.0f} KiB" if sample_bytes is not None and count else ""
+    summary = f"{about}{count} ({rooms} rooms, {messages} messages{size}) for a {window / 3600:g} h dedupe window"
+    if without_ttl:
+        return Check(name, WARN, f"{summary}; {without_ttl} sampled without an expiry (every one should expire "
+                                 "on its own: a bots version mismatch, or a key written by hand?)")
+    return Check(name, OK, f"{summary}, each expiring on its own (bounded by window x message rate)")
 
 
 def judge_rails_status(where: str, status: int) -> Check:
@@ -237,6 +254,35 @@ def check_current_users(client: redis.Redis) -> Check:
     return judge_current_users(len(keys), problems)
 
 
+def check_bots_claims(client: redis.Redis, bots: BotsSettings) -> Check:
+    prefix = bots.redis_prefix
+    rooms = messages = 0
+    sample: list[bytes] = []
+    cursor, complete = 0, False
+    for _ in range(MAX_SCAN_CALLS):
+        cursor, batch = client.scan(cursor, match=prefix + "*", count=SCAN_COUNT)
+        for key in batch:
+            kind = key[len(prefix):].split(b":", 1)[0]
+            rooms += kind == b"room"
+            messages += kind == b"msg"
+        sample.extend(batch[: MAX_SAMPLED_KEYS - len(sample)])
+        if cursor == 0:
+            complete = True
+            break
+    without_ttl, sizes = 0, []
+    if sample:
+        pipe = client.pipeline(transaction=False)
+        for key in sample:
+            pipe.pttl(key)
+        without_ttl = sum(1 for ttl in pipe.execute() if ttl == -1)
+        try:
+            sizes = [client.memory_usage(key) or 0 for key in sample[:20]]
+        except ResponseError:
+            sizes = []
+    average = sum(sizes) / len(sizes) if sizes else None
+    return judge_bots_claims(rooms, messages, without_ttl, complete, bots.dedupe_window_seconds, average)
+
+
 def check_rails(collab: CollabSettings, timeout: float) -> Check:
     base = collab.rails_base_url
     if not base:
@@ -288,12 +334,13 @@ def diagnose(host: str, ports: dict[str, int], timeout: float) -> list[Check]:
     records, collab = RecordsSettings(), CollabSettings()
     checks, client = check_redis(records.redis_url, timeout)
     if client is None:
-        for name in ("redis eviction policy", "redis persistence", "/current_users/* keys"):
+        for name in ("redis eviction policy", "redis persistence", "/current_users/* keys", "bots claim keys"):
             checks.append(Check(name, SKIP, "Redis unreachable"))
     else:
         try:
             checks += check_redis_config(client)
             checks.append(check_current_users(client))
+            checks.append(check_bots_claims(client, BotsSettings()))
         except (redis.RedisError, OSError) as exc:
             checks.append(Check("redis", FAIL, f"failed while checking ({type(exc).__name__})"))
         finally:

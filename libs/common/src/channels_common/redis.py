@@ -179,7 +179,19 @@ class Subscription:
     called from the socket's read callback; one that returns an awaitable
     holds the feed (reading pauses) until the awaitable is done.
     `on_live` is called each time the subscription (re)becomes live, so that
-    a service can redo work that needed Redis during an outage.
+    a service can redo work that needed Redis during an outage. With
+    `read_clock`, `subscribed_at_ms` is then the Redis clock read on the
+    subscription's own connection just before its SUBSCRIBE (None if Redis
+    would not tell): every message published from then on reaches this
+    subscription, none published before that time does. `generation` counts
+    the times it became live.
+
+    With `epoch_channel`, the SUBSCRIBE goes in one MULTI with a script that
+    increments the key of that name and publishes the new number on the
+    channel of that name (subscribed too): every subscriber of it, this one
+    first, gets that marker exactly where this subscription begins in the
+    order of everything published (the first message handed over). Should
+    Redis refuse it or leave it out, the next attempt subscribes without.
 
     A connection that stays silent for `idle_ping_seconds` gets a PING; one
     that stays silent after that is taken for dead and replaced.
@@ -194,7 +206,12 @@ class Subscription:
     batch_handler: BatchHandler | None = None
     max_backoff: float = 5.0
     idle_ping_seconds: float = 10.0
+    read_clock: bool = False
+    epoch_channel: str | None = None
     live: bool = field(default=False, init=False)
+    subscribed_at_ms: int | None = field(default=None, init=False)
+    generation: int = field(default=0, init=False)
+    _clock_reply: asyncio.Future | None = field(default=None, init=False, repr=False)
     _task: asyncio.Task | None = field(default=None, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _live_event: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
@@ -258,6 +275,7 @@ class Subscription:
                 )
                 first = False
                 attempt = 0
+                self.generation += 1
                 self.live = True
                 self._live_event.set()
                 if self.on_live:
@@ -285,7 +303,7 @@ class Subscription:
                 self.live = False
                 self._live_event.clear()
                 self._link = None
-                self._early = self._pong = None
+                self._early = self._pong = self._clock_reply = None
                 if watchdog is not None:
                     watchdog.cancel()
                 # A handler still holding the feed carries on: what this
@@ -307,9 +325,22 @@ class Subscription:
     async def _subscribe(self, link: RespConnection) -> None:
         """Subscribe, then PING: its reply comes after every confirmation,
         so once it is in, the subscription is live. Messages that arrived
-        before it wait in _early, to be handled once live."""
+        before it wait in _early, to be handled once live. With read_clock,
+        a TIME goes first on the same connection: Redis runs it just before
+        the SUBSCRIBE, so no message published after it is missed."""
         commands = []
-        if self.channels:
+        if self.read_clock:
+            commands.append(pack_command("TIME"))
+            self._clock_reply = asyncio.get_running_loop().create_future()
+        self.subscribed_at_ms = None
+        if self.epoch_channel:
+            commands += [
+                _MULTI,
+                pack_command("SUBSCRIBE", *self.channels, self.epoch_channel),
+                pack_command("EVAL", _EPOCH_SCRIPT, 1, self.epoch_channel, self.epoch_channel),
+                _EXEC,
+            ]
+        elif self.channels:
             commands.append(pack_command("SUBSCRIBE", *self.channels))
         if self.patterns:
             commands.append(pack_command("PSUBSCRIBE", *self.patterns))
@@ -323,15 +354,32 @@ class Subscription:
             await link.closed  # raises why
             raise EOFError("redis closed the connection")
         self._pong = None
+        if self.epoch_channel and not (self._early and self._early[0].channel == self.epoch_channel):
+            # Published inside the EXEC, the marker comes before the PING's reply.
+            log.warning("no epoch marker from redis: subscribing without one from now on")
+            self.epoch_channel = None
+            raise EOFError("no epoch marker")
+        if self._clock_reply is not None:
+            # Answered before the PING: done by now.
+            reply, self._clock_reply = self._clock_reply.result() if self._clock_reply.done() else None, None
+            self.subscribed_at_ms = _clock_ms(reply)
 
     def _on_replies(self, replies: list) -> None:
         self._heard = True
         messages = []
+        clock = self._clock_reply
+        if clock is not None and not clock.done() and replies:
+            # The TIME sent ahead of the SUBSCRIBE answers first.
+            clock.set_result(replies[0])
+            replies = replies[1:]
         for reply in replies:
             try:
                 message = _message(reply)
             except ReplyError as exc:
                 log.warning("redis refused a subscription command", extra={"error": str(exc)})
+                if self.epoch_channel and self._pong is not None:
+                    log.warning("subscribing without an epoch marker from now on")
+                    self.epoch_channel = None
                 if self._link is not None:
                     self._link.abort(exc)
                 return
@@ -420,6 +468,10 @@ _HOLD_LIMIT_BYTES = 8 * 1024 * 1024
 # The largest message a subscriber accepts; Redis itself allows 512 MB.
 _MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _PING = pack_command("PING")
+_MULTI = pack_command("MULTI")
+_EXEC = pack_command("EXEC")
+# KEYS[1]: the epoch counter; ARGV[1]: the channel its new value goes to.
+_EPOCH_SCRIPT = "local n = redis.call('INCR', KEYS[1]) redis.call('PUBLISH', ARGV[1], n) return n"
 _MESSAGE = b"message"
 _PMESSAGE = b"pmessage"
 
@@ -442,6 +494,13 @@ def _message(reply) -> Message | None:
 def _mark_retrieved(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _clock_ms(reply) -> int | None:
+    """Milliseconds of a TIME reply ([seconds, microseconds]); None for anything else."""
+    if isinstance(reply, list) and len(reply) == 2 and all(isinstance(x, bytes) and x.isdigit() for x in reply):
+        return int(reply[0]) * 1000 + int(reply[1]) // 1000
+    return None
 
 
 def _is_pong(reply) -> bool:

@@ -38,8 +38,12 @@ def pack_command(*args: bytes | str | int) -> bytes:
     return b"".join(parts)
 
 
-class _Incomplete(Exception):
-    pass
+class _Incomplete:
+    """Returned, never raised, where a reply is not all there yet: an
+    exception instance raised again and again would keep every frame it
+    passed through (and their bytes) alive on its traceback."""
+
+    __slots__ = ()
 
 
 _INCOMPLETE = _Incomplete()
@@ -101,52 +105,52 @@ class ReplyReader:
         replies: list = []
         stack = self._stack
         pos = 0
-        try:
-            while pos < len(buf):
-                if not stack:
-                    # Most replies arrive whole: read them in one go, and
-                    # only a cut one element by element (once, then resumed).
-                    try:
-                        value, pos = self._whole(buf, pos)
-                        if value is not _ATTRIBUTE:
-                            replies.append(value)
-                        continue
-                    except _Incomplete:
-                        pass
-                value, pos = self._element(buf, pos)
-                if type(value) is _Frame:
-                    if len(stack) >= self._max_depth:
-                        raise RespProtocolError(f"RESP aggregates nested deeper than {self._max_depth}")
-                    stack.append(value)
+        while pos < len(buf):
+            if not stack:
+                # Most replies arrive whole: read them in one go, and
+                # only a cut one element by element (once, then resumed).
+                value, end = self._whole(buf, pos)
+                if value is not _INCOMPLETE:
+                    pos = end
+                    if value is not _ATTRIBUTE:
+                        replies.append(value)
                     continue
-                while True:
-                    if not stack:
-                        if value is not _ATTRIBUTE:
-                            replies.append(value)
-                        break
-                    if value is _ATTRIBUTE:
-                        break  # before an element: not one of the aggregate's
-                    top = stack[-1]
-                    top.items.append(value)
-                    top.left -= 1
-                    if top.left:
-                        break
-                    stack.pop()
-                    value = top.value()
-        except _Incomplete:
-            pass
+            value, end = self._element(buf, pos)
+            if value is _INCOMPLETE:
+                break
+            pos = end
+            if type(value) is _Frame:
+                if len(stack) >= self._max_depth:
+                    raise RespProtocolError(f"RESP aggregates nested deeper than {self._max_depth}")
+                stack.append(value)
+                continue
+            while True:
+                if not stack:
+                    if value is not _ATTRIBUTE:
+                        replies.append(value)
+                    break
+                if value is _ATTRIBUTE:
+                    break  # before an element: not one of the aggregate's
+                top = stack[-1]
+                top.items.append(value)
+                top.left -= 1
+                if top.left:
+                    break
+                stack.pop()
+                value = top.value()
         if pos:
             del buf[:pos]
         return replies
 
-    def _line(self, buf: bytearray, pos: int) -> tuple[bytes, int]:
+    def _line(self, buf: bytearray, pos: int):
+        """The line at `pos` and the position after it, or _INCOMPLETE."""
         # Searched no further than the longest line allowed: a longer one is
         # refused whether or not its end has arrived.
         end = buf.find(b"\r\n", pos, pos + _MAX_LINE + 2)
         if end < 0:
             if len(buf) - pos > _MAX_LINE + 1:
                 raise RespProtocolError("RESP line longer than 64 KiB")
-            raise _INCOMPLETE
+            return _INCOMPLETE, pos
         return bytes(buf[pos:end]), end + 2
 
     def _length(self, text: bytes, limit: int) -> int:
@@ -159,7 +163,8 @@ class ReplyReader:
         return n
 
     def _whole(self, buf: bytearray, pos: int, depth: int = 0):
-        """The whole reply at `pos` and the position after it."""
+        """The whole reply at `pos` and the position after it, or
+        _INCOMPLETE if it is not all there (its frames are dropped)."""
         value, pos = self._element(buf, pos)
         if type(value) is _Frame:
             if depth >= self._max_depth:
@@ -168,6 +173,8 @@ class ReplyReader:
             left = value.left
             while left:
                 item, pos = self._whole(buf, pos, depth + 1)
+                if item is _INCOMPLETE:
+                    return item, pos
                 if item is not _ATTRIBUTE:
                     items.append(item)
                     left -= 1
@@ -176,11 +183,14 @@ class ReplyReader:
 
     def _element(self, buf: bytearray, pos: int):
         """The value at `pos` and the position after it; for an aggregate
-        with elements to come, its _Frame."""
+        with elements to come, its _Frame; _INCOMPLETE if it is not all
+        there yet."""
         if pos >= len(buf):
-            raise _INCOMPLETE
+            return _INCOMPLETE, pos
         kind = buf[pos]
         line, pos = self._line(buf, pos + 1)
+        if line is _INCOMPLETE:
+            return line, pos
         self.headers_read += 1
         if kind == 36 or kind == 61:  # $ bulk string, = verbatim string
             n = self._length(line, self._max_bulk)
@@ -188,7 +198,7 @@ class ReplyReader:
                 return None, pos
             end = pos + n
             if len(buf) < end + 2:
-                raise _INCOMPLETE
+                return _INCOMPLETE, pos
             if buf[end : end + 2] != b"\r\n":
                 raise RespProtocolError("RESP bulk string not followed by CRLF")
             value = bytes(buf[pos:end])
@@ -224,7 +234,7 @@ class ReplyReader:
                 raise RespProtocolError(f"bad RESP length {line[:20]!r}")
             end = pos + n
             if len(buf) < end + 2:
-                raise _INCOMPLETE
+                return _INCOMPLETE, pos
             return ReplyError(bytes(buf[pos:end]).decode("utf-8", "replace")), end + 2
         raise RespProtocolError(f"unknown RESP type byte {kind!r}")
 

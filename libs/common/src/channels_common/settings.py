@@ -22,6 +22,13 @@ class CommonSettings(BaseSettings):
     # Seconds a service waits for in-flight work after SIGTERM before exiting.
     shutdown_grace_seconds: float = Field(5.0, validation_alias="SHUTDOWN_GRACE_SECONDS")
     host: str = Field("0.0.0.0", validation_alias="HOST")
+    # Seconds a client may take over a request's head (line and headers),
+    # counted from when its connection opens (or its next request begins);
+    # then 408 and the connection is closed (records and collab; httphead.py).
+    http_head_timeout_seconds: float = Field(10.0, gt=0, validation_alias="HTTP_HEAD_TIMEOUT_SECONDS")
+    # Connections in their request head at once, per process; past it the
+    # one waiting longest is closed.
+    http_max_pending_heads: int = Field(5000, gt=0, validation_alias="HTTP_MAX_PENDING_HEADS")
 
 
 def _networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -149,8 +156,31 @@ class BotsSettings(CommonSettings):
     retry_max_seconds: float = Field(30.0, validation_alias="BOTS_RETRY_MAX_SECONDS")
     # Seconds one request to a homeserver may take.
     request_timeout_seconds: float = Field(30.0, validation_alias="BOTS_REQUEST_TIMEOUT_SECONDS")
-    # Messages queued or in flight; further ones are dropped with a log line.
-    max_pending_messages: int = Field(10000, validation_alias="BOTS_MAX_PENDING_MESSAGES")
+    # What an instance keeps of the messages it heard (its own to post, and
+    # copies for a takeover) until it sees them done: at most this many, this
+    # many bytes of payload, this old. Beyond a bound a message is dropped and logged.
+    max_pending_messages: int = Field(10000, gt=0, validation_alias="BOTS_MAX_PENDING_MESSAGES")
+    max_pending_bytes: int = Field(64 * 1024 * 1024, gt=0, validation_alias="BOTS_MAX_PENDING_BYTES")
+    max_pending_age_seconds: float = Field(3600.0, gt=0, validation_alias="BOTS_MAX_PENDING_AGE_SECONDS")
+    # Several instances share the work through claims in Redis (docs/bots.md).
+    # A room's claim lasts this long unless renewed; a dead instance's rooms
+    # are taken over after it.
+    claim_lease_seconds: float = Field(10.0, gt=0, validation_alias="BOTS_CLAIM_LEASE_SECONDS")
+    # Identical publishes (same channel and payload) within this window count
+    # as one; the claim keys live this long. Synapse remembers transaction ids
+    # for 24 hours, so a shorter window does not make repeats post again there.
+    dedupe_window_seconds: float = Field(86400.0, gt=0, validation_alias="BOTS_DEDUPE_WINDOW_SECONDS")
+    # Seconds after the subscription (re)starts before what it heard is given
+    # a place in its room's order: instances that heard earlier messages of
+    # the room register them first.
+    settle_seconds: float = Field(1.0, ge=0, validation_alias="BOTS_SETTLE_SECONDS")
+    redis_prefix: str = Field("bots:", validation_alias="BOTS_REDIS_PREFIX")
+
+    @model_validator(mode="after")
+    def _window_outlasts_what_is_kept(self) -> BotsSettings:
+        if self.dedupe_window_seconds <= self.max_pending_age_seconds:
+            raise ValueError("BOTS_DEDUPE_WINDOW_SECONDS must be longer than BOTS_MAX_PENDING_AGE_SECONDS")
+        return self
 
 
 class PlaygroundSettings(CommonSettings):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 from urllib.parse import unquote
 
 from . import closecodes, wsframe
@@ -417,6 +418,41 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
         else:
             raise RuntimeError(f"unexpected ASGI message {kind!r} on an open websocket")
+
+
+# A peer's FIN (POLLRDHUP, Linux) or RST (POLLERR, POLLHUP), seen by poll
+# even behind bytes not read yet.
+_HUNG_UP = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+
+def abort_hung_up(protocols: list[LeanWebSocketProtocol]) -> int:
+    """Abort those of `protocols` whose reading is paused and whose peer
+    has hung up; how many. While paused, the transport reads nothing, so a
+    FIN or an RST waits unseen behind the unread bytes until a write fails;
+    the owner's sweep calls this instead (one poll for all). An aborted
+    socket reports connection_lost as usual, so its owner lets it go."""
+    poller = select.poll()
+    by_fd = {}
+    for proto in protocols:
+        transport = proto.transport
+        if not proto.read_paused or transport is None or transport.is_closing():
+            continue
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            continue
+        fd = sock.fileno()
+        if fd < 0:
+            continue
+        by_fd[fd] = proto
+        poller.register(fd, _HUNG_UP)
+    if not by_fd:
+        return 0
+    gone = 0
+    for fd, events in poller.poll(0):
+        if events & _HUNG_UP and fd in by_fd:
+            by_fd[fd].transport.abort()
+            gone += 1
+    return gone
 
 
 class KeepAlive:

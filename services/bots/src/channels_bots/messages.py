@@ -6,12 +6,14 @@ short reason that is safe to log (never the access token, never the payload).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 
-from .render import html_to_text
+from channels_common import jsonin
+
+from .render import TRUNCATED, html_to_text
 
 TEST_CHANNEL = "chatbot/test"
 PUBLISH_CHANNEL = "chatbot/publish"
@@ -19,6 +21,10 @@ CHANNELS = (TEST_CHANNEL, PUBLISH_CHANNEL)
 
 # Matrix caps an event at 64 KiB; a payload far beyond that is not a message.
 MAX_PAYLOAD_BYTES = 256 * 1024
+# What the content of one event may take (its canonical JSON, UTF-8): Matrix
+# refuses an event over 64 KiB, and room, sender, hashes and signatures
+# need the rest.
+MAX_CONTENT_BYTES = 60 * 1024
 MAX_SERVER_LENGTH = 2048
 MAX_TOKEN_LENGTH = 4096
 # `#alias:server` (the server part may carry a port) or a room id: `!opaque:server`,
@@ -56,9 +62,9 @@ class Command:
     bot: Bot
     room: str  # as Rails gave it: an alias or a room id
     content: dict = field(repr=False)
-    # Fixed when the message is received, so every retry is the same
-    # transaction to the homeserver and can never post twice.
-    txn_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # The message's identity (transaction_id): every attempt, by any
+    # instance, is the same transaction to the homeserver.
+    txn_id: str
 
     @property
     def fresh_client(self) -> bool:
@@ -68,6 +74,14 @@ class Command:
     @property
     def queue_key(self) -> tuple[str, str]:
         return (self.bot.server, self.room)
+
+
+def transaction_id(channel: str, data: bytes) -> str:
+    """The Matrix transaction id of a message, from the message itself (its
+    channel and payload bytes): the same publish gets the same id in every
+    instance and every version of the service."""
+    digest = hashlib.sha256(channel.encode() + b"\0" + data).hexdigest()
+    return "lc1" + digest[:40]
 
 
 def _text_field(obj: dict, name: str, where: str) -> str:
@@ -90,6 +104,25 @@ def _bot_and_room(obj: dict, where: str) -> tuple[Bot, str]:
     return Bot(server=server, access_token=token), room
 
 
+def _content_bytes(content: dict) -> int:
+    return len(json.dumps(content, ensure_ascii=False).encode())
+
+
+def _fitted(content: dict) -> dict:
+    """`content` if it fits one event; else its plain text alone, cut (and
+    marked TRUNCATED) to fit. Each try is linear; the cut is proportional,
+    so a few tries at most."""
+    if _content_bytes(content) <= MAX_CONTENT_BYTES:
+        return content
+    text = content["body"].removesuffix(TRUNCATED)
+    plain = {"msgtype": content["msgtype"], "body": content["body"]}
+    while (size := _content_bytes(plain)) > MAX_CONTENT_BYTES:
+        keep = max(0, len(text) * MAX_CONTENT_BYTES // size - len(TRUNCATED) - 64)
+        text = text[:keep].rstrip()
+        plain["body"] = text + TRUNCATED
+    return plain
+
+
 def parse(channel: str, data: bytes) -> Command:
     """The command a chatbot/* message asks for, or `Rejected`."""
     if channel not in CHANNELS:
@@ -97,16 +130,17 @@ def parse(channel: str, data: bytes) -> Command:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise Rejected("too_large", f"{len(data)} bytes")
     try:
-        obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError):
-        raise Rejected("not_json") from None
+        obj = jsonin.loads(data, max_bytes=MAX_PAYLOAD_BYTES)
+    except jsonin.JSONInputError as exc:
+        raise Rejected("not_json", exc.reason) from None
     if not isinstance(obj, dict):
         raise Rejected("incomplete", "payload is not an object")
 
     if channel == TEST_CHANNEL:
         bot, room = _bot_and_room(obj, "")
         message = _text_field(obj, "message", "")
-        return Command("test", bot, room, {"msgtype": "m.notice", "body": message})
+        return Command("test", bot, room, _fitted({"msgtype": "m.notice", "body": message}),
+                       transaction_id(channel, data))
 
     config = obj.get("config")
     payload = obj.get("payload")
@@ -122,4 +156,4 @@ def parse(channel: str, data: bytes) -> Command:
         "format": "org.matrix.custom.html",
         "formatted_body": html,
     }
-    return Command("publish", bot, room, content)
+    return Command("publish", bot, room, _fitted(content), transaction_id(channel, data))

@@ -2,6 +2,11 @@
 `formatted_body` is the HTML. Clients without HTML support, notifications and
 search all show `body`, so it must read well on its own: paragraphs and list
 items on their own lines, links with their targets, no tags, entities decoded.
+
+The HTML is what Loomio users wrote, so work and output are bounded: the
+first MAX_HTML_CHARS are read, lists and quotes nested deeper than
+MAX_INDENT_DEPTH are drawn at that depth, and the text stops at
+MAX_TEXT_CHARS; cut text ends with TRUNCATED (see docs/bots.md).
 """
 
 from __future__ import annotations
@@ -19,60 +24,106 @@ _PARAGRAPH = {"p", "blockquote", "pre", "table", "ul", "ol", "h1", "h2", "h3", "
 _SKIP = {"script", "style", "head", "title", "template", "noscript"}
 _SPACES = re.compile(r"[ \t\r\n\f\v]+")
 
+# A Matrix event is at most 64 KiB, formatted_body included: a body longer
+# than this could never be sent, so it is not built.
+MAX_TEXT_CHARS = 32 * 1024
+TRUNCATED = "\n[…]"
+# Only this much HTML is read (a few tens of milliseconds of CPU at most,
+# in the subscription's handler); an event could not carry more as HTML.
+MAX_HTML_CHARS = 64 * 1024
+# Deeper lists and quotes are indented no further: the indentation of one
+# line is bounded, not the nesting depth times each line.
+MAX_INDENT_DEPTH = 8
+
 
 class _TextParser(HTMLParser):
+    """Linear in the HTML: the line being built is a list of pieces, joined
+    once when it ends; its length and last characters are kept as it grows."""
+
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
         self.lines: list[str] = []  # finished lines; "" marks a paragraph break
         self.line: list[str] = []
+        self.line_length = 0
+        self.line_tail = ""  # the line's last two characters
+        self.line_number = 0  # how many lines were ended: tells a link which line it began on
         self.skip_depth = 0
         self.pre_depth = 0
         self.lists: list[list] = []  # per open list: [kind, next number]
         self.quote_depth = 0
-        self.links: list[tuple[str | None, int]] = []  # href, position in line when opened
+        # The open link: href, line number and index of its first piece. At
+        # most one: an <a> inside a link closes it first, as browsers do.
+        self.link: tuple[str | None, int, int] | None = None
+        self.size = 0  # characters in self.lines, newlines included
+        self.full = False  # MAX_TEXT_CHARS reached: the rest is not rendered
+        self.cut = False  # the HTML was longer than MAX_HTML_CHARS
 
     # -- line building ---------------------------------------------------------
 
     def _prefix(self) -> str:
-        return "> " * self.quote_depth
+        return "> " * min(self.quote_depth, MAX_INDENT_DEPTH)
+
+    def _emit(self, line: str) -> None:
+        self.lines.append(line)
+        self.size += len(line) + 1
+        if self.size > MAX_TEXT_CHARS:
+            self.full = True
+
+    def _add(self, piece: str) -> None:
+        self.line.append(piece)
+        self.line_length += len(piece)
+        self.line_tail = (self.line_tail + piece[-2:])[-2:]
+        if self.size + self.line_length > MAX_TEXT_CHARS:
+            self.full = True
+
+    def _end_line(self) -> str:
+        text = "".join(self.line)
+        self.line = []
+        self.line_length = 0
+        self.line_tail = ""
+        self.line_number += 1
+        return text
 
     def _break(self, paragraph: bool = False) -> None:
         # Only the right side: list items carry their nesting as indentation.
-        text = "".join(self.line).rstrip()
-        self.line = []
+        text = self._end_line().rstrip()
         if text.strip():
-            self.lines.append(self._prefix() + text)
+            self._emit(self._prefix() + text)
         if paragraph and self.lines and self.lines[-1] != "":
-            self.lines.append("")
+            self._emit("")
 
     def _write(self, text: str) -> None:
         if not self.line and self.lists and not text.strip():
             return
-        self.line.append(text)
+        self._add(text)
+
+    def _close_link(self) -> None:
+        href, line_number, first = self.link
+        self.link = None
+        if line_number != self.line_number:
+            first = 0  # the link began on a line already ended
+        text = "".join(self.line[first:]).strip()
+        if href and not href.lower().startswith(("javascript:", "data:")):
+            target = href[len("mailto:"):] if href.lower().startswith("mailto:") else href
+            if target != text:
+                self._write(f" ({target})" if text else target)
 
     # -- parser callbacks ------------------------------------------------------
 
-    def parse_marked_section(self, i: int, report: int = 1) -> int:
-        # `<![` not followed by a keyword the standard library knows raised
-        # AssertionError out of feed(); HTML reads it as a bogus comment.
-        try:
-            return super().parse_marked_section(i, report)
-        except AssertionError:
-            return self.parse_bogus_comment(i, report)
-
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if self.full:
+            return
         if tag in _SKIP:
             self.skip_depth += 1
             return
         if self.skip_depth:
             return
-        attributes = dict(attrs)
         if tag in _BLOCK:
             self._break(paragraph=tag in _PARAGRAPH and not (tag in ("ul", "ol") and self.lists))
         if tag == "br":
             self._break()
         elif tag == "hr":
-            self.lines.append(self._prefix() + "---")
+            self._emit(self._prefix() + "---")
             self._break(paragraph=True)
         elif tag == "pre":
             self.pre_depth += 1
@@ -81,17 +132,19 @@ class _TextParser(HTMLParser):
         elif tag in ("ul", "ol"):
             self.lists.append([tag, 1])
         elif tag == "li":
-            indent = "  " * max(0, len(self.lists) - 1)
+            indent = "  " * min(max(0, len(self.lists) - 1), MAX_INDENT_DEPTH)
             if self.lists and self.lists[-1][0] == "ol":
                 marker = f"{self.lists[-1][1]}. "
                 self.lists[-1][1] += 1
             else:
                 marker = "- "
-            self.line.append(indent + marker)
+            self._add(indent + marker)
         elif tag == "a":
-            self.links.append((attributes.get("href"), len("".join(self.line))))
+            if self.link is not None:
+                self._close_link()
+            self.link = (dict(attrs).get("href"), self.line_number, len(self.line))
         elif tag == "img":
-            alt = (attributes.get("alt") or "").strip()
+            alt = (dict(attrs).get("alt") or "").strip()
             if alt:
                 self._write(alt)
         elif tag in ("td", "th") and self.line:
@@ -103,18 +156,15 @@ class _TextParser(HTMLParser):
             self.handle_endtag(tag)
 
     def handle_endtag(self, tag: str) -> None:
+        if self.full:
+            return
         if tag in _SKIP:
             self.skip_depth = max(0, self.skip_depth - 1)
             return
         if self.skip_depth:
             return
-        if tag == "a" and self.links:
-            href, start = self.links.pop()
-            text = "".join(self.line)[start:].strip()
-            if href and not href.lower().startswith(("javascript:", "data:")):
-                target = href[len("mailto:"):] if href.lower().startswith("mailto:") else href
-                if target != text:
-                    self._write(f" ({target})" if text else target)
+        if tag == "a" and self.link is not None:
+            self._close_link()
         if tag in _BLOCK:
             nested_list = tag in ("ul", "ol") and len(self.lists) > 1
             self._break(paragraph=tag in _PARAGRAPH and not nested_list)
@@ -126,18 +176,18 @@ class _TextParser(HTMLParser):
             self.lists.pop()
 
     def handle_data(self, data: str) -> None:
-        if self.skip_depth:
+        if self.skip_depth or self.full:
             return
         if self.pre_depth:
             # Preformatted text keeps its own line breaks.
             first, *rest = data.split("\n")
-            self.line.append(first)
+            self._add(first)
             for part in rest:
-                self.lines.append(self._prefix() + "".join(self.line).rstrip())
-                self.line = [part]
+                self._emit(self._prefix() + self._end_line().rstrip())
+                self._add(part)
             return
         text = _SPACES.sub(" ", data)
-        if not self.line or "".join(self.line).endswith((" ", "- ", ". ")):
+        if not self.line or self.line_tail.endswith((" ", "- ", ". ")):
             text = text.lstrip()
         if text:
             self._write(text)
@@ -146,13 +196,28 @@ class _TextParser(HTMLParser):
         self._break()
         while self.lines and self.lines[-1] == "":
             self.lines.pop()
-        out = "\n".join(self.lines)
-        return re.sub(r"\n{3,}", "\n\n", out).strip()
+        out = re.sub(r"\n{3,}", "\n\n", "\n".join(self.lines)).strip()
+        if self.cut or len(out) > MAX_TEXT_CHARS:
+            out = out[:MAX_TEXT_CHARS].rstrip() + TRUNCATED
+        return out
 
 
 def html_to_text(html: str) -> str:
     """A plain-text rendering of `html`; never raises on malformed markup."""
     parser = _TextParser()
-    parser.feed(html)
+    if len(html) > MAX_HTML_CHARS:
+        html, parser.cut = html[:MAX_HTML_CHARS], True
+    try:
+        parser.feed(html)
+    except AssertionError:
+        # _markupbase's verdict on a declaration it cannot read ("<![x"):
+        # the text so far stands, the rest is dropped.
+        parser.reset()
+    # What the parser holds back once it has the whole input is a tag,
+    # comment or declaration that never ends. HTML drops such a thing; the
+    # stdlib's own end-of-input recovery would re-scan the rest of the input
+    # once per "<" in it (quadratic: 37 s for 240 KB of "<a").
+    if len(parser.rawdata) > 1 and parser.rawdata.startswith("<"):
+        parser.reset()
     parser.close()
     return parser.text()

@@ -20,12 +20,13 @@ from channels_common.closecodes import (
     RESET_CONNECTION,
     UNSUPPORTED_DATA,
 )
+from channels_common.httphead import HeadGuard, guarded_httptools
 from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.server import freeze_startup_objects, serve
 from channels_common.settings import CollabSettings
 from channels_common.tasks import spawn
 from channels_common.wsframe import binary_frame
-from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol
+from channels_common.wsserver import DETACH, HTTP_RESPONSE, KeepAlive, LeanWebSocketProtocol, abort_hung_up
 from starlette.applications import Starlette
 
 from .client_address import scope_client_address
@@ -145,6 +146,8 @@ class CollabService:
         m = self.metrics
         m.open_sockets.set_function(lambda: len(self.sockets))
         m.loaded_documents.set_function(lambda: len(self.registry.docs) if self.registry else 0)
+        m.rails_calls.set_function(lambda: self.authenticator.share.running if self.authenticator else 0)
+        m.rails_waiting.set_function(lambda: self.authenticator.share.waiting if self.authenticator else 0)
 
     def readiness(self) -> tuple[bool, dict]:
         """Ready when accepting sockets and Redis takes appends and reads."""
@@ -210,6 +213,15 @@ class CollabService:
                 await self.cluster.refresh_ttls()
 
     def _check_sockets(self, conns: list[Connection], now: float) -> None:
+        # A socket paused for its pending auths hears nothing of its peer:
+        # one that hung up is let go here, and its auths with it.
+        paused = [conn.transport.protocol for conn in conns
+                  if not conn.closed and conn.transport.protocol.read_paused]
+        if paused:
+            gone = abort_hung_up(paused)
+            if gone:
+                log.info("peers hung up while their reading was paused; their pending auths are cancelled",
+                         extra={"sockets": gone})
         keepalive = self.keepalive
         for conn in conns:
             try:
@@ -367,8 +379,15 @@ def main() -> None:
     settings = CollabSettings()
     setup_logging("collab", settings.log_level)
     setup_sentry(settings.sentry_dsn, "collab")
+    app = create_app(settings)
+    metrics = app.service.metrics
+    # Request heads (the upgrade's included) are read by uvicorn's httptools
+    # protocol, which has no deadline of its own: this one gives it one.
+    heads = HeadGuard(settings.http_head_timeout_seconds, settings.http_max_pending_heads,
+                      on_close=lambda cause: metrics.heads_closed.labels(cause).inc())
     serve(
-        create_app(settings),
+        app,
+        http=guarded_httptools(heads),
         host=settings.host,
         port=settings.port,
         grace_seconds=settings.shutdown_grace_seconds,

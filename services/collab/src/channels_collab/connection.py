@@ -5,7 +5,9 @@ Before a document's auth completes its frames are queued, within the
 bounds Hocuspocus uses (5 MiB, 1,000 messages, 100 pending documents per
 socket). Reaching one stops reading the socket until pending auths finish:
 TCP holds the client back, and a legitimate client (500 documents on one
-socket) is never refused. A socket that authenticates no document by an
+socket) is never refused. A paused socket whose peer hangs up is found by
+the service's sweep (wsserver.abort_hung_up) and its auths are cancelled;
+its Rails calls share the pool fairly with other sockets' (rails.py). A socket that authenticates no document by an
 absolute deadline is closed with 4408, after every auth still pending got
 PermissionDenied. Liveness of authenticated sockets is RFC 6455 pings
 (`KeepAlive`, run by the service's sweep), not an idle timeout. A malformed
@@ -52,7 +54,7 @@ PAUSED_FOR_AUTH = "pending-auth"
 
 
 class Authenticator(Protocol):
-    def authenticate(self, token: str, document_name: str) -> Awaitable[Decision]: ...
+    def authenticate(self, token: str, document_name: str, caller: object = None) -> Awaitable[Decision]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +243,9 @@ class Connection:
 
     async def _authenticate(self, address: str, name: str, token: str) -> None:
         try:
-            decision = await self.authenticator.authenticate(token, name)
+            # This socket is the caller: Rails' clients are shared fairly
+            # between sockets, a few calls each at a time (rails.py).
+            decision = await self.authenticator.authenticate(token, name, caller=self)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from .protocol import MessageType
 from .rails import ALLOWED, ERROR, RAILS_TIMEOUT, Decision
@@ -22,6 +24,10 @@ class CollabMetrics:
             "collab_stored_drafts", "Documents whose draft this instance wrote to Redis, within the draft TTL",
             registry=r,
         )
+        self.rails_calls = Gauge("collab_rails_calls", "Auth calls to Rails in flight", registry=r)
+        self.rails_waiting = Gauge(
+            "collab_rails_calls_waiting", "Auth calls waiting for their socket's turn at Rails' clients", registry=r,
+        )
         self.auth = Counter(
             "collab_auth_total",
             "Document auth decisions: result (allowed, denied, refused_name) and cause (allowed, rails_denied, "
@@ -29,7 +35,8 @@ class CollabMetrics:
             ["result", "cause"],
             registry=r,
         )
-        self.frames = Counter("collab_frames_total", "Frames received, by message type", ["type"], registry=r)
+        self.frames = _FrameCounts()
+        r.register(self.frames)
         self.closes = Counter("collab_closes_total", "Sockets closed by the server, by close code", ["code"], registry=r)
         self.drafts_saved = Counter(
             "collab_drafts_saved_total", "Document snapshots written to Redis (compactions that moved it)", registry=r
@@ -59,15 +66,20 @@ class CollabMetrics:
             "collab_documents_loaded_total", "Document loads from Redis (snapshot and log tail)", registry=r
         )
         self.redis_up = Gauge("collab_redis_up", "1 while appends and the reader work", registry=r)
+        self.heads_closed = Counter(
+            "collab_http_heads_closed",
+            "Connections closed in their request head: too slow (deadline) or too many at once (bound)",
+            ["cause"], registry=r,
+        )
         self.throttled = Counter(
             "collab_throttled_total", "Connection attempts refused with 429 by the attempt throttle", registry=r
         )
-        # Label children resolved once: the frame counter is on the hot path.
-        self._frame_children = {name: self.frames.labels(name) for name in FRAME_TYPES}
-        self._unknown_frames = self._frame_children["unknown"]
-
     def frame(self, kind: str) -> None:
-        self._frame_children.get(kind, self._unknown_frames).inc()
+        counts = self.frames.counts
+        if kind in counts:
+            counts[kind] += 1
+        else:
+            counts["unknown"] += 1
 
     def auth_decided(self, decision: Decision) -> None:
         cause = decision.cause or (ALLOWED if decision.allowed else ERROR)
@@ -82,3 +94,18 @@ class CollabMetrics:
 
     def closed(self, code: int) -> None:
         self.closes.labels(str(code)).inc()
+
+
+class _FrameCounts(Collector):
+    """collab_frames_total{type}: plain integers, read when scraped. Every
+    received frame counts one; a prometheus Counter's lock and float add
+    cost more than the rest of a small frame's bookkeeping."""
+
+    def __init__(self):
+        self.counts = dict.fromkeys(FRAME_TYPES, 0)
+
+    def collect(self):
+        family = CounterMetricFamily("collab_frames", "Frames received, by message type", labels=["type"])
+        for kind, count in self.counts.items():
+            family.add_metric([kind], count)
+        yield family

@@ -14,9 +14,11 @@ is: newer providers append fields (v4 appends its version to Auth).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
+
+from channels_common import jsonin
 
 
 class MessageType(IntEnum):
@@ -69,7 +71,12 @@ class HocuspocusProtocolError(ValueError):
 # ---------------------------------------------------------------- lib0 codec
 
 
+_ONE_BYTE = tuple(bytes((i,)) for i in range(0x80))
+
+
 def var_uint(value: int) -> bytes:
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if value < 0:
         raise ValueError("varUint must not be negative")
     out = bytearray()
@@ -277,6 +284,10 @@ def decode(frame: bytes) -> Message:
 # ------------------------------------------------------------ server frames
 
 
+# Server frames start with the address and type: encoded once per address
+# (an update is sent to many peers of few documents). A bound on entries
+# only: a client churning addresses costs re-encoding, not memory.
+@lru_cache(maxsize=4096)
 def header(address: str, kind: MessageType) -> bytes:
     return var_string(address) + var_uint(kind)
 
@@ -293,6 +304,7 @@ def encode_update(address: str, update: bytes) -> bytes:
     return header(address, MessageType.SYNC) + b"\x02" + var_bytes(update)
 
 
+@lru_cache(maxsize=4096)
 def encode_sync_status(address: str, applied: bool) -> bytes:
     return header(address, MessageType.SYNC_STATUS) + (b"\x01" if applied else b"\x00")
 
@@ -370,8 +382,8 @@ def decode_awareness_update(data: bytes) -> list[AwarenessEntry]:
         clock = r.var_uint()
         raw = r.var_string()
         try:
-            state = json.loads(raw) if raw else None
-        except (ValueError, RecursionError) as exc:
-            raise HocuspocusProtocolError("awareness state is not JSON") from exc
+            state = jsonin.loads(raw, max_bytes=len(data)) if raw else None
+        except jsonin.JSONInputError as exc:
+            raise HocuspocusProtocolError(f"awareness state is not JSON ({exc.reason})") from None
         entries.append(AwarenessEntry(client_id, clock, state))
     return entries

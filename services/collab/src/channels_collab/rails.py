@@ -2,15 +2,22 @@
 with `{"user_secret": token, "document_name": name}`. 200 allows; anything
 else, a timeout or an unreachable Rails denies. The token never reaches a
 log line. Requests go through single-connection httpx clients lent out one
-request at a time (why, measured: docs/collab.md, `rails.py`)."""
+request at a time (why, measured: docs/collab.md, `rails.py`).
+
+The clients are shared by every socket, fairly (`FairShare`): a socket has
+at most MAX_CALLS_PER_CALLER calls to Rails at once, and a free client goes
+to the next socket in turn, so no socket, however many documents it asks
+about, holds others' logins back by more than one call each."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from dataclasses import dataclass
 
 import httpx
+from channels_common import jsonin
 
 from .protocol import SCOPE_READ_ONLY, SCOPE_READ_WRITE
 
@@ -19,7 +26,9 @@ log = logging.getLogger("channels.collab.rails")
 AUTH_PATH = "/api/hocuspocus"
 MAX_TOKEN_LENGTH = 1024
 RETRIES = 2
+MAX_CALLS_PER_CALLER = 4
 DENIED_REASON = "permission-denied"
+MAX_BODY_BYTES = 4096  # of a 200 answer: a longer one is not read
 
 # Why a decision went the way it did, as the `cause` label of
 # collab_auth_total (a fixed set, so the label cannot grow).
@@ -49,11 +58,11 @@ def _scope_from_body(response: httpx.Response) -> str:
     """Rails answers 200 with no particular body today; a JSON body saying
     `{"scope": "readonly"}` (or `"read_only": true`) opens the document
     read-only."""
-    if not response.content or len(response.content) > 4096:
+    if not response.content or len(response.content) > MAX_BODY_BYTES:
         return SCOPE_READ_WRITE
     try:
-        body = response.json()
-    except ValueError:
+        body = jsonin.loads(response.content, max_bytes=MAX_BODY_BYTES)
+    except jsonin.JSONInputError:
         return SCOPE_READ_WRITE
     if not isinstance(body, dict):
         return SCOPE_READ_WRITE
@@ -64,6 +73,77 @@ def _scope_from_body(response: httpx.Response) -> str:
     return SCOPE_READ_WRITE
 
 
+class FairShare:
+    """`size` slots shared by callers (sockets): each caller holds at most
+    `per_caller` at once, and a freed slot goes to the next waiting caller
+    in round-robin order, each caller's own waits first come, first served.
+    A wait cancelled before its slot is granted takes nothing; one
+    cancelled just after gives its slot back."""
+
+    def __init__(self, size: int, per_caller: int):
+        self.size = size
+        self.per_caller = per_caller
+        self.running = 0
+        self._held: dict[object, int] = {}
+        # Callers with waits, in turn order (a dict keeps insertion order).
+        self._waiting: dict[object, deque[asyncio.Future]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self._waiting.values())
+
+    def held(self, caller: object) -> int:
+        return self._held.get(caller, 0)
+
+    def _take(self, caller: object) -> None:
+        self.running += 1
+        self._held[caller] = self._held.get(caller, 0) + 1
+
+    async def acquire(self, caller: object) -> None:
+        if self.running < self.size and self.held(caller) < self.per_caller and caller not in self._waiting:
+            self._take(caller)
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._waiting.setdefault(caller, deque()).append(future)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(caller)  # granted as it was cancelled
+            else:
+                queue = self._waiting.get(caller)
+                if queue is not None and future in queue:
+                    queue.remove(future)
+                    if not queue:
+                        del self._waiting[caller]
+            raise
+
+    def release(self, caller: object) -> None:
+        self.running -= 1
+        left = self._held[caller] - 1
+        if left:
+            self._held[caller] = left
+        else:
+            del self._held[caller]
+        self._grant()
+
+    def _grant(self) -> None:
+        # At most size / per_caller callers are at their cap, so each grant
+        # looks at a bounded number of callers.
+        while self.running < self.size and self._waiting:
+            for caller in self._waiting:
+                if self.held(caller) < self.per_caller:
+                    break
+            else:
+                return  # every waiting caller is at its cap
+            queue = self._waiting.pop(caller)
+            future = queue.popleft()
+            if queue:
+                self._waiting[caller] = queue  # to the back of the turn order
+            self._take(caller)
+            future.set_result(None)
+
+
 class RailsAuthenticator:
     def __init__(
         self,
@@ -71,6 +151,7 @@ class RailsAuthenticator:
         *,
         timeout_seconds: float,
         max_concurrent: int = 32,
+        max_per_caller: int = MAX_CALLS_PER_CALLER,
     ):
         self.url = base_url.rstrip("/") + AUTH_PATH if base_url else None
         self.timeout_seconds = timeout_seconds
@@ -79,6 +160,8 @@ class RailsAuthenticator:
         # that wait for an idle one, bounded by the same deadline.
         self._clients: list[httpx.AsyncClient] = []
         self._idle: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        # Who may use a client next; with it no request waits for a client.
+        self.share = FairShare(max_concurrent, max_per_caller)
         # One TLS context for every client, made here: loading the CA bundle
         # takes ~3 MB and a moment. Only a plain-HTTP Rails (the usual
         # internal PRIVATE_APP_URL) goes without; redirects are not followed,
@@ -134,12 +217,17 @@ class RailsAuthenticator:
                 await asyncio.sleep(0.05 * (attempt + 1))
         raise AssertionError("unreachable")
 
-    async def authenticate(self, token: str, document_name: str) -> Decision:
+    async def authenticate(self, token: str, document_name: str, caller: object = None) -> Decision:
+        """Rails' decision. `caller` (the socket) shares the clients fairly
+        with other callers; the wait for its turn is not bounded here (each
+        call ahead is, by the timeout), the call itself is."""
         if self.url is None:
             return Decision(False, detail="no rails url", cause=RAILS_UNREACHABLE)
         if not token or len(token) > MAX_TOKEN_LENGTH:
             return Decision(False, detail="empty or oversized token", cause=INVALID_TOKEN)
         body = {"user_secret": token, "document_name": document_name}
+        caller = object() if caller is None else caller
+        await self.share.acquire(caller)
         try:
             async with asyncio.timeout(self.timeout_seconds):
                 response = await self._post(body)
@@ -151,6 +239,8 @@ class RailsAuthenticator:
                 "rails unreachable for auth", extra={"document": document_name, "error": type(exc).__name__}
             )
             return Decision(False, detail="unreachable", cause=RAILS_UNREACHABLE)
+        finally:
+            self.share.release(caller)
         if response.status_code != 200:
             return Decision(False, detail=f"rails answered {response.status_code}", cause=RAILS_DENIED)
         return Decision(True, scope=_scope_from_body(response), cause=ALLOWED)

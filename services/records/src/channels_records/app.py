@@ -10,6 +10,7 @@ import logging
 import re
 import secrets
 
+from channels_common.httphead import HeadGuard
 from channels_common.observability import health_routes, observe_service, setup_logging, setup_sentry
 from channels_common.redis import Subscription, create_redis
 from channels_common.server import freeze_startup_objects, serve
@@ -117,7 +118,8 @@ class RecordsService:
             instance_id=secrets.token_hex(6),
             max_events_per_room=s.recovery_max_events_per_room,
         )
-        relay = Relay(self.broadcaster, self.metrics, self.store)
+        epochs = self.store.keys.epoch  # counter key and marker channel (see EventLog.set_epoch)
+        relay = Relay(self.broadcaster, self.metrics, self.store, epoch_channel=epochs)
         self.connections = Connections(
             self.engine,
             self.rooms,
@@ -128,15 +130,18 @@ class RecordsService:
             touch_interval=max(1.0, min(60.0, s.recovery_window_seconds / 4)),
             order_key=offset_key,
             relayed_offset=lambda: relay.last_offset,
+            relayed_count=lambda: relay.emitted,
+            feed=lambda: self.subscription.generation if self.subscription.live else None,
+            wait_feed=lambda timeout: self.subscription.wait_live(timeout),
         )
         self.subscription = Subscription(
             url=s.redis_url,
             batch_handler=relay.handle_batch,
             channels=(RECORDS_CHANNEL, NOTICE_CHANNEL),
             on_reconnect=self.metrics.redis_reconnects.inc,
-            # Pub/sub messages published while it was down were never seen:
-            # the store's occurrence count for cross-instance dedup restarts.
-            on_live=self.store.mark_live,
+            on_live=self._feed_live,
+            read_clock=True,
+            epoch_channel=epochs,
         )
         self.subscription.start()
         self.gateway.connections = self.connections
@@ -150,6 +155,22 @@ class RecordsService:
             self.engine.stop_pinger()
             await self.subscription.stop()
             await self.redis.aclose()
+
+    def _feed_live(self):
+        """The subscription is (again) live. Messages published while it was
+        down were never seen: the store's occurrence count for cross-instance
+        dedup restarts. With epoch markers, the subscription's own marker is
+        the first message to come and restarts it exactly there, in order
+        behind any message of the old epoch still held. Without, it restarts
+        from the moment the subscription began (Redis clock)."""
+        if self.subscription.epoch_channel:
+            return None
+        self.store.set_epoch(None)
+        at = self.subscription.subscribed_at_ms
+        if at is not None:
+            self.store.listening_since(at)
+            return None
+        return self.store.mark_live()  # Redis did not tell the time: from now, less a grace
 
     def _evict(self, eio_sid: str) -> None:
         """A socket would exceed its send buffer: cut it off (once)."""
@@ -208,6 +229,8 @@ def main() -> None:
         # within reach of the broadcast fast path).
         http=RecordsHttpProtocol.serving(
             service.polling, app=service.app, websocket=LeanWebSocketProtocol, engine_websockets=service.websockets,
+            head_guard=HeadGuard(settings.http_head_timeout_seconds, settings.http_max_pending_heads,
+                                 on_close=lambda cause: service.metrics.heads_closed.labels(cause).inc()),
         ),
         ws_max_size=MAX_CLIENT_PACKET_BYTES + 16,
         interface="asgi3",  # service.app is a bound coroutine method

@@ -96,10 +96,13 @@ class Broadcaster:
         # Deliveries, and those written straight to a transport, for /metrics.
         self.counters = counters if counters is not None else HotCounters()
         self.held: dict[str, Held] = {}
-        # eio_sid -> order key of the newest event a recovery replayed to it,
-        # set only when this instance had not relayed that far yet: its live
-        # copies of those events must not reach the socket a second time.
+        # eio_sid -> order key of the newest event a recovery replayed to it:
+        # this instance's own live copies of those events, if still to come,
+        # must not reach the socket a second time.
         self.floors: dict[str, object] = {}
+        # eio_sid -> the offsets that replay carried: only these are skipped
+        # at or below the floor (see set_floor).
+        self.floor_offsets: dict[str, frozenset[str]] = {}
         self.order_key = order_key
         # room -> _Route. Valid only while the room's members and their
         # sockets' states stay as they were: the engine and the manager
@@ -204,9 +207,15 @@ class Broadcaster:
             floor = self.floors.get(eio_sid)
             if floor is not None:
                 if key <= floor:
-                    return False  # already replayed
-                del self.floors[eio_sid]  # caught up: events come in offset order
-                self._routes.clear()
+                    replayed = self.floor_offsets.get(eio_sid)
+                    if replayed is None or offset in replayed:
+                        return False  # already replayed
+                    # At or below the floor but not replayed: an offset the
+                    # log gave another event. Sent rather than lost.
+                else:
+                    del self.floors[eio_sid]  # caught up: events come in offset order
+                    self.floor_offsets.pop(eio_sid, None)
+                    self._routes.clear()
         held = self.held.get(eio_sid)
         if held is not None:
             if held.bytes + out.size > self.limit:
@@ -262,8 +271,13 @@ class Broadcaster:
             key = self.order_key(offset) if offset is not None and eio_sid in self.floors else None
             self.deliver(eio_sid, out, offset, key)
 
-    def set_floor(self, eio_sid: str, offset: str) -> None:
+    def set_floor(self, eio_sid: str, offset: str, replayed: frozenset[str] | set[str] | None = None) -> None:
+        """Live copies up to `offset` were replayed already: skipped (only
+        those whose offset is in `replayed`, when given) until an event
+        past it arrives."""
         self.floors[eio_sid] = self.order_key(offset)
+        if replayed is not None:
+            self.floor_offsets[eio_sid] = frozenset(replayed)
         self._routes.clear()
 
     def drop_held(self, eio_sid: str) -> None:
@@ -271,5 +285,8 @@ class Broadcaster:
             self._routes.clear()
 
     def forget(self, eio_sid: str) -> None:
-        if self.held.pop(eio_sid, None) is not None or self.floors.pop(eio_sid, None) is not None:
+        self.floor_offsets.pop(eio_sid, None)
+        held = self.held.pop(eio_sid, None)
+        floor = self.floors.pop(eio_sid, None)  # both, whichever there is
+        if held is not None or floor is not None:
             self._routes.clear()

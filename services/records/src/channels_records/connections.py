@@ -43,6 +43,9 @@ class Connections:
         touch_interval: float = 60.0,
         order_key=None,
         relayed_offset=lambda: None,
+        relayed_count=lambda: 0,
+        feed=lambda: 0,
+        wait_feed=None,
     ):
         self.rooms = rooms
         self.sockets = engine.sockets
@@ -54,6 +57,14 @@ class Connections:
         self.touch_interval = touch_interval
         self.order_key = order_key
         self.relayed_offset = relayed_offset
+        self.relayed_count = relayed_count
+        # The generation of the live pub/sub subscription, None while it is
+        # down: a recovery needs the same one live from its log read to its
+        # CONNECT reply, or what is published meanwhile never reaches it.
+        self.feed = feed
+        # async (timeout) -> None: wait that long at most for the
+        # subscription to be live (a restarted process, a Redis blip).
+        self.wait_feed = wait_feed
         self._background: set[asyncio.Task] = set()
         # sid -> recovery pid (None when the session could not be stored).
         # Membership means "connected and counted".
@@ -148,6 +159,19 @@ class Connections:
             self.deferred[sid] = spawn(self._join_later(sid, token), name="records-join-later")
 
     async def _recover(self, eio_sid: str, token: str | None, request: RecoveryRequest) -> bool:
+        """Register the session again and queue its CONNECT reply, then every
+        missed event of its rooms in offset order, then what was broadcast
+        to it meanwhile (held; copies of replayed events skipped). False,
+        with nothing left registered: the client gets a fresh session."""
+        generation = self.feed()
+        if generation is None and self.wait_feed is not None:
+            await self.wait_feed(self.lookup_timeout)
+            generation = None if self._gone(eio_sid) else self.feed()
+        if generation is None:
+            log.info("recovery refused", extra={"reason": "not subscribed to redis"})
+            self.metrics.recoveries.labels("refused").inc()
+            return False
+        count = self.relayed_count()
         try:
             restored = await asyncio.wait_for(
                 self.store.restore(request.pid, token, request.offset), self.lookup_timeout * 2
@@ -168,9 +192,22 @@ class Connections:
         self.rooms.add(sid, eio_sid)
         for room in restored.rooms:
             self.rooms.enter(sid, room)
-        missed = await self._missed_meanwhile(request, token, restored.missed)
+        missed = await self._missed_meanwhile(
+            request, token, restored.missed, relayed_meanwhile=self.relayed_count() != count
+        )
         if self._gone(eio_sid):
             return True  # registered: the gateway cleans it up
+        if missed is None or self.feed() != generation:
+            # Something may be missing from both the log reads and the held
+            # packets: the second read failed, or the subscription dropped
+            # (what was published while it was down reached neither).
+            reason = "second log read failed" if missed is None else "redis subscription lost during the recovery"
+            log.info("recovery refused", extra={"reason": reason})
+            self.metrics.recoveries.labels("refused").inc()
+            self.rooms.remove(sid)
+            self.broadcaster.drop_held(eio_sid)
+            self.broadcaster.hold(eio_sid)  # for the fresh CONNECT that follows
+            return False
         self.broadcaster.send_now(eio_sid, encode_connect(sid, request.pid))
         replayed = set()
         for event in missed:
@@ -178,38 +215,43 @@ class Connections:
             if not self.broadcaster.send_now(eio_sid, text):
                 break
             replayed.add(event.offset)
-        if missed and self.order_key is not None:
-            newest = missed[-1].offset
-            # Another instance logged these before this one relayed them:
-            # this instance's own live copies are still to come.
-            relayed = self.relayed_offset()
-            if relayed is None or self.order_key(newest) > self.order_key(relayed):
-                self.broadcaster.set_floor(eio_sid, newest)
+        if replayed and self.order_key is not None:
+            # Another instance may have logged these before this one relayed
+            # them: this instance's own live copies may be still to come.
+            # Skipped by offset until an event past the replay arrives.
+            self.broadcaster.set_floor(eio_sid, missed[-1].offset, replayed)
         self._mark_live(sid, request.pid)
         self.broadcaster.release(eio_sid, replayed)
         self.metrics.recoveries.labels("recovered").inc()
         log.info("session recovered", extra={"sid": sid, "replayed": len(replayed)})
         return True
 
-    async def _missed_meanwhile(self, request: RecoveryRequest, token: str | None, missed: list) -> list:
+    async def _missed_meanwhile(
+        self, request: RecoveryRequest, token: str | None, missed: list, relayed_meanwhile: bool = False
+    ) -> list | None:
         """Events this instance broadcast while the restore was reading the
         log went to the session's rooms before the socket was in them, and
         the read may have been too early for them. Every event is logged
         before it is broadcast, so a second read, now that the socket is in
-        its rooms (and held), finds them."""
+        its rooms (and held), finds them. Read again when this instance
+        relayed past what the first read saw, or relayed anything at all
+        meanwhile (`relayed_meanwhile`: its offsets are not trusted alone).
+        None when that read fails: the replay could have a hole."""
         if self.order_key is None:
             return missed
         relayed = self.relayed_offset()
         newest = missed[-1].offset if missed else request.offset
-        if relayed is None or (newest is not None and self.order_key(relayed) <= self.order_key(newest)):
+        if not relayed_meanwhile and (
+            relayed is None or (newest is not None and self.order_key(relayed) <= self.order_key(newest))
+        ):
             return missed
         try:
             again = await asyncio.wait_for(self.store.restore(request.pid, token, newest), self.lookup_timeout)
         except REDIS_FAILURES as exc:
             log.warning("recovery second read failed", extra={"error": type(exc).__name__})
-            return missed
+            return None
         if again is None:
-            return missed
+            return None
         seen = {event.offset for event in missed}
         return missed + [event for event in again.missed if event.offset not in seen]
 

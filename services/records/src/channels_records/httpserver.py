@@ -24,6 +24,7 @@ from collections import deque
 
 import httptools
 from channels_common.closecodes import NORMAL
+from channels_common.httphead import HeadGuard, expire_head
 from channels_common.tasks import spawn
 from channels_common.wshandshake import Refusal, accept_response, check_upgrade, refusal_response
 
@@ -103,6 +104,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
     websocket_class: type | None = None
     engine_websockets = None  # websocket.WebSockets: engine.io upgrades accepted here
     idle_sweep: IdleSweep  # one per server (see `serving`)
+    head_guard: HeadGuard  # the request-head deadline and bound, one per server
 
     @classmethod
     def serving(
@@ -113,6 +115,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         websocket: type | None = None,
         engine_websockets=None,
         keep_alive_seconds: float = KEEP_ALIVE_SECONDS,
+        head_guard: HeadGuard | None = None,
     ) -> type[RecordsHttpProtocol]:
         """The protocol class to give uvicorn for one service: long-polling
         decided by `polling`, other requests served by the ASGI `app`, a
@@ -122,10 +125,12 @@ class RecordsHttpProtocol(asyncio.Protocol):
         With `engine_websockets` (websocket.WebSockets), an upgrade to
         /socket.io/ is accepted here from the request already read: the
         websocket protocol only adopts the connection (LeanWebSocketProtocol's
-        `adopt` and `accept_detached`)."""
+        `adopt` and `accept_detached`). `head_guard` closes requests whose
+        head takes too long (default: 10 s, 5,000 at once)."""
         return type(cls.__name__, (cls,), {
             "polling": polling, "app": staticmethod(app), "websocket_class": websocket,
             "engine_websockets": engine_websockets, "idle_sweep": IdleSweep(keep_alive_seconds),
+            "head_guard": HeadGuard(10.0, 5000) if head_guard is None else head_guard,
         })
 
     def __init__(self, config, server_state, app_state=None, _loop=None):
@@ -176,10 +181,12 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.server_state.connections.add(self)
         self.active_tick = self.idle_sweep.tick
         self.idle_sweep.add(self)
+        self.head_guard.begin(self)
 
     def connection_lost(self, exc) -> None:
         self.server_state.connections.discard(self)
         self.idle_sweep.discard(self)
+        self.head_guard.end(self)
         self.waiting.clear()
         if self.exchange is not None:
             self.exchange.lost()
@@ -255,6 +262,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
     # -- httptools callbacks -------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.head_guard.begin(self)
         self.in_message = True
         if self.completed:
             self.mixed = True
@@ -269,6 +277,7 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.header_list.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self.head_guard.end(self)
         parser = self.parser
         if (parser.should_upgrade() and self.websocket_class is not None
                 and self.headers.get(b"upgrade", b"").lower() == b"websocket"):
@@ -471,6 +480,10 @@ class RecordsHttpProtocol(asyncio.Protocol):
                 and not self.closing_after and not self.transport.is_closing()):
             self.read_paused = False
             self.transport.resume_reading()
+
+    def head_expired(self, cause: str) -> None:
+        """The head guard's verdict: too slow a head, or too many at once."""
+        expire_head(self.transport)
 
     def idle(self) -> bool:
         return (self.held is None and self.exchange is None and not self.in_message

@@ -67,6 +67,11 @@ class Metrics:
             "Connections whose token lookup waited for Redis in the background",
             registry=r,
         )
+        self.heads_closed = Counter(
+            "records_http_heads_closed",
+            "Connections closed in their request head: too slow (deadline) or too many at once (bound)",
+            ["cause"], registry=r,
+        )
         self.recoveries = Counter(
             "records_recoveries", "Connection state recovery attempts", ["result"], registry=r
         )

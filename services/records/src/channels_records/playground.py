@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import re
 from pathlib import Path
 
+from channels_common import jsonin
 from channels_common.publish import publish_notice, publish_records
 from channels_common.redis import create_redis
 from channels_common.settings import PlaygroundSettings
@@ -55,8 +55,8 @@ def parse_publish_request(body: bytes) -> tuple[str, str | None, dict] | str:
     if len(body) > MAX_PUBLISH_BYTES:
         return f"body over {MAX_PUBLISH_BYTES} bytes"
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = jsonin.loads(body, max_bytes=MAX_PUBLISH_BYTES)
+    except jsonin.JSONInputError:
         return "body is not JSON"
     if not isinstance(data, dict):
         return "body is not a JSON object"

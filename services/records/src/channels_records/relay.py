@@ -4,10 +4,11 @@ here: the caller logs the reason and drops the message."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import deque
 from dataclasses import dataclass
+
+from channels_common import jsonin
 
 from .protocol import encode_event
 from .rooms import NOTICE_ROOM
@@ -35,28 +36,16 @@ class Dropped:
     reason: str
 
 
-def _reject_constant(name: str):
-    # NaN and Infinity are Python extensions; JSON.parse in the browser
-    # rejects them, which would break the whole packet on the client.
-    raise ValueError(f"non-standard JSON constant {name}")
-
-
-# One decoder for every message: json.loads with an option builds a new
-# decoder per call, which showed in the relay's profile.
-_JSON = json.JSONDecoder(parse_constant=_reject_constant)
+# The relay's reasons: the size and encoding as jsonin names them, any
+# other refusal (syntax, nesting, NaN) as not_json.
+_REASONS = {jsonin.TOO_LARGE: "too_large", jsonin.NOT_UTF8: "not_utf8"}
 
 
 def _decode(data: bytes) -> tuple[str, object] | Dropped:
-    if len(data) > MAX_MESSAGE_BYTES:
-        return Dropped("too_large")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return Dropped("not_utf8")
-    try:
-        value = _JSON.decode(text)
-    except (ValueError, RecursionError):
-        return Dropped("not_json")
+        text, value = jsonin.loads_with_text(data, max_bytes=MAX_MESSAGE_BYTES)
+    except jsonin.JSONInputError as exc:
+        return Dropped(_REASONS.get(exc.reason, "not_json"))
     return text.strip(), value
 
 
@@ -100,10 +89,13 @@ class Relay:
     in call order), and broadcasts still go out strictly in publish order: a
     message waits for the ones before it, never the other way round."""
 
-    def __init__(self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000):
+    def __init__(self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000, epoch_channel=None):
         self.broadcaster = broadcaster
         self.metrics = metrics
         self.store = store
+        # Markers on this channel start a new subscription epoch for the
+        # recovery log's dedup (see EventLog.set_epoch); never broadcast.
+        self.epoch_channel = epoch_channel
         self.max_in_flight = max_in_flight
         self._in_flight: deque[_Pending] = deque()
         self._room = asyncio.Event()  # set while there is room for more in flight
@@ -112,6 +104,9 @@ class Relay:
         # same step as the broadcast, so a recovery running meanwhile can
         # tell which logged events this instance has yet to send live.
         self.last_offset: str | None = None
+        # Broadcasts so far: whether any went out while a recovery was
+        # reading the log, whatever offsets they carried.
+        self.emitted = 0
 
     async def handle(self, message) -> None:
         pending = self.handle_batch([message])
@@ -125,6 +120,13 @@ class Relay:
         subscription holds what it reads next until it is done)."""
         batch = []
         for message in messages:
+            if message.channel == self.epoch_channel and self.epoch_channel is not None:
+                # What came before the marker is logged in the old epoch.
+                if batch:
+                    self._log(batch)
+                    batch = []
+                self._new_epoch(message.data)
+                continue
             result = parse_message(message.channel, message.data)
             if isinstance(result, Dropped):
                 log.warning(
@@ -134,18 +136,29 @@ class Relay:
                 self.metrics.dropped.labels(result.reason).inc()
             else:
                 batch.append(_Pending(result))
-        if not batch:
-            return None
+        if batch:
+            self._log(batch)
+        if len(self._in_flight) >= self.max_in_flight:
+            # Redis is slow: hold the feed until it catches up, so that
+            # memory stays bounded (the subscription stops reading past its
+            # limit, and Redis buffers the rest meanwhile).
+            self._room.clear()
+            return self._room.wait()
+        return None
+
+    def _log(self, batch: list[_Pending]) -> None:
+        """Log validated messages for recovery (one round trip), then
+        broadcast them in order behind those still in flight."""
         if self.store is None:
             if not self._in_flight:
                 for pending in batch:
                     self._emit(pending.broadcast, None)
-                return None
+                return
             for pending in batch:
                 pending.done = True
             self._in_flight.extend(batch)
             self._drain()
-            return None
+            return
         self._in_flight.extend(batch)
         messages = [(p.broadcast.room, p.broadcast.event, p.broadcast.payload.encode("utf-8")) for p in batch]
         try:
@@ -154,13 +167,15 @@ class Relay:
         except Exception as exc:
             log.exception("logging messages for recovery failed")
             self._settle(batch, None, exc)
-        if len(self._in_flight) >= self.max_in_flight:
-            # Redis is slow: hold the feed until it catches up, so that
-            # memory stays bounded (the subscription stops reading past its
-            # limit, and Redis buffers the rest meanwhile).
-            self._room.clear()
-            return self._room.wait()
-        return None
+
+    def _new_epoch(self, data: bytes) -> None:
+        text = data.decode("ascii", "replace") if isinstance(data, bytes) else str(data)
+        epoch = int(text) if text.isdigit() and len(text) <= 18 else None
+        if epoch is None:
+            # Not a marker of ours: dedup falls back to its start time.
+            log.warning("malformed recovery epoch marker", extra={"size": len(data)})
+        if self.store is not None:
+            self.store.set_epoch(epoch)
 
     def _settle(self, batch: list[_Pending], results: list | None, error: BaseException | None) -> None:
         if batch[0].done:
@@ -198,4 +213,5 @@ class Relay:
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
         if offset is not None:
             self.last_offset = offset
+        self.emitted += 1
         self.metrics.hot.relayed_one(result.event)

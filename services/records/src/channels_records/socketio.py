@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from channels_common import jsonin
+
 CONNECT, DISCONNECT, EVENT, ACK, CONNECT_ERROR, BINARY_EVENT, BINARY_ACK = range(7)
 DEFAULT_NAMESPACE = "/"
 RESERVED_EVENTS = frozenset(
@@ -32,13 +34,6 @@ class Packet:
     namespace: str = DEFAULT_NAMESPACE
     id: int | None = None
     data: object = None
-
-
-def _reject_constant(name: str):
-    raise ValueError(name)
-
-
-_JSON = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _valid_payload(kind: int, payload) -> bool:
@@ -91,8 +86,8 @@ def decode(data: str | bytes) -> Packet:
     payload = None
     if i < len(data):
         try:
-            payload = _JSON.decode(data[i:])
-        except (ValueError, RecursionError):
+            payload = jsonin.loads(data[i:], max_bytes=len(data))
+        except jsonin.JSONInputError:
             raise SocketIOProtocolError("invalid payload") from None
         if payload is None:
             raise SocketIOProtocolError("invalid payload")  # `null` is no payload at all

@@ -55,6 +55,8 @@ class RecoveryStore:
         # What the relay and the connections call, bound once.
         self.log_batch = self.log.log_batch
         self.mark_live = self.log.mark_live
+        self.listening_since = self.log.listening_since
+        self.set_epoch = self.log.set_epoch
         self.create_session = self.sessions.create_session
         self.open_session = self.sessions.open_session
         self.touch = self.sessions.touch

@@ -6,11 +6,13 @@ import hashlib
 
 
 class Keys:
-    __slots__ = ("last", "prefix", "room_prefix", "trim_prefix")
+    __slots__ = ("epoch", "last", "prefix", "room_prefix", "trim_prefix")
 
     def __init__(self, prefix: str = "recovery:"):
         self.prefix = prefix
         self.last = prefix + "last"
+        # The subscription epoch counter, and the channel its markers go to.
+        self.epoch = prefix + "epoch"
         self.room_prefix = prefix + "room:"
         self.trim_prefix = prefix + "trim:"
 
@@ -24,11 +26,15 @@ class Keys:
         # The pid itself is not stored: reading Redis reveals no pid.
         return self.prefix + "session:" + hashlib.sha256(pid.encode()).hexdigest()
 
-    def dedup(self, room: str, event: str, data: bytes) -> str:
+    def dedup(self, room: str, event: str, data: bytes, epoch: int | None = None) -> str:
+        """One payload's occurrences; within one subscription epoch when
+        `epoch` is given (see EventLog.set_epoch)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(room.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
         h.update(event.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
         h.update(data)
-        return self.prefix + "dedup:" + h.hexdigest()
+        if epoch is None:
+            return self.prefix + "dedup:" + h.hexdigest()
+        return f"{self.prefix}dedup:{epoch}:{h.hexdigest()}"

@@ -65,6 +65,7 @@ class EventLog:
         # The local wall clock until mark_live() reads Redis's; the grace
         # absorbs skew between the two.
         self._start_ms = self._now_local() - start_grace_ms
+        self.epoch: int | None = None  # see set_epoch
         self._serial = 0
         self._pending: list[_Queued] = []  # in call order
         self._pending_calls = 0
@@ -77,10 +78,31 @@ class EventLog:
     def _me(self) -> str:
         return f"{self.instance_id}:{self._start_ms}"
 
+    def set_epoch(self, epoch: int | None) -> None:
+        """The subscription epoch of the messages logged from now on: the
+        number of the last marker (channels_common.redis.Subscription
+        epoch_channel) before them in the pub/sub order, None for none.
+        Every instance that sees a message of an epoch has seen every
+        message of that epoch before it, so within one epoch each
+        instance's occurrence count is exact from zero: no start time and
+        no guess."""
+        self.epoch = epoch
+
+    def listening_since(self, at_ms: int) -> None:
+        """Call when the pub/sub subscription (re)becomes live, with the
+        Redis clock read just before its SUBSCRIBE took effect (see
+        channels_common.redis.Subscription.read_clock), before it hands over
+        any message: a fresh occurrence count from then, with no grace, so
+        that an occurrence logged earlier (published while this instance was
+        not listening) is never taken for one it is about to see."""
+        self._start_ms = int(at_ms)
+
     async def mark_live(self) -> None:
         """Call when the pub/sub subscription (re)becomes live: messages
         published while it was down were not seen, so this instance starts a
-        fresh occurrence count from now (Redis clock)."""
+        fresh occurrence count from now (Redis clock) less the start grace.
+        Occurrences logged within the grace before it started listening are
+        taken for ones it will see: prefer `listening_since`."""
         if self._clock:
             now = self._now_local()
         else:
@@ -104,11 +126,13 @@ class EventLog:
             return
         calls = []
         k = self.keys
+        epoch = self.epoch
+        start = self._start_ms if epoch is None else -1
         for room, event, data in messages:
             self._serial += 1
-            keys = [k.last, k.room(room), k.dedup(room, event, data), k.trim(room)]
+            keys = [k.last, k.room(room), k.dedup(room, event, data, epoch), k.trim(room)]
             args = [
-                self._me(), self._start_ms, self._serial, event, data, self.window_ms, self.dedup_ms,
+                self._me(), start, self._serial, event, data, self.window_ms, self.dedup_ms,
                 "" if self._clock is None else self._now_local(), DEDUP_KEEP, self.max_events_per_room,
             ]
             calls.append((keys, args))

@@ -13,6 +13,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from channels_common import jsonin
 from channels_common.auth import current_user_key, parse_current_user
 from channels_common.redis_line import BatchedCalls, RedisLine
 from channels_common.resp import pack_command
@@ -127,7 +128,7 @@ class SessionStore:
             log.info("recovery refused", extra={"reason": _REASONS.get(reason, reason)})
             return None
         sid = reply[0].decode()
-        rooms = json.loads(reply[1])
+        rooms = jsonin.loads(reply[1], max_bytes=len(reply[1]))
         per_room: list[list[tuple[tuple[int, int], LoggedEvent]]] = []
         current: list[tuple[tuple[int, int], LoggedEvent]] = []
         i = 2

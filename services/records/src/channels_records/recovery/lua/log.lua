@@ -1,6 +1,7 @@
 -- One relayed message into its room's log; returns its offset, the same on every instance.
 -- KEYS: last-offset, room stream, dedup hash, room trim mark
--- ARGV: me, start_ms, serial, event, data, window_ms, dedup_ms, now_ms|'', keep, max per room (0: no cap)
+-- ARGV: me, start_ms (negative: the caller has seen every occurrence of this key), serial, event, data,
+--       window_ms, dedup_ms, now_ms|'', keep, max per room (0: no cap)
 local now = now_ms(ARGV[8])
 local fc, fs = 'c:' .. ARGV[1], 's:' .. ARGV[1]
 local st = redis.call('HMGET', KEYS[3], 'n', fc, fs)
@@ -12,13 +13,18 @@ if c and st[3] == ARGV[3] then
   if again then return again end
 end
 if not c then
-  -- first sighting by this instance: occurrences logged before it listened are not its own
-  c = n
   local start = tonumber(ARGV[2])
-  while c > 0 do
-    local t = tonumber(redis.call('HGET', KEYS[3], 't:' .. c))
-    if not t or t < start then break end
-    c = c - 1
+  if start < 0 then
+    -- the key is one epoch's: its first occurrence is the caller's first sighting
+    c = 0
+  else
+    -- first sighting by this instance: occurrences logged before it listened are not its own
+    c = n
+    while c > 0 do
+      local t = tonumber(redis.call('HGET', KEYS[3], 't:' .. c))
+      if not t or t < start then break end
+      c = c - 1
+    end
   end
 end
 c = c + 1

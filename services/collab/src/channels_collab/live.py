@@ -1,0 +1,80 @@
+"""One live document (its pycrdt Doc, Awareness and peers), what a peer is
+to it, pycrdt calls on untrusted bytes, and fan-out to its peers.
+
+A broadcast frame is encoded once per distinct address (with no session
+awareness every peer shares the document name, so once per change) and the
+same bytes object is handed to every peer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from pycrdt import Awareness, Doc
+
+from .store import Debounce
+
+
+class BadUpdate(ValueError):
+    """A Yjs payload that cannot be decoded or applied."""
+
+
+class Peer(Protocol):
+    """One authenticated (socket, document) pair."""
+
+    address: str
+    readonly: bool
+
+    def send(self, frame: bytes) -> None: ...
+
+    def pause(self, reason: str) -> None: ...
+
+    def resume(self, reason: str) -> None: ...
+
+
+def crdt_call(fn: Callable, *args):
+    """Run a pycrdt call on untrusted bytes. yrs reports bad input as
+    ValueError; a Rust panic surfaces as pyo3's PanicException, a
+    BaseException, which must not take the process down either."""
+    try:
+        return fn(*args)
+    except Exception as exc:
+        raise BadUpdate(str(exc)[:200]) from exc
+    except BaseException as exc:
+        if type(exc).__name__ == "PanicException":
+            raise BadUpdate("pycrdt panicked on input") from exc
+        raise
+
+
+class LiveDocument:
+    __slots__ = ("_outbox", "_subs", "awareness", "debounce", "name", "peers", "timer", "unused_since", "ydoc")
+
+    def __init__(self, name: str, debounce: Debounce):
+        self.name = name
+        self.ydoc = Doc()
+        self.awareness = Awareness(self.ydoc)
+        # The server is not an editor: it has no presence of its own.
+        self.awareness.set_local_state(None)
+        self.peers: dict[Peer, set[int]] = {}
+        self.debounce = debounce
+        self.timer: Any = None
+        self._outbox: list[bytes] = []
+        self._subs: list = []
+        self.unused_since = time.monotonic()
+
+    def state(self) -> bytes:
+        return self.ydoc.get_update()
+
+
+def broadcast(doc: LiveDocument, encode: Callable[[str], bytes], exclude: Peer | None = None) -> None:
+    cached_address = None
+    frame = b""
+    for peer in list(doc.peers):
+        if peer is exclude:
+            continue
+        if peer.address != cached_address:
+            cached_address = peer.address
+            frame = encode(cached_address)
+        peer.send(frame)
