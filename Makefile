@@ -16,7 +16,7 @@ UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate
 	--custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
 
-.PHONY: install run test test-fast bench lint lock clean node doctor images
+.PHONY: install run test test-fast fuzz bench lint lock clean node doctor images
 
 install: $(BIN)/.installed node
 
@@ -78,6 +78,12 @@ test: install
 # processes, real browsers, installs, the tiny bench): under a minute.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The property tests (test_properties*.py) with random seeds and many more
+# examples, for FUZZ_SECONDS; `make test` runs them derandomized, with few.
+FUZZ_SECONDS ?= 300
+fuzz: install
+	$(BIN)/python scripts/fuzz.py --seconds $(FUZZ_SECONDS) $(FUZZ_ARGS)
 
 # The three images, one after another: docker where an engine answers,
 # buildah otherwise, on a bookworm base made here when the Dockerfiles'

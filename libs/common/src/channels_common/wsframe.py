@@ -153,7 +153,7 @@ class FrameParser:
         self._pending: bytes | bytearray | None = None
         self._pending_len = 0
         self._need = 0
-        self._fragments: list[bytes] | None = None
+        self._fragments: bytearray | None = None
         self._fragments_size = 0
         self._message_opcode = 0
         self.bytes_copied = 0
@@ -267,22 +267,28 @@ class FrameParser:
             events += self.feed(more)
         return events
 
-    def _data(self, opcode: int, fin: int, payload: bytes) -> Message | None:
+    def _data(self, opcode: int, fin: int, payload: bytes | bytearray) -> Message | None:
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
                 raise WebSocketProtocolError(PROTOCOL_ERROR, "continuation without a message")
-            self._fragments.append(payload)
+            self._fragments += payload
             self._fragments_size += len(payload)
+            self.bytes_copied += len(payload)
             if not fin:
                 return None
-            payload = b"".join(self._fragments)
-            self.bytes_copied += len(payload)
+            payload = self._fragments
             opcode = self._message_opcode
             self._fragments, self._fragments_size = None, 0
+            if opcode == OP_BINARY:
+                self.bytes_copied += len(payload)
+                return Message(bytes(payload))
         elif self._fragments is not None:
             raise WebSocketProtocolError(PROTOCOL_ERROR, "new message inside a fragmented one")
         elif not fin:
-            self._fragments, self._fragments_size, self._message_opcode = [payload], len(payload), opcode
+            # One buffer, not a list of fragments: a message of many tiny
+            # (or empty) fragments holds its bytes, not an object per frame.
+            self._fragments, self._fragments_size, self._message_opcode = bytearray(payload), len(payload), opcode
+            self.bytes_copied += len(payload)
             return None
         if opcode == OP_BINARY:
             return Message(payload)

@@ -186,6 +186,9 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             if len(buffered) > MAX_REQUEST_BYTES:
                 self._refuse(Refusal(400, "request too large"))
             return
+        if end > MAX_REQUEST_BYTES:  # the same limit however the head arrived
+            self._refuse(Refusal(400, "request too large"))
+            return
         head = bytes(buffered[:end]) if buffered else data[:end]
         self._head = b""
         request = parse_upgrade(head)

@@ -311,6 +311,12 @@ class RecordsHttpProtocol(asyncio.Protocol):
                 b"%b: %b\r\n" % header for header in polling.cors.headers(method, self.headers, self.secure)
             )
         if isinstance(decision, Reply):
+            if decision.status == 413:
+                # Refused from its Content-Length: answered now, not once a
+                # body nobody keeps has all arrived (llhttp skips it).
+                self._write(decision.status, decision.body, decision.content_type)
+                self.ignored = True
+                return
             self.reply = decision
         elif isinstance(decision, Get):
             self.get = decision.sock
@@ -453,6 +459,13 @@ class RecordsHttpProtocol(asyncio.Protocol):
         self.transport.close()
 
     def _refuse_and_close(self) -> None:
+        """A 400, then the connection ends. Behind a response still to be
+        written (a held poll, an application's), nothing goes ahead of it:
+        the connection ends once it is written."""
+        if self.held is not None or self.exchange is not None:
+            self.closing_after = True
+            self._pause_reading()
+            return
         self._close_with(400, b"Bad Request")
 
     # -- reading and idling ------------------------------------------------------
