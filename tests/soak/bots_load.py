@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import redis as redis_sync
 
@@ -101,7 +102,7 @@ class BotsLoad:
             f.once += sum(1 for n in range(1, expected + 1) if seen.get(n) == 1)
             missing = [n for n in range(1, expected + 1) if n not in seen]
             doubled = sum(k - 1 for n, k in seen.items() if k > 1 and (room, n) not in self.uncertain)
-            disordered = sum(1 for a, c in zip(got, got[1:], strict=False) if c < a)
+            disordered = sum(1 for a, c in pairwise(got) if c < a)
             f.missing += len(missing)
             f.doubled += doubled
             f.disordered += disordered

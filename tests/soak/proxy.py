@@ -40,7 +40,7 @@ class BalancingProxy:
             try:
                 upstream = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
                 break
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 continue
         if upstream is None:
             writer.transport.abort()

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import redis as redis_sync
 from channels_common.publish import NOTICE_CHANNEL, RECORDS_CHANNEL
@@ -192,7 +193,7 @@ class RecordsLoad:
                     doubled = [n for n, k in seen.items() if k > 1 and (room, n) not in self.uncertain]
                     f.missing += len(missing)
                     f.doubled += sum(seen[n] - 1 for n in doubled)
-                    disordered = sum(1 for a, c in zip(got, got[1:], strict=False) if c <= a)
+                    disordered = sum(1 for a, c in pairwise(got) if c <= a)
                     f.disordered += disordered
                     if missing or doubled or disordered:
                         f.problems.append(

@@ -244,7 +244,7 @@ def run(config: Config) -> Result:
                                        f"{RSS_BOUND_MIB[inst.service]} MiB")
         if hostile.errors:
             result.problems.append(f"hostile traffic harness errors: {dict(hostile.errors)}")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure of the run is reported as one
         import traceback
 
         result.problems.append(f"soak aborted: {type(exc).__name__}: {exc}")
@@ -254,8 +254,8 @@ def run(config: Config) -> Result:
             if thing is not None:
                 try:
                     thing.close()
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception as exc:  # noqa: BLE001 - teardown goes on
+                    print(f"soak: closing {type(thing).__name__} failed: {exc}", file=sys.stderr)
         topo.stop()
         if "hs" in synapse_box:
             synapse_box["hs"].stop()
@@ -328,8 +328,8 @@ def report(result: Result, topo: Topology) -> None:
         say(result, f"SOAK FAILED (seed {c.seed}, {c.seconds:.0f} s): {len(problems)} problems")
         for p in problems[:40]:
             say(result, f"  - {p}")
-        say(result, "fault schedule (replay: make soak SOAK_SEED=%d SOAK_SECONDS=%d SOAK_BOTS_INSTANCES=%d):"
-            % (c.seed, c.seconds, c.bots))
+        say(result, f"fault schedule (replay: make soak SOAK_SEED={c.seed} SOAK_SECONDS={c.seconds:.0f} "
+                    f"SOAK_BOTS_INSTANCES={c.bots}):")
         for f in result.faults:
             mark = " (skipped: its service had an instance down)" if str(f) in set(result.skipped) else ""
             say(result, f"  {f}{mark}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ class Topology:
                 proc.send_signal(sig)
                 try:
                     proc.wait(15)
-                except Exception:
+                except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
             inst.process._log.close()
@@ -189,7 +190,7 @@ class Topology:
         for inst in self.instances:
             try:
                 inst.process.stop(timeout=10)
-            except Exception:
+            except Exception:  # noqa: BLE001 - teardown goes on: the process is killed
                 if inst.process.process is not None and inst.process.process.poll() is None:
                     inst.process.process.kill()
         if self.redis is not None:
