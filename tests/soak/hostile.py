@@ -104,8 +104,14 @@ class Hostile:
 
     # -- helpers -----------------------------------------------------------------
 
+    def _connect(self, port: int):
+        """A connection from one of 200 loopback addresses: the proxy spreads
+        them over the instances as it spreads the good clients."""
+        source = f"127.0.3.{self.rng.randint(1, 200)}"
+        return asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
     async def _ws(self, port: int, path: str):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        reader, writer = await self._connect(port)
         key = base64.b64encode(os.urandom(16)).decode()
         writer.write((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                       f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
@@ -150,7 +156,7 @@ class Hostile:
         writer.transport.abort()
 
     async def records_polling(self, rng: random.Random) -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.records_port)
+        reader, writer = await self._connect(self.records_port)
         sid = "".join(rng.choice("abcdefXYZ0123-_") for _ in range(20))
         body = rng.choice([b"40", b"42[", b"\x1e\x1e4", b"2\x1e" * 200, mutate(b'42["x",{"y":1}]', rng),
                            rng.randbytes(rng.randint(1, 3000))])
@@ -172,7 +178,7 @@ class Hostile:
         async with self.drips:
             port = rng.choice([self.records_port, self.collab_port])
             head = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 40
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await self._connect(port)
             try:
                 for byte in head:
                     writer.write(bytes((byte,)))
@@ -193,7 +199,7 @@ class Hostile:
             if rng.random() < 0.5:  # an auth that Rails answers too late
                 writer.write(masked(0x82, hocuspocus("comment-77-body", 2, b"\x00" + _varstring("504,x"))))
         else:
-            reader, writer = await asyncio.open_connection("127.0.0.1", self.records_port)
+            reader, writer = await self._connect(self.records_port)
             if rng.random() < 0.5:
                 ws = await self._ws(self.records_port, "/socket.io/?EIO=4&transport=websocket")
                 if ws is None:

@@ -167,7 +167,9 @@ class RecordsLoad:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
-                done = all(len(b.got.get(room, [])) >= len(self.published.get(room, []))
+                # The last message of a room is the flush: once each client
+                # has it, nothing else is on its way (gaps stay gaps).
+                done = all(b.got.get(room, [0])[-1] >= len(self.published.get(room, []))
                            for b in self.clients for room in b.rooms)
             if done:
                 return True
@@ -199,9 +201,21 @@ class RecordsLoad:
                         f.problems.append(
                             f"{b.name} ({'+'.join(b.transports)}) {room}: {len(got)} got of {expected}, "
                             f"missing {_ranges(missing)}, doubled {_ranges(sorted(doubled))}, "
-                            f"{disordered} out of order")
+                            f"{disordered} out of order; {self._around(b, room, missing or sorted(doubled))}")
                 self._check_reconnects(b, f)
         return f
+
+    def _around(self, b: Browser, room: str, numbers: list[int]) -> str:
+        """When the first wrong messages were published, and what the client
+        went through around then (times from the start of the load)."""
+        times = self.published.get(room, [])
+        shown = []
+        for n in numbers[:3]:
+            at = times[n - 1]
+            near = [f"{k}{'' if v is None else f'({v})'} +{t - self.t0:.1f}"
+                    for t, k, v in b.timeline if abs(t - at) < 4.0]
+            shown.append(f"#{n} published +{at - self.t0:.1f}s [{', '.join(near) or 'no reconnect nearby'}]")
+        return "; ".join(shown)
 
     def _check_reconnects(self, b: Browser, f: RecordsFigures) -> None:
         connects = [(t, rec) for t, k, rec in b.timeline if k == "connect"]

@@ -101,7 +101,11 @@ class Loop:
         self.thread.join(5)
 
 
+STARTED = time.monotonic()
+
+
 def say(result: Result, line: str) -> None:
+    line = line if line.startswith(("soak: seed", "  ")) else f"[{time.monotonic() - STARTED:5.0f}s] {line}"
     result.lines.append(line)
     print(line, flush=True)
 
@@ -151,6 +155,7 @@ def run(config: Config) -> Result:
         pending = collab.settle(30)
         if pending:
             raise RuntimeError(f"collab editors never synced: {pending[:5]}")
+        say(result, "soak: every process up, every client connected")
 
         faults = make_schedule(config.seed, config.seconds, counts, [b.name for b in records.clients])
         result.faults = faults
@@ -200,6 +205,7 @@ def run(config: Config) -> Result:
         if bots:
             bots.wait_posted(90)
         before = collab.contents()
+        say(result, "soak: settled; restarting every instance cleanly")
 
         # -- every instance restarted cleanly ----------------------------------
         topo.sample_rss()
@@ -216,6 +222,7 @@ def run(config: Config) -> Result:
         if not records.wait_delivered(45):
             result.problems.append("records: some clients never caught up after the restart")
         result.records = records.check()
+        say(result, "soak: records checked")
 
         pending = collab.settle(45)
         if pending:
@@ -224,6 +231,7 @@ def run(config: Config) -> Result:
         fresh = {doc: {"fresh": text} for doc, text in collab.fresh_contents().items()}
         result.collab = CollabFigures()
         collab.check([before, after, fresh], result.collab)
+        say(result, "soak: collab checked; awareness of the dead editor next")
         collab.check_awareness(result.collab)
         for e in collab.editors:
             if e.errors:
