@@ -16,7 +16,7 @@ UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate
 	--custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
 
-.PHONY: install run test test-fast bench lint lock clean node doctor
+.PHONY: install run test test-fast bench lint lock clean node doctor soak
 
 install: $(BIN)/.installed node
 
@@ -78,6 +78,15 @@ test: install
 # processes, real browsers, installs, the tiny bench): under a minute.
 test-fast: install
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The chaos soak (tests/soak): every service as processes behind proxies, real
+# clients, a real Synapse, seeded faults and hostile traffic; the invariants
+# printed as figures. SOAK_BOTS_INSTANCES (default 2) sets the bots instances.
+# `make test` runs a 45 s version (tests/soak/test_soak.py).
+SOAK_SECONDS ?= 600
+SOAK_SEED ?= 7
+soak: install
+	$(BIN)/python -m tests.soak.run --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED)
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

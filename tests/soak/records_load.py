@@ -115,6 +115,8 @@ class RecordsLoad:
                     b.timeline.append((now, "disconnect", line["reason"]))
                 elif kind == "other":
                     self.foreign += 1
+                elif kind in ("back", "connect_error") and b:
+                    b.timeline.append((now, kind, line.get("message")))
 
     def _read_err(self) -> None:
         for line in self.node.process.stderr:
@@ -163,18 +165,20 @@ class RecordsLoad:
             self.publish_one(r, room)
         r.close()
 
-    def wait_delivered(self, timeout: float) -> bool:
+    def wait_delivered(self, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             with self.lock:
                 # The last message of a room is the flush: once each client
                 # has it, nothing else is on its way (gaps stay gaps).
-                done = all(b.got.get(room, [0])[-1] >= len(self.published.get(room, []))
-                           for b in self.clients for room in b.rooms)
-            if done:
-                return True
+                behind = [f"{b.name} {room} at {b.got.get(room, [0])[-1]} of {len(self.published.get(room, []))}"
+                          for b in self.clients for room in b.rooms
+                          if b.got.get(room, [0])[-1] < len(self.published.get(room, []))]
+            if not behind:
+                return []
+            if time.monotonic() > deadline:
+                return behind
             time.sleep(0.2)
-        return False
 
     # -- invariant ---------------------------------------------------------------
 
@@ -235,6 +239,14 @@ class RecordsLoad:
             else:
                 f.problems.append(f"{b.name} ({'+'.join(b.transports)}) reconnected with recovered: false "
                                   f"at +{t - self.t0:.1f}s, the cap not exceeded")
+
+    def dump(self) -> dict:
+        """Every client's timeline and what it got, for a failure's post-mortem."""
+        with self.lock:
+            return {b.name: {"transports": b.transports, "rooms": b.rooms,
+                             "timeline": [(round(t - self.t0, 2), k, v) for t, k, v in b.timeline],
+                             "got": b.got} for b in self.clients} | {
+                "_published": {room: [round(t - self.t0, 2) for t in times] for room, times in self.published.items()}}
 
     def close(self) -> None:
         try:

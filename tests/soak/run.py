@@ -200,8 +200,13 @@ def run(config: Config) -> Result:
         say(result, f"soak: load stopped at +{time.monotonic() - t0:.0f}s; {result.hostile}; settling")
 
         records.flush()
-        records.wait_delivered(30)
-        collab.settle(30)
+        # Short: a client still behind here has the clean restart to catch up.
+        behind = records.wait_delivered(10)
+        if behind:
+            say(result, f"soak: {len(behind)} client rooms behind before the restart: {behind[:6]}")
+        say(result, "soak: records settled")
+        pending = collab.settle(30)
+        say(result, f"soak: collab settled{'' if not pending else f' but for {pending[:4]}'}")
         if bots:
             bots.wait_posted(90)
         before = collab.contents()
@@ -217,10 +222,12 @@ def run(config: Config) -> Result:
         dead = topo.dead()
         if dead:
             result.problems.append(f"did not restart cleanly: {dead}")
+        say(result, "soak: every instance restarted")
 
         records.flush()
-        if not records.wait_delivered(45):
-            result.problems.append("records: some clients never caught up after the restart")
+        behind = records.wait_delivered(45)
+        if behind:
+            result.problems.append(f"records: {len(behind)} client rooms never caught up after the restart: {behind[:6]}")
         result.records = records.check()
         say(result, "soak: records checked")
 
@@ -258,6 +265,13 @@ def run(config: Config) -> Result:
         result.problems.append(f"soak aborted: {type(exc).__name__}: {exc}")
         traceback.print_exc()
     finally:
+        if records is not None and not result.ok:
+            import json
+            import tempfile
+            path = tempfile.mkstemp(prefix=f"soak-{config.seed}-records-", suffix=".json")[1]
+            with open(path, "w") as out:
+                json.dump(records.dump(), out)
+            result.problems.append(f"records timelines: {path}")
         for thing in (records, collab):
             if thing is not None:
                 try:
