@@ -48,6 +48,7 @@ class Config:
     bots_rate: float = 2.0
     hostile_rate: float = 4.0
     recovery_cap: int = 1000  # RECOVERY_MAX_EVENTS_PER_ROOM, the services' default
+    synapse: object = None  # a running tests.integration.synapse.Synapse to use (else one is started)
 
 
 @dataclass
@@ -121,7 +122,9 @@ def run(config: Config) -> Result:
     records = collab = bots = hostile = None
     threads: list[threading.Thread] = []
     try:
-        if config.bots:
+        if config.bots and config.synapse is not None:
+            synapse_box["given"] = config.synapse
+        elif config.bots:
             def start_synapse():
                 from tests.integration.synapse import start_homeserver
                 try:
@@ -146,10 +149,12 @@ def run(config: Config) -> Result:
         collab.start()
         junk = None
         if config.bots:
-            synapse_thread.join(600)
-            if "hs" not in synapse_box:
-                raise RuntimeError(f"Synapse could not start: {synapse_box.get('error')}")
-            bots = BotsLoad(synapse_box["hs"], topo.redis_url, config.bots_rate, config.seed)
+            if "given" not in synapse_box:
+                synapse_thread.join(600)
+                if "hs" not in synapse_box:
+                    raise RuntimeError(f"Synapse could not start: {synapse_box.get('error')}")
+            homeserver = synapse_box.get("given") or synapse_box["hs"]
+            bots = BotsLoad(homeserver, topo.redis_url, config.bots_rate, config.seed)
             bots.setup()
             junk = bots.payload(bots.junk_alias, "@HTML@")
         pending = collab.settle(30)

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SEED = 24
 
 
-def test_a_short_soak_keeps_every_invariant():
+def test_a_short_soak_keeps_every_invariant(synapse):
     bots = int(os.environ.get("SOAK_BOTS_INSTANCES") or 2)
-    result = run(Config(seconds=45, seed=SEED, bots=bots))
+    result = run(Config(seconds=45, seed=SEED, bots=bots, synapse=synapse))
     assert result.ok, "\n".join(result.lines[-60:])
