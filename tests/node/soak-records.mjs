@@ -22,7 +22,11 @@ const sockets = new Map();
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
 function open(spec) {
-  const agent = new http.Agent({ keepAlive: true, localAddress: spec.address });
+  // No keep-alive: xmlhttprequest-ssl 2.1.2 (engine.io-client's XHR in Node)
+  // retries a request whose reused socket was reset without ever sending it
+  // (no .end()), so a cut long-poll would hang until the ping timeout (45 s);
+  // a browser's XHR fails at once and the client reconnects, as it does here.
+  const agent = new http.Agent({ keepAlive: false, localAddress: spec.address });
   const socket = io(config.url, {
     forceNew: true,
     // A browser's defaults, shortened so the soak sees many reconnects.
