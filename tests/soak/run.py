@@ -71,8 +71,10 @@ class Result:
         return not self.all_problems()
 
     def all_problems(self) -> list[str]:
+        """The few kinds first (harness, resources, bots, collab), the many
+        (each records client room) last."""
         out = list(self.problems)
-        for figures in (self.records, self.collab, self.bots):
+        for figures in (self.bots, self.collab, self.records):
             if figures is not None:
                 out += figures.problems
         return out
@@ -275,7 +277,7 @@ def run(config: Config) -> Result:
             import tempfile
             path = tempfile.mkstemp(prefix=f"soak-{config.seed}-records-", suffix=".json")[1]
             with open(path, "w") as out:
-                json.dump(records.dump(), out)
+                json.dump({**records.dump(), "_problems": result.all_problems()}, out)
             result.problems.append(f"records timelines: {path}")
         for thing in (records, collab):
             if thing is not None:
