@@ -38,6 +38,8 @@ class BotsLoad:
         self.tag = uuid.uuid4().hex[:6]
         self.stop_event = threading.Event()
         self.published: dict[int, int] = {}
+        self.times: dict[tuple[int, int], float] = {}  # (room, n) -> monotonic time published
+        self.t0 = time.monotonic()
         self.uncertain: set[tuple[int, int]] = set()
 
     def setup(self) -> None:
@@ -75,6 +77,7 @@ class BotsLoad:
                 self.uncertain.add((room, n))
             time.sleep(0.1)
         self.published[room] = n
+        self.times[(room, n)] = time.monotonic()
 
     def numbers(self, room: int) -> list[int]:
         prefix = f"soak {self.tag} {room} "
@@ -107,6 +110,9 @@ class BotsLoad:
             f.doubled += doubled
             f.disordered += disordered
             if missing or doubled or disordered:
+                when = ", ".join(f"#{n} +{self.times[(room, n)] - self.t0:.1f}s" for n in missing[:10]
+                                 if (room, n) in self.times)
                 f.problems.append(f"bots room {room}: {len(got)} posted of {expected}, missing {missing[:10]}"
+                                  f" (published {when})"
                                   f"{'...' if len(missing) > 10 else ''}, {doubled} doubled, {disordered} out of order")
         return f

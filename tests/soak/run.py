@@ -174,6 +174,8 @@ def run(config: Config) -> Result:
         hostile_future = loop.spawn(hostile.run(hostile_stop))
         t0 = time.monotonic()
         records.t0 = t0
+        if bots:
+            bots.t0 = t0
         loads = [threading.Thread(target=records.publish_loop, daemon=True),
                  threading.Thread(target=collab.edit_loop, daemon=True)]
         if bots:

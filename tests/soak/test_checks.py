@@ -87,7 +87,7 @@ def test_the_collab_check_fails_on_a_lost_acknowledged_edit_and_on_divergence():
 
 def test_the_bots_check_counts_doubles_and_gaps():
     load = object.__new__(BotsLoad)
-    load.published, load.uncertain = {0: 4, 1: 2, 2: 1}, set()
+    load.published, load.uncertain, load.times, load.t0 = {0: 4, 1: 2, 2: 1}, set(), {}, 0.0
     posted = {0: [1, 2, 2, 3, 4], 1: [2], 2: [1]}
     load.numbers = posted.__getitem__
     f = load.check()
