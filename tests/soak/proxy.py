@@ -4,7 +4,8 @@ Each client is kept on one live instance by its source address (as an L4
 balancer hashing client addresses does, so long-polling requests of one
 client meet the same instance); a dead instance's clients move to the next
 live one. Faults: `cut` aborts a share of the open connections, `stall`
-stops reading from either side for a while (a balancer under pressure)."""
+stops reading from either side for a while (a balancer under pressure),
+`block` takes one client's network away for a while."""
 
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ class BalancingProxy:
         self.name = name
         self.backends = list(backends)
         self.port = 0
-        self.pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self.pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter, str]] = set()
         self.stalled = asyncio.Event()
         self.stalled.set()  # set: reading; cleared: stalled
         self.accepted = 0
+        self.blocked: dict[str, float] = {}  # source address -> loop time its outage ends
 
     async def start(self) -> int:
         self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, backlog=512)
@@ -35,6 +37,9 @@ class BalancingProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.accepted += 1
         address = writer.get_extra_info("peername")[0]
+        if self.blocked.get(address, 0.0) > asyncio.get_running_loop().time():
+            writer.transport.abort()
+            return
         upstream = None
         for port in self._order(address):
             try:
@@ -46,7 +51,7 @@ class BalancingProxy:
             writer.transport.abort()
             return
         up_reader, up_writer = upstream
-        pair = (writer, up_writer)
+        pair = (writer, up_writer, address)
         self.pairs.add(pair)
         try:
             await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
@@ -74,10 +79,19 @@ class BalancingProxy:
         """Abort about `share` of the open connections; how many were cut."""
         pairs = sorted(self.pairs, key=id)
         chosen = [p for p in pairs if rng.random() < share]
-        for client, upstream in chosen:
+        for client, upstream, _ in chosen:
             client.transport.abort()
             upstream.transport.abort()
         return len(chosen)
+
+    def block(self, address: str, seconds: float) -> None:
+        """The network of the client at `address` goes for `seconds`: its
+        connections are cut and new ones refused (no goodbye is sent)."""
+        self.blocked[address] = asyncio.get_running_loop().time() + seconds
+        for client, upstream, source in list(self.pairs):
+            if source == address:
+                client.transport.abort()
+                upstream.transport.abort()
 
     async def stall(self, seconds: float) -> None:
         self.stalled.clear()
@@ -88,6 +102,6 @@ class BalancingProxy:
 
     def close(self) -> None:
         self.server.close()
-        for client, upstream in list(self.pairs):
+        for client, upstream, _ in list(self.pairs):
             client.transport.abort()
             upstream.transport.abort()

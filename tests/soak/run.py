@@ -319,7 +319,11 @@ def act(fault: Fault, topo: Topology, proxies, records: RecordsLoad, collab: Col
     elif fault.kind == "stall":
         loop.spawn(proxies[fault.target].stall(fault.seconds))
     elif fault.kind == "away":
-        records.away(fault.target, fault.seconds)
+        name, _, how = fault.target.partition("/")
+        if how == "net":
+            loop.call(proxies["records"].block, records.by_name[name].address, fault.seconds)
+        else:
+            records.away(name, fault.seconds)
     elif fault.kind == "ghost":
         collab.kill_ghost()
     for t in started:

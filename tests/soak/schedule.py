@@ -5,7 +5,8 @@ A fault is (at, kind, target, seconds): `kill` (SIGKILL) and `term`
 Redis, restarted from its AOF after `seconds`); `cut` (a share of one
 proxy's connections aborted); `stall` (one proxy reads nothing for
 `seconds`); `away` (one records client gone for `seconds`, within the
-recovery window); `ghost` (a collab client killed, its awareness must go)."""
+recovery window: `/net` its network gone, no goodbye; `/close` its transport
+closed by the client itself); `ghost` (a collab client killed, its awareness must go)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,10 @@ def make_schedule(seed: int, seconds: float, instances: dict[str, int], records_
             pause = round(rng.uniform(0.5, 4.0), 1) if kind == "stall" else round(rng.uniform(0.1, 1.0), 2)
             faults.append(Fault(round(t, 1), kind, proxy, pause))
         else:
-            faults.append(Fault(round(t, 1), kind, rng.choice(records_clients), round(rng.uniform(1.0, 8.0), 1)))
+            # Gone either with its network (no goodbye) or by closing its transport itself.
+            how = rng.choice(["net", "close"])
+            faults.append(Fault(round(t, 1), kind, f"{rng.choice(records_clients)}/{how}",
+                                round(rng.uniform(1.0, 8.0), 1)))
     # Redis: once in every `redis_every` seconds, at least once.
     count = max(1, int(seconds // redis_every))
     for k in range(count):
