@@ -110,9 +110,8 @@ class BotsLoad:
             f.doubled += doubled
             f.disordered += disordered
             if missing or doubled or disordered:
-                when = ", ".join(f"#{n} +{self.times[(room, n)] - self.t0:.1f}s" for n in missing[:10]
+                when = ", ".join(f"#{n} published +{self.times[(room, n)] - self.t0:.1f}s" for n in missing[:10]
                                  if (room, n) in self.times)
-                f.problems.append(f"bots room {room}: {len(got)} posted of {expected}, missing {missing[:10]}"
-                                  f" (published {when})"
-                                  f"{'...' if len(missing) > 10 else ''}, {doubled} doubled, {disordered} out of order")
+                f.problems.append(f"bots room {room}: {len(got)} posted of {expected}, {len(missing)} missing"
+                                  f"{f' ({when})' if when else ''}, {doubled} doubled, {disordered} out of order")
         return f
