@@ -85,8 +85,9 @@ test-fast: install
 # `make test` runs a 45 s version (tests/soak/test_soak.py).
 SOAK_SECONDS ?= 600
 SOAK_SEED ?= 7
+SOAK_BOTS_INSTANCES ?= 2
 soak: install
-	$(BIN)/python -m tests.soak.run --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED)
+	$(BIN)/python -m tests.soak.run --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --bots $(SOAK_BOTS_INSTANCES)
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
