@@ -11,7 +11,8 @@
 //   {c, t: "notice", n}     (a notice carrying {soak_notice: n})
 //   {c, t: "other", event}  (anything else)
 // stdin, one JSON command a line:
-//   {cmd: "away", c, ms}  the browser goes away (no reconnection) and comes back after ms
+//   {cmd: "away", c, ms}  the client closes its transport, reconnects after ms
+//                         (ignored, {c, t: "away-skipped"}, unless connected)
 //   {cmd: "quit"}
 import { io } from "socket.io-client";
 import http from "node:http";
@@ -72,7 +73,14 @@ rl.on("line", (line) => {
   }
   const socket = sockets.get(cmd.c);
   if (cmd.cmd === "away" && socket) {
-    // A laptop lid closed: the connection goes, nothing reconnects until it opens.
+    // The client closes its transport and does not reconnect until it is back.
+    // Only from a connected state: turning reconnection off in the middle of
+    // the manager's reconnection loop leaves it stuck (connect() then never
+    // opens again), which no browser does.
+    if (!socket.connected) {
+      out({ c: cmd.c, t: "away-skipped" });
+      return;
+    }
     socket.io.reconnection(false);
     socket.io.engine?.close();
     setTimeout(() => {

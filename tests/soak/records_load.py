@@ -115,7 +115,7 @@ class RecordsLoad:
                     b.timeline.append((now, "disconnect", line["reason"]))
                 elif kind == "other":
                     self.foreign += 1
-                elif kind in ("back", "connect_error") and b:
+                elif kind in ("back", "connect_error", "away-skipped") and b:
                     b.timeline.append((now, kind, line.get("message")))
 
     def _read_err(self) -> None:
