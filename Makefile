@@ -16,7 +16,7 @@ UV_COMPILE = uv pip compile --quiet --universal --python-version 3.11 --generate
 	--custom-compile-command "make lock" \
 	$(addprefix --no-emit-package ,$(OURS))
 
-.PHONY: install run test test-fast fuzz bench lint lock clean node doctor images
+.PHONY: install run test test-fast fuzz soak bench lint lock clean node doctor images
 
 install: $(BIN)/.installed node
 
@@ -91,6 +91,16 @@ fuzz: install
 # IMAGES_ARGS: --tag TAG, --base auto|default|bookworm, service names.
 images:
 	$(PYTHON) deploy/images/build.py $(IMAGES_ARGS)
+
+# The chaos soak (tests/soak): every service as processes behind proxies, real
+# clients, a real Synapse, seeded faults and hostile traffic; the invariants
+# printed as figures. SOAK_BOTS_INSTANCES (default 2) sets the bots instances.
+# `make test` runs a 45 s version (tests/soak/test_soak.py).
+SOAK_SECONDS ?= 600
+SOAK_SEED ?= 7
+SOAK_BOTS_INSTANCES ?= 2
+soak: install
+	$(BIN)/python -m tests.soak.run --seconds $(SOAK_SECONDS) --seed $(SOAK_SEED) --bots $(SOAK_BOTS_INSTANCES)
 
 bench: install
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -1,21 +1,9 @@
-"""Fixtures for the integration tests that need more than Redis."""
+"""Fixtures for the integration tests that need more than Redis (Synapse:
+tests/conftest.py, shared with the soak)."""
 
 from __future__ import annotations
 
 import pytest
-
-
-@pytest.fixture(scope="session")
-def synapse():
-    """One real Synapse homeserver for the whole session (bots tests)."""
-    from tests.integration.synapse import SynapseUnavailable, start_homeserver
-
-    try:
-        server = start_homeserver()
-    except SynapseUnavailable as exc:
-        pytest.fail(f"Synapse is needed for the bots tests and could not be set up: {exc}", pytrace=False)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
