@@ -23,8 +23,8 @@ install: $(BIN)/.installed node
 $(BIN)/.installed: locks/dev.txt libs/*/pyproject.toml services/*/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --no-deps --require-hashes -r locks/dev.txt
-	$(BIN)/pip install -q --no-deps $(PACKAGES)
-	$(BIN)/pip install -q --no-deps $(DEV_PACKAGES)
+	$(BIN)/pip install -q --no-deps --no-build-isolation $(PACKAGES)
+	$(BIN)/pip install -q --no-deps --no-build-isolation $(DEV_PACKAGES)
 	$(BIN)/pip check
 	touch $@
 

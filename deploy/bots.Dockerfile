@@ -17,7 +17,7 @@ COPY locks/bots.txt /src/locks/bots.txt
 RUN /opt/venv/bin/pip install --no-deps --require-hashes --only-binary :all: -r /src/locks/bots.txt
 COPY libs/common /src/libs/common
 COPY services/bots /src/services/bots
-RUN /opt/venv/bin/pip install --no-deps "/src/libs/common[sentry]" /src/services/bots \
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation "/src/libs/common[sentry]" /src/services/bots \
     && /opt/venv/bin/pip check
 
 # Run stage: the same slim base, the venv, and an unprivileged user. The

@@ -17,7 +17,7 @@ COPY locks/collab.txt /src/locks/collab.txt
 RUN /opt/venv/bin/pip install --no-deps --require-hashes --only-binary :all: -r /src/locks/collab.txt
 COPY libs/common /src/libs/common
 COPY services/collab /src/services/collab
-RUN /opt/venv/bin/pip install --no-deps "/src/libs/common[sentry]" /src/services/collab \
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation "/src/libs/common[sentry]" /src/services/collab \
     && /opt/venv/bin/pip check
 
 # Run stage: the same slim base, the venv, and an unprivileged user. The

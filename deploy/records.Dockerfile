@@ -17,7 +17,7 @@ COPY locks/records.txt /src/locks/records.txt
 RUN /opt/venv/bin/pip install --no-deps --require-hashes --only-binary :all: -r /src/locks/records.txt
 COPY libs/common /src/libs/common
 COPY services/records /src/services/records
-RUN /opt/venv/bin/pip install --no-deps "/src/libs/common[sentry]" /src/services/records \
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation "/src/libs/common[sentry]" /src/services/records \
     && /opt/venv/bin/pip check
 
 # Run stage: the same slim base, the venv, and an unprivileged user. The
