@@ -324,3 +324,47 @@ class ScriptedRedis:
         self.server.close()
         for writer in self.connections:
             writer.close()
+
+
+class HttpTransport(asyncio.Transport):
+    """A real asyncio.Transport that keeps what is written (`data`; `take()`
+    drains whole HTTP responses) and the protocol an upgrade hands it to."""
+    def __init__(self):
+        super().__init__()
+        self.data = bytearray()
+        self.closed = False
+        self.paused = False
+        self.protocol = None
+
+    def write(self, data):
+        self.data += data
+
+    def is_closing(self):
+        return self.closed
+
+    def close(self):
+        self.closed = True
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def get_extra_info(self, name, default=None):
+        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name, default)
+
+    def set_protocol(self, protocol):
+        self.protocol = protocol
+
+    def take(self) -> list[tuple[bytes, dict, bytes]]:
+        """The complete responses written so far."""
+        out = []
+        while b"\r\n\r\n" in self.data:
+            head, _, rest = bytes(self.data).partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines[1:])}
+            n = int(headers[b"content-length"])
+            out.append((lines[0], headers, rest[:n]))
+            del self.data[: len(head) + 4 + n]
+        return out

@@ -18,51 +18,10 @@ from channels_records.polling import Cors, Polling
 from channels_records.sockets import Engine
 from channels_records.websocket import WebSockets
 
+from tests.support import HttpTransport as Transport
 from tests.support import masked, settle
 
 ORIGIN = b"https://app.test"
-
-
-class Transport(asyncio.Transport):
-    def __init__(self):
-        super().__init__()
-        self.data = bytearray()
-        self.closed = False
-        self.paused = False
-        self.protocol = None
-
-    def write(self, data):
-        self.data += data
-
-    def is_closing(self):
-        return self.closed
-
-    def close(self):
-        self.closed = True
-
-    def pause_reading(self):
-        self.paused = True
-
-    def resume_reading(self):
-        self.paused = False
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name, default)
-
-    def set_protocol(self, protocol):
-        self.protocol = protocol
-
-    def take(self) -> list[tuple[bytes, dict, bytes]]:
-        """The complete responses written so far."""
-        out = []
-        while b"\r\n\r\n" in self.data:
-            head, _, rest = bytes(self.data).partition(b"\r\n\r\n")
-            lines = head.split(b"\r\n")
-            headers = {name.lower(): value for name, value in (line.split(b": ", 1) for line in lines[1:])}
-            n = int(headers[b"content-length"])
-            out.append((lines[0], headers, rest[:n]))
-            del self.data[: len(head) + 4 + n]
-        return out
 
 
 async def asgi_app(scope, receive, send):

@@ -40,6 +40,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.strategies import byte_at_a_time, json_values, mutated, segmentations
+from tests.support import HttpTransport as Transport
 from tests.support import masked
 
 # -- Engine.IO -------------------------------------------------------------------
@@ -241,36 +242,6 @@ def test_deeply_nested_json_payloads_are_dropped():
 # -- the HTTP/1.1 request reader ----------------------------------------------------
 
 MAX_PAYLOAD = 1000
-
-
-class Transport(asyncio.Transport):
-    def __init__(self):
-        super().__init__()
-        self.data = bytearray()
-        self.closed = False
-        self.paused = False
-        self.protocol = None  # the protocol reads go to (set_protocol: an upgrade's)
-
-    def write(self, data):
-        self.data += data
-
-    def is_closing(self):
-        return self.closed
-
-    def close(self):
-        self.closed = True
-
-    def pause_reading(self):
-        self.paused = True
-
-    def resume_reading(self):
-        self.paused = False
-
-    def get_extra_info(self, name, default=None):
-        return {"peername": ("127.0.0.1", 5555), "sockname": ("127.0.0.1", 5000)}.get(name, default)
-
-    def set_protocol(self, protocol):
-        self.protocol = protocol
 
 
 async def echo_app(scope, receive, send):
