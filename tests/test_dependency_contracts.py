@@ -22,7 +22,7 @@ import ast
 import asyncio
 import inspect
 import re
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +134,21 @@ def _config(**options) -> uvicorn.Config:
     return config
 
 
+@asynccontextmanager
+async def _serving(server):
+    """The uvicorn server, started within 10 s for the block, then stopped."""
+    serving = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                assert not serving.done(), serving.exception()
+                await asyncio.sleep(0.01)
+        yield server
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 10)
+
+
 # --- uvicorn ------------------------------------------------------------------
 
 
@@ -236,21 +251,13 @@ async def test_uvicorn_server_state_and_shutdown_are_as_server_py_and_wsserver_e
         assert isinstance(getattr(state, attr, None), kind), \
             c[f"uvicorn ServerState.{attr}"].broken(f"{attr} is {type(getattr(state, attr, None))}")
     with breaks("uvicorn.Server.servers", "uvicorn.Server.shutdown(sockets=None)"):
-        serving = asyncio.create_task(server.serve())
-        try:
-            async with asyncio.timeout(10):
-                while not server.started:
-                    assert not serving.done(), serving.exception()
-                    await asyncio.sleep(0.01)
+        async with _serving(server):
             servers = getattr(server, "servers", None)
             assert servers and all(isinstance(s, asyncio.Server) and s.sockets for s in servers), \
                 c["uvicorn.Server.servers"].broken(f"servers is {servers!r}")
             assert all(isinstance(k, bytes) and isinstance(v, bytes) for k, v in state.default_headers), \
                 c["uvicorn ServerState.default_headers"].broken(f"{state.default_headers!r}")
             state.connections.add(Connection())
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serving, 10)
     assert events == [("on_stop", [False] * len(servers)), "connection.shutdown"], \
         c["uvicorn connection.shutdown() on stop"].broken(f"shutdown order {events}")
 
@@ -266,19 +273,12 @@ async def test_uvicorn_builds_the_http_protocol_class_with_these_keywords():
 
     server = uvicorn.Server(_config(http=Recorder, timeout_graceful_shutdown=1))
     with breaks(contract.name):
-        serving = asyncio.create_task(server.serve())
-        try:
+        async with _serving(server):
             async with asyncio.timeout(10):
-                while not server.started:
-                    assert not serving.done(), serving.exception()
-                    await asyncio.sleep(0.01)
                 port = server.servers[0].sockets[0].getsockname()[1]
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
                 args, keywords = await built
             writer.close()
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serving, 10)
     # httpserver.py also takes the optional `_loop` uvicorn passes.
     assert args == () and set(keywords) - {"_loop"} == {"app_state", "config", "server_state"}, \
         contract.broken(f"built with {args} {keywords}")
@@ -300,12 +300,8 @@ async def test_uvicorn_httptools_protocol_calls_the_head_hooks_as_the_guard_expe
                                 http=guarded_httptools(guard), timeout_graceful_shutdown=1)
     server = uvicorn.Server(config)
     with breaks(contract.name):
-        serving = asyncio.create_task(server.serve())
-        try:
+        async with _serving(server):
             async with asyncio.timeout(10):
-                while not server.started:
-                    assert not serving.done(), serving.exception()
-                    await asyncio.sleep(0.01)
                 port = server.servers[0].sockets[0].getsockname()[1]
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
                 await until(lambda: len(guard) == 1, 5)  # from connection_made
@@ -319,9 +315,6 @@ async def test_uvicorn_httptools_protocol_calls_the_head_hooks_as_the_guard_expe
                 await until(lambda: len(guard) == 1, 5)  # on_message_begin
                 writer.close()
                 await until(lambda: len(guard) == 0, 5)  # connection_lost
-        finally:
-            server.should_exit = True
-            await asyncio.wait_for(serving, 10)
 
 
 # --- redis-py -------------------------------------------------------------------
