@@ -74,34 +74,43 @@ def _now_ms() -> str:
     return "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 
-# KEYS: room, msg. ARGV: instance, fresh epoch, window ms, "1" when newly
-# heard, the epoch the caller's other messages of the room are numbered in
-# ('' for none). A room whose state is not that epoch numbers nothing: the
-# caller must number all it keeps again, in order, or a message heard later
-# could be numbered before them.
+# KEYS: room, then one msg key per message. ARGV: instance, fresh epoch,
+# window ms, the epoch the caller's other messages of the room are numbered
+# in ('' for none), then per message "1" when newly heard. One script for
+# the whole batch, so that it is atomic: no other instance's numbering, no
+# eviction and no other write falls between two of its messages (numbers in
+# one batch follow its order, in one epoch), and a refused batch counts
+# nothing as heard. A room whose state is not the expected epoch numbers
+# nothing: the caller must number all it keeps again, in order, or a message
+# heard later could be numbered before them.
 _REGISTER = """
 local e = redis.call('HGET', KEYS[1], 'e')
-if ARGV[5] ~= '' and e ~= ARGV[5] then return {false, 0, 0, 0} end
+if ARGV[4] ~= '' and e ~= ARGV[4] then return {false} end
 if not e then
   e = ARGV[2]
   redis.call('HSET', KEYS[1], 'e', e, 's', 0, 'd', 0)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local fresh = redis.call('EXISTS', KEYS[2]) == 0
-local heard = 1
-if ARGV[4] == '1' then
-  heard = redis.call('HINCRBY', KEYS[2], 'i:' .. ARGV[1], 1)
+local out = {e, tonumber(redis.call('HGET', KEYS[1], 'd'))}
+for i = 2, #KEYS do
+  local fresh = redis.call('EXISTS', KEYS[i]) == 0
+  local heard = 1
+  if ARGV[3 + i] == '1' then
+    heard = redis.call('HINCRBY', KEYS[i], 'i:' .. ARGV[1], 1)
+  end
+  local m = redis.call('HMGET', KEYS[i], 'e', 's')
+  local seq = m[2]
+  if m[1] ~= e then
+    seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+    redis.call('HSET', KEYS[i], 'e', e, 's', seq)
+  end
+  if fresh or redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
+  out[#out + 1] = tonumber(seq)
+  out[#out + 1] = heard
 end
-local m = redis.call('HMGET', KEYS[2], 'e', 's')
-local seq = m[2]
-if m[1] ~= e then
-  seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-  redis.call('HSET', KEYS[2], 'e', e, 's', seq)
-end
-if fresh or redis.call('PTTL', KEYS[2]) < 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-return {e, tonumber(seq), tonumber(redis.call('HGET', KEYS[1], 'd')), heard}
+return out
 """
 
 # KEYS: room. ARGV: instance, epoch, lowest seq held, lease ms, gap ms, window ms.
@@ -193,16 +202,17 @@ class RedisClaims:
                        ) -> list[Registration] | None:
         """Places for (txn id, newly heard) in one room, in the order given;
         None when the room is no longer in epoch `expect`."""
-        pipe = self.redis.pipeline(transaction=False)
-        epoch = uuid.uuid4().hex[:12]
-        for txn, new in messages:
-            await self._register(keys=[self._room(room), f"{self.prefix}msg:{txn}"],
-                                 args=[self.instance, epoch, self._window_ms, "1" if new else "0", expect or ""],
-                                 client=pipe)
-        replies = await pipe.execute()
-        if any(not e for e, *_ in replies):
+        if not messages:
+            return []
+        reply = await self._register(
+            keys=[self._room(room), *(f"{self.prefix}msg:{txn}" for txn, _ in messages)],
+            args=[self.instance, uuid.uuid4().hex[:12], self._window_ms, expect or "",
+                  *("1" if new else "0" for _, new in messages)],
+        )
+        if not reply or not reply[0]:
             return None
-        return [Registration(_text(e), int(s), int(d), int(h) > 1) for e, s, d, h in replies]
+        epoch, done = _text(reply[0]), int(reply[1])
+        return [Registration(epoch, int(reply[i]), done, int(reply[i + 1]) > 1) for i in range(2, len(reply), 2)]
 
     async def take(self, room: str, epoch: str, lowest: int) -> Grant:
         status, e, d, taken, skipped = await self._take(
