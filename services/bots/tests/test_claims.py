@@ -119,3 +119,39 @@ async def test_numbering_refuses_to_mix_epochs(redis):
     assert await redis.exists("test-claims:room:" + ROOM) == 0
     again = await a.register(ROOM, [("m1", False), ("m2", True)])
     assert [r.seq for r in again] == [1, 2]
+
+
+async def test_a_batch_is_numbered_atomically_whatever_runs_between_its_messages(redis):
+    """Two instances number the same 1500 messages (more than Redis reads
+    from a connection at once, so other clients' commands could fall between
+    them) while their room's hash is deleted again and again (eviction, as
+    allkeys-lru does between any two commands): each batch is refused whole or
+    numbered whole, in one epoch and in its order, and a refused batch
+    counts nothing as heard, so the retry sees no repeat."""
+    a, b = instance(redis, "a"), instance(redis, "b")
+    stop = asyncio.Event()
+
+    async def evict():
+        while not stop.is_set():
+            await redis.delete("test-claims:room:" + ROOM)
+            await asyncio.sleep(0)
+
+    async def number(claims: RedisClaims, batch: list[str], expect: str) -> list:
+        places = await claims.register(ROOM, [(t, True) for t in batch], expect)
+        while places is None:
+            places = await claims.register(ROOM, [(t, True) for t in batch])
+        return places
+
+    evictor = asyncio.ensure_future(evict())
+    try:
+        for round_ in range(4):
+            (seed,) = await a.register(ROOM, [(f"seed{round_}", True)])
+            batch = [f"r{round_}m{i}" for i in range(1500)]
+            for places in await asyncio.gather(number(a, batch, seed.epoch), number(b, batch, seed.epoch)):
+                assert not any(p.repeat for p in places)
+                assert len({p.epoch for p in places}) == 1
+                seqs = [p.seq for p in places]
+                assert seqs == sorted(set(seqs)), seqs
+    finally:
+        stop.set()
+        await evictor
