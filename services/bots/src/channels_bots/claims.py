@@ -83,9 +83,40 @@ def _now_ms() -> str:
 # nothing as heard. A room whose state is not the expected epoch numbers
 # nothing: the caller must number all it keeps again, in order, or a message
 # heard later could be numbered before them.
+# ARGV[5] is the highest number the caller already holds in that epoch.
+#
+# A message no instance numbered (its hash absent: evicted, or never heard
+# by the instance that numbered the ones after it) gets a number after every
+# number given out, so a message heard after it but numbered already (and
+# not done) would be posted first: the numbering no longer follows the order
+# the caller heard. A full batch (no expected epoch) then starts a new epoch
+# numbered in its own order, which the others join (renumbering what they
+# keep); a partial batch is refused, so that its caller sends the full one.
+# The message has a hash afterwards, so this happens once per message lost to
+# eviction or missed by a late subscriber. (A message numbered in an older
+# epoch is no such sign: its number is simply later.)
 _REGISTER = """
 local e = redis.call('HGET', KEYS[1], 'e')
 if ARGV[4] ~= '' and e ~= ARGV[4] then return {false} end
+if e then
+  local d = tonumber(redis.call('HGET', KEYS[1], 'd'))
+  local last = tonumber(ARGV[5])
+  for i = 2, #KEYS do
+    local m = redis.call('HMGET', KEYS[i], 'e', 's')
+    if not m[1] then
+      last = math.huge
+    elseif m[1] == e then
+      local seq = tonumber(m[2])
+      if seq > d and seq < last then
+        if ARGV[4] ~= '' then return {false} end
+        redis.call('DEL', KEYS[1])
+        e = false
+        break
+      end
+      last = math.max(last, seq)
+    end
+  end
+end
 if not e then
   e = ARGV[2]
   redis.call('HSET', KEYS[1], 'e', e, 's', 0, 'd', 0)
@@ -95,7 +126,7 @@ local out = {e, tonumber(redis.call('HGET', KEYS[1], 'd'))}
 for i = 2, #KEYS do
   local fresh = redis.call('EXISTS', KEYS[i]) == 0
   local heard = 1
-  if ARGV[3 + i] == '1' then
+  if ARGV[4 + i] == '1' then
     heard = redis.call('HINCRBY', KEYS[i], 'i:' .. ARGV[1], 1)
   end
   local m = redis.call('HMGET', KEYS[i], 'e', 's')
@@ -198,15 +229,17 @@ class RedisClaims:
     def _window_ms(self) -> int:
         return max(1, int(self.window * 1000))
 
-    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None
-                       ) -> list[Registration] | None:
+    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None,
+                       floor: int = 0) -> list[Registration] | None:
         """Places for (txn id, newly heard) in one room, in the order given;
-        None when the room is no longer in epoch `expect`."""
+        None when the room is no longer in epoch `expect` (in which the
+        caller holds numbers up to `floor`), or when a full renumbering is
+        needed to keep the order heard (see _REGISTER)."""
         if not messages:
             return []
         reply = await self._register(
             keys=[self._room(room), *(f"{self.prefix}msg:{txn}" for txn, _ in messages)],
-            args=[self.instance, uuid.uuid4().hex[:12], self._window_ms, expect or "",
+            args=[self.instance, uuid.uuid4().hex[:12], self._window_ms, expect or "", floor if expect else 0,
                   *("1" if new else "0" for _, new in messages)],
         )
         if not reply or not reply[0]:
@@ -257,8 +290,8 @@ class LocalClaims:
     _rooms: dict[str, _LocalRoom] = field(default_factory=dict)
     _messages: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
-    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None
-                       ) -> list[Registration] | None:
+    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None,
+                       floor: int = 0) -> list[Registration] | None:
         await asyncio.sleep(0)
         if expect and (room not in self._rooms or self._rooms[room].epoch != expect):
             return None
