@@ -119,3 +119,71 @@ async def test_numbering_refuses_to_mix_epochs(redis):
     assert await redis.exists("test-claims:room:" + ROOM) == 0
     again = await a.register(ROOM, [("m1", False), ("m2", True)])
     assert [r.seq for r in again] == [1, 2]
+
+
+async def test_a_batch_is_numbered_atomically_whatever_runs_between_its_messages(redis):
+    """Two instances number the same 1500 messages (more than Redis reads
+    from a connection at once, so other clients' commands could fall between
+    them) while their room's hash is deleted again and again (eviction, as
+    allkeys-lru does between any two commands): each batch is refused whole or
+    numbered whole, in one epoch and in its order, and a refused batch
+    counts nothing as heard, so the retry sees no repeat."""
+    a, b = instance(redis, "a"), instance(redis, "b")
+    stop = asyncio.Event()
+
+    async def evict():
+        while not stop.is_set():
+            await redis.delete("test-claims:room:" + ROOM)
+            await asyncio.sleep(0)
+
+    async def number(claims: RedisClaims, batch: list[str], expect: str) -> list:
+        places = await claims.register(ROOM, [(t, True) for t in batch], expect)
+        while places is None:
+            places = await claims.register(ROOM, [(t, True) for t in batch])
+        return places
+
+    evictor = asyncio.ensure_future(evict())
+    try:
+        for round_ in range(4):
+            (seed,) = await a.register(ROOM, [(f"seed{round_}", True)])
+            batch = [f"r{round_}m{i}" for i in range(1500)]
+            for places in await asyncio.gather(number(a, batch, seed.epoch), number(b, batch, seed.epoch)):
+                assert not any(p.repeat for p in places)
+                assert len({p.epoch for p in places}) == 1
+                seqs = [p.seq for p in places]
+                assert seqs == sorted(set(seqs)), seqs
+    finally:
+        stop.set()
+        await evictor
+
+
+async def test_a_message_numbered_out_of_order_starts_an_epoch_in_the_order_heard(redis):
+    """m1's number is lost (its hash evicted) or m1 was never heard by the
+    instance that numbered m2: the instance that holds m1 before m2 starts
+    a new epoch in its own order, which the other joins; a message after one
+    already done changes nothing (it is late whatever happens)."""
+    a, b, c = instance(redis, "a"), instance(redis, "b"), instance(redis, "c")
+    first = await a.register(ROOM, [("m1", True), ("m2", True)])
+    await redis.delete("test-claims:msg:m1")
+    # b numbers m1 alone, later than m2: noticed with m2, which is refused.
+    (late,) = await b.register(ROOM, [("m1", True)])
+    assert late.seq == 3
+    assert await b.register(ROOM, [("m2", True)], late.epoch, late.seq) is None
+    again = await b.register(ROOM, [("m1", False), ("m2", True)])
+    assert [r.seq for r in again] == [1, 2] and again[0].epoch != first[0].epoch
+    assert (await a.take(ROOM, first[0].epoch, 1)).status == EPOCH
+    joined = await a.register(ROOM, [("m1", False), ("m2", False)])
+    assert [(r.epoch, r.seq) for r in joined] == [(r.epoch, r.seq) for r in again]
+    assert not any(r.repeat for r in again + joined)
+    # In one batch: a message without a hash ahead of one numbered.
+    await redis.delete("test-claims:msg:m1")
+    reset = await b.register(ROOM, [("m1", False), ("m2", False)])
+    assert [r.seq for r in reset] == [1, 2] and reset[0].epoch != again[0].epoch
+    # A late subscriber numbered m4 alone, and it is done before m3 is numbered.
+    (m4,) = await c.register(ROOM, [("m4", True)])
+    assert m4.seq == 3
+    assert (await c.take(ROOM, m4.epoch, 1)).status == OWNER
+    for seq in (1, 2, 3):
+        assert await c.finish(ROOM, m4.epoch, seq)
+    tail = await b.register(ROOM, [("m3", True), ("m4", True)], reset[0].epoch, 2)
+    assert [r.seq for r in tail] == [4, 3] and tail[0].epoch == m4.epoch

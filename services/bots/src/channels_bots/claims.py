@@ -74,34 +74,74 @@ def _now_ms() -> str:
     return "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
 
 
-# KEYS: room, msg. ARGV: instance, fresh epoch, window ms, "1" when newly
-# heard, the epoch the caller's other messages of the room are numbered in
-# ('' for none). A room whose state is not that epoch numbers nothing: the
-# caller must number all it keeps again, in order, or a message heard later
-# could be numbered before them.
+# KEYS: room, then one msg key per message. ARGV: instance, fresh epoch,
+# window ms, the epoch the caller's other messages of the room are numbered
+# in ('' for none), then per message "1" when newly heard. One script for
+# the whole batch, so that it is atomic: no other instance's numbering, no
+# eviction and no other write falls between two of its messages (numbers in
+# one batch follow its order, in one epoch), and a refused batch counts
+# nothing as heard. A room whose state is not the expected epoch numbers
+# nothing: the caller must number all it keeps again, in order, or a message
+# heard later could be numbered before them.
+# ARGV[5] is the highest number the caller already holds in that epoch.
+#
+# A message no instance numbered (its hash absent: evicted, or never heard
+# by the instance that numbered the ones after it) gets a number after every
+# number given out, so a message heard after it but numbered already (and
+# not done) would be posted first: the numbering no longer follows the order
+# the caller heard. A full batch (no expected epoch) then starts a new epoch
+# numbered in its own order, which the others join (renumbering what they
+# keep); a partial batch is refused, so that its caller sends the full one.
+# The message has a hash afterwards, so this happens once per message lost to
+# eviction or missed by a late subscriber. (A message numbered in an older
+# epoch is no such sign: its number is simply later.)
 _REGISTER = """
 local e = redis.call('HGET', KEYS[1], 'e')
-if ARGV[5] ~= '' and e ~= ARGV[5] then return {false, 0, 0, 0} end
+if ARGV[4] ~= '' and e ~= ARGV[4] then return {false} end
+if e then
+  local d = tonumber(redis.call('HGET', KEYS[1], 'd'))
+  local last = tonumber(ARGV[5])
+  for i = 2, #KEYS do
+    local m = redis.call('HMGET', KEYS[i], 'e', 's')
+    if not m[1] then
+      last = math.huge
+    elseif m[1] == e then
+      local seq = tonumber(m[2])
+      if seq > d and seq < last then
+        if ARGV[4] ~= '' then return {false} end
+        redis.call('DEL', KEYS[1])
+        e = false
+        break
+      end
+      last = math.max(last, seq)
+    end
+  end
+end
 if not e then
   e = ARGV[2]
   redis.call('HSET', KEYS[1], 'e', e, 's', 0, 'd', 0)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-local fresh = redis.call('EXISTS', KEYS[2]) == 0
-local heard = 1
-if ARGV[4] == '1' then
-  heard = redis.call('HINCRBY', KEYS[2], 'i:' .. ARGV[1], 1)
+local out = {e, tonumber(redis.call('HGET', KEYS[1], 'd'))}
+for i = 2, #KEYS do
+  local fresh = redis.call('EXISTS', KEYS[i]) == 0
+  local heard = 1
+  if ARGV[4 + i] == '1' then
+    heard = redis.call('HINCRBY', KEYS[i], 'i:' .. ARGV[1], 1)
+  end
+  local m = redis.call('HMGET', KEYS[i], 'e', 's')
+  local seq = m[2]
+  if m[1] ~= e then
+    seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+    redis.call('HSET', KEYS[i], 'e', e, 's', seq)
+  end
+  if fresh or redis.call('PTTL', KEYS[i]) < 0 then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
+  out[#out + 1] = tonumber(seq)
+  out[#out + 1] = heard
 end
-local m = redis.call('HMGET', KEYS[2], 'e', 's')
-local seq = m[2]
-if m[1] ~= e then
-  seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-  redis.call('HSET', KEYS[2], 'e', e, 's', seq)
-end
-if fresh or redis.call('PTTL', KEYS[2]) < 0 then
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
-return {e, tonumber(seq), tonumber(redis.call('HGET', KEYS[1], 'd')), heard}
+return out
 """
 
 # KEYS: room. ARGV: instance, epoch, lowest seq held, lease ms, gap ms, window ms.
@@ -189,20 +229,23 @@ class RedisClaims:
     def _window_ms(self) -> int:
         return max(1, int(self.window * 1000))
 
-    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None
-                       ) -> list[Registration] | None:
+    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None,
+                       floor: int = 0) -> list[Registration] | None:
         """Places for (txn id, newly heard) in one room, in the order given;
-        None when the room is no longer in epoch `expect`."""
-        pipe = self.redis.pipeline(transaction=False)
-        epoch = uuid.uuid4().hex[:12]
-        for txn, new in messages:
-            await self._register(keys=[self._room(room), f"{self.prefix}msg:{txn}"],
-                                 args=[self.instance, epoch, self._window_ms, "1" if new else "0", expect or ""],
-                                 client=pipe)
-        replies = await pipe.execute()
-        if any(not e for e, *_ in replies):
+        None when the room is no longer in epoch `expect` (in which the
+        caller holds numbers up to `floor`), or when a full renumbering is
+        needed to keep the order heard (see _REGISTER)."""
+        if not messages:
+            return []
+        reply = await self._register(
+            keys=[self._room(room), *(f"{self.prefix}msg:{txn}" for txn, _ in messages)],
+            args=[self.instance, uuid.uuid4().hex[:12], self._window_ms, expect or "", floor if expect else 0,
+                  *("1" if new else "0" for _, new in messages)],
+        )
+        if not reply or not reply[0]:
             return None
-        return [Registration(_text(e), int(s), int(d), int(h) > 1) for e, s, d, h in replies]
+        epoch, done = _text(reply[0]), int(reply[1])
+        return [Registration(epoch, int(reply[i]), done, int(reply[i + 1]) > 1) for i in range(2, len(reply), 2)]
 
     async def take(self, room: str, epoch: str, lowest: int) -> Grant:
         status, e, d, taken, skipped = await self._take(
@@ -247,8 +290,8 @@ class LocalClaims:
     _rooms: dict[str, _LocalRoom] = field(default_factory=dict)
     _messages: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
-    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None
-                       ) -> list[Registration] | None:
+    async def register(self, room: str, messages: list[tuple[str, bool]], expect: str | None = None,
+                       floor: int = 0) -> list[Registration] | None:
         await asyncio.sleep(0)
         if expect and (room not in self._rooms or self._rooms[room].epoch != expect):
             return None

@@ -364,7 +364,8 @@ class Dispatcher:
         if not todo:
             return
         expect = next((h.epoch for h in room.messages if h.epoch is not None), None)
-        places = await self.claims.register(room.id, [(h.command.txn_id, h.new) for h in todo], expect)
+        floor = max((h.seq for h in room.messages if h.epoch is not None and h.epoch == expect), default=0)
+        places = await self.claims.register(room.id, [(h.command.txn_id, h.new) for h in todo], expect, floor)
         if places is None:
             # The room's state is gone (evicted, Redis restarted): number
             # everything kept again, in the order heard.
