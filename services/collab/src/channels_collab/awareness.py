@@ -41,7 +41,7 @@ class AwarenessRelay:
             clients = list(doc.awareness.states)
             peer.send(p.encode_awareness(peer.address, doc.awareness.encode_awareness_update(clients)))
 
-    def forget(self, doc: LiveDocument, clients: set[int]) -> None:
+    def forget(self, doc: LiveDocument, clients: frozenset[int]) -> None:
         """Tell the remaining peers (here and elsewhere) these clients are gone."""
         if clients:
             doc.awareness.remove_awareness_states(list(clients), None)
@@ -89,9 +89,8 @@ class AwarenessRelay:
         changes, origin = change
         added, updated, removed = changes["added"], changes["updated"], changes["removed"]
         clients = doc.peers.get(origin) if origin is not None else None
-        if clients is not None:
-            clients.update(added)
-            clients.difference_update(removed)
+        if clients is not None and (added or removed):
+            doc.peers[origin] = clients.union(added).difference(removed)
         changed = added + updated + removed
         if not changed:
             return

@@ -48,6 +48,11 @@ def crdt_call(fn: Callable, *args):
         raise
 
 
+# A peer's awareness clients until it introduces one: one shared empty
+# value (most peers never add more than one client, none at first).
+NO_CLIENTS: frozenset[int] = frozenset()
+
+
 class LiveDocument:
     __slots__ = ("_outbox", "_subs", "awareness", "debounce", "name", "peers", "timer", "unused_since", "ydoc")
 
@@ -57,7 +62,8 @@ class LiveDocument:
         self.awareness = Awareness(self.ydoc)
         # The server is not an editor: it has no presence of its own.
         self.awareness.set_local_state(None)
-        self.peers: dict[Peer, set[int]] = {}
+        # Each peer's awareness clients, a frozenset replaced on change.
+        self.peers: dict[Peer, frozenset[int]] = {}
         self.debounce = debounce
         self.timer: Any = None
         self._outbox: list[bytes] = []
