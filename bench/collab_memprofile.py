@@ -58,7 +58,18 @@ def serve_traced() -> None:
 def _referrers(type_name: str, out: Path) -> None:
     """Who holds the live objects of one type (a debugging aid)."""
     import gc
+    import tracemalloc
 
+    if type_name.startswith("@"):
+        # "@file:line": the types of live objects allocated there.
+        where = type_name[1:]
+        counts: dict[str, int] = {}
+        for obj in gc.get_objects():
+            tb = tracemalloc.get_object_traceback(obj)
+            if tb is not None and f"{tb[-1].filename}:{tb[-1].lineno}".endswith(where):
+                counts[type(obj).__name__] = counts.get(type(obj).__name__, 0) + 1
+        (out / "referrers.txt").write_text("\n".join(f"{n:7d} {t}" for t, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+        return
     found = [o for o in gc.get_objects() if type(o).__name__ == type_name]
     lines = [f"{len(found)} live {type_name}"]
     for obj in found[:3]:

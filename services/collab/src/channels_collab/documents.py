@@ -123,7 +123,7 @@ class DocumentRegistry:
             if loaded is not None:
                 # The instances already there tell us who is present.
                 self.history.publish_awareness(name, b"", kind=b"q")
-        doc._subs.append(doc.ydoc.observe(lambda event: doc._outbox.append(event.update)))
+        doc._subs.append(doc.ydoc.observe(doc.collect))
         self.presence.observe(doc)
         self.docs[name] = doc
         log.debug("document loaded", extra={"document": name, "from_redis": loaded is not None})

@@ -104,6 +104,10 @@ class LiveDocument:
     def state(self) -> bytes:
         return self.ydoc.get_update()
 
+    def collect(self, event) -> None:
+        """The ydoc's observer (a bound method: no closure per document)."""
+        self._outbox.append(event.update)
+
 
 def broadcast(doc: LiveDocument, encode: Callable[[str], bytes], exclude: Peer | None = None) -> None:
     cached_address = None
