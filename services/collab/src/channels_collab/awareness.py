@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from functools import partial
 from typing import TYPE_CHECKING
 
 from . import protocol as p
@@ -34,7 +33,7 @@ class AwarenessRelay:
         self.history = history
 
     def observe(self, doc: LiveDocument) -> None:
-        doc.awareness.observe(partial(self._on_change, doc))
+        doc.awareness.observe(lambda topic, change: self._on_change(doc, topic, change))
 
     def greet(self, doc: LiveDocument, peer: Peer) -> None:
         """As Hocuspocus: a new peer learns who is already there at once."""
