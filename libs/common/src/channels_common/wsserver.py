@@ -343,8 +343,9 @@ class LeanWebSocketProtocol(asyncio.Protocol):
             if not self.accepted and self._state == _HANDSHAKE:
                 self._refuse(Refusal(500, "no handshake answer"))
         if self._on_close is not None and self._state in (_OPEN, _CLOSING):
-            # Detached: the callbacks serve the connection from now on.
-            self.scope = None
+            # Detached: the callbacks serve the connection from now on, and
+            # the finished task (its coroutine, its name) is not kept with it.
+            self.scope = self.task = None
             return
         if self._state == _OPEN:
             self.transport.write(wsframe.close_frame(closecodes.NORMAL))
@@ -352,7 +353,7 @@ class LeanWebSocketProtocol(asyncio.Protocol):
         if self._close_timer is None:
             self.transport.close()
         # Nothing of the application is kept once it is done.
-        self.scope = None
+        self.scope = self.task = None
         self._inbox.clear()
 
     async def receive(self):

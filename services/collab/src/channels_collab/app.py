@@ -66,7 +66,7 @@ class SocketTransport:
 
     __slots__ = ("closed", "on_overflow", "protocol", "transport")
 
-    def __init__(self, protocol, on_overflow: Callable[[], None]):
+    def __init__(self, protocol, on_overflow: Callable[[], None] | None):
         self.protocol = protocol
         self.transport = protocol.transport
         self.on_overflow = on_overflow
@@ -297,36 +297,45 @@ class CollabService:
             await send({"type": "websocket.close", "code": INTERNAL_ERROR})
             return
         await send({"type": "websocket.accept"})
-        conn: Connection | None = None
-
-        def overflow():
-            if conn is not None:
-                conn.close(RESET_CONNECTION, "Reset Connection")
-
-        conn = Connection(SocketTransport(protocol, overflow), self.registry, self.authenticator, self.limits,
-                          self.metrics)
+        transport = SocketTransport(protocol, None)
+        conn = ServedConnection(self, transport)
+        transport.on_overflow = conn.overflow
         self.sockets.add(conn)
 
-        def on_message(data) -> None:
-            try:
-                if type(data) is bytes:
-                    conn.receive(data)
-                elif not conn.closed:
-                    log.warning("text frame on the collab socket; closing it")
-                    conn.close(UNSUPPORTED_DATA, "Binary frames only")
-            except Exception:
-                # A fault of ours: this socket's state is unknown, the others carry on.
-                log.exception("frame handling failed; closing the socket")
-                conn.close(INTERNAL_ERROR, "Internal Error")
-
-        def on_close(_code: int) -> None:
-            # Also after our own close: the client answered or was cut off.
-            conn.transport.closed = True
-            conn.disconnected()
-            self.sockets.discard(conn)
-
         # From here the protocol calls us per message; this coroutine ends.
-        await send({"type": DETACH, "on_message": on_message, "on_close": on_close})
+        await send({"type": DETACH, "on_message": conn.on_message, "on_close": conn.on_close})
+
+
+class ServedConnection(Connection):
+    """A Connection on a live socket of the service: the lean protocol's
+    callbacks are its bound methods, not closures made per socket."""
+
+    __slots__ = ("service",)
+
+    def __init__(self, service: CollabService, transport: SocketTransport):
+        super().__init__(transport, service.registry, service.authenticator, service.limits, service.metrics)
+        self.service = service
+
+    def on_message(self, data) -> None:
+        try:
+            if type(data) is bytes:
+                self.receive(data)
+            elif not self.closed:
+                log.warning("text frame on the collab socket; closing it")
+                self.close(UNSUPPORTED_DATA, "Binary frames only")
+        except Exception:
+            # A fault of ours: this socket's state is unknown, the others carry on.
+            log.exception("frame handling failed; closing the socket")
+            self.close(INTERNAL_ERROR, "Internal Error")
+
+    def on_close(self, _code: int) -> None:
+        # Also after our own close: the client answered or was cut off.
+        self.transport.closed = True
+        self.disconnected()
+        self.service.sockets.discard(self)
+
+    def overflow(self) -> None:
+        self.close(RESET_CONNECTION, "Reset Connection")
 
 
 def create_app(settings: CollabSettings | None = None) -> CollabApp:

@@ -41,7 +41,7 @@ class AwarenessRelay:
             clients = list(doc.awareness.states)
             peer.send(p.encode_awareness(peer.address, doc.awareness.encode_awareness_update(clients)))
 
-    def forget(self, doc: LiveDocument, clients: set[int]) -> None:
+    def forget(self, doc: LiveDocument, clients: tuple[int, ...]) -> None:
         """Tell the remaining peers (here and elsewhere) these clients are gone."""
         if clients:
             doc.awareness.remove_awareness_states(list(clients), None)
@@ -54,10 +54,11 @@ class AwarenessRelay:
             return False
         states = doc.awareness.states
         new = {e.client_id for e in entries if e.state is not None and e.client_id not in states}
-        if len(known | new) > MAX_AWARENESS_CLIENTS_PER_PEER:
+        clients = len(new.union(known))
+        if clients > MAX_AWARENESS_CLIENTS_PER_PEER:
             log.warning(
                 "awareness update refused: too many clients for one peer",
-                extra={"document": doc.name, "clients": len(known | new)},
+                extra={"document": doc.name, "clients": clients},
             )
             return False
         doc.awareness.apply_awareness_update(update, peer)
@@ -89,9 +90,8 @@ class AwarenessRelay:
         changes, origin = change
         added, updated, removed = changes["added"], changes["updated"], changes["removed"]
         clients = doc.peers.get(origin) if origin is not None else None
-        if clients is not None:
-            clients.update(added)
-            clients.difference_update(removed)
+        if clients is not None and (added or removed):
+            doc.peers[origin] = tuple(set(clients).union(added).difference(removed))
         changed = added + updated + removed
         if not changed:
             return

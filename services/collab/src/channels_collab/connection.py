@@ -114,6 +114,13 @@ _KIND_NAMES = {
 
 
 class Connection:
+    # Slots: one per socket, thousands at once; a dict each would cost more.
+    __slots__ = (
+        "_pinged_for", "answers_ping", "authenticated_once", "authenticator", "clock", "closed", "last_received",
+        "limits", "metrics", "opened_at", "paused_for_auth", "pending", "queued_bytes", "queued_messages",
+        "registry", "sessions", "transport",
+    )
+
     def __init__(
         self,
         transport: Transport,

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from . import protocol as p
 from .awareness import AwarenessRelay
 from .cluster import Cluster
-from .live import BadUpdate, LiveDocument, Peer, broadcast, crdt_call
+from .live import NO_CLIENTS, BadUpdate, LiveDocument, Peer, broadcast, crdt_call
 from .metrics import CollabMetrics
 from .snapshot import Loaded
 from .store import Debounce, DraftStore
@@ -101,7 +101,7 @@ class DocumentRegistry:
         doc = self.docs.get(name)
         if doc is None:
             doc = self._load(name, None)
-        doc.peers[peer] = set()
+        doc.peers[peer] = NO_CLIENTS
         if self.history is not None and self.history.backpressured and self.history.pending_updates(name):
             self._pause(peer)
         self.presence.greet(doc, peer)
@@ -123,7 +123,7 @@ class DocumentRegistry:
             if loaded is not None:
                 # The instances already there tell us who is present.
                 self.history.publish_awareness(name, b"", kind=b"q")
-        doc._subs.append(doc.ydoc.observe(lambda event: doc._outbox.append(event.update)))
+        doc._subs.append(doc.ydoc.observe(doc.collect))
         self.presence.observe(doc)
         self.docs[name] = doc
         log.debug("document loaded", extra={"document": name, "from_redis": loaded is not None})

@@ -9,6 +9,7 @@ same bytes object is handed to every peer.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -48,16 +49,52 @@ def crdt_call(fn: Callable, *args):
         raise
 
 
+# A peer's awareness clients, as a tuple (a provider has one; a set of one
+# costs four times the memory), replaced on change; none at first.
+NO_CLIENTS: tuple[int, ...] = ()
+
+
+class _LockOnFirstUse:
+    """The lock pycrdt's async transactions take, made when one first does:
+    an anyio Lock holds a deque (~600 B) from birth, and this server only
+    ever uses synchronous transactions."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self):
+        self._lock = None
+
+    async def acquire(self) -> None:
+        if self._lock is None:
+            import anyio  # pycrdt's own dependency
+
+            self._lock = anyio.Lock()
+        await self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+
+def lean_doc() -> Doc:
+    """A pycrdt Doc without what it makes eagerly for async use: its async
+    transaction lock and its event stream sets (~1.5 KiB a document) come
+    on first use. Private names of pycrdt, held by test_pycrdt_contract.py."""
+    ydoc = Doc()
+    ydoc._txn_async_lock = _LockOnFirstUse()
+    ydoc._send_streams = defaultdict(set)
+    return ydoc
+
+
 class LiveDocument:
     __slots__ = ("_outbox", "_subs", "awareness", "debounce", "name", "peers", "timer", "unused_since", "ydoc")
 
     def __init__(self, name: str, debounce: Debounce):
         self.name = name
-        self.ydoc = Doc()
+        self.ydoc = lean_doc()
         self.awareness = Awareness(self.ydoc)
         # The server is not an editor: it has no presence of its own.
         self.awareness.set_local_state(None)
-        self.peers: dict[Peer, set[int]] = {}
+        self.peers: dict[Peer, tuple[int, ...]] = {}
         self.debounce = debounce
         self.timer: Any = None
         self._outbox: list[bytes] = []
@@ -66,6 +103,10 @@ class LiveDocument:
 
     def state(self) -> bytes:
         return self.ydoc.get_update()
+
+    def collect(self, event) -> None:
+        """The ydoc's observer (a bound method: no closure per document)."""
+        self._outbox.append(event.update)
 
 
 def broadcast(doc: LiveDocument, encode: Callable[[str], bytes], exclude: Peer | None = None) -> None:
