@@ -17,6 +17,7 @@ from . import engineio as eio
 from .broadcast import Broadcaster
 from .gateway import CLIENT_DISCONNECT
 from .protocol import RecoveryRequest, encode_connect, encode_event, parse_recovery
+from .recovery import new_pid
 from .rooms import rooms_for
 from .sockets import Rooms, new_sid
 
@@ -150,13 +151,17 @@ class Connections:
         if self._gone(eio_sid):
             self.rooms.remove(sid)
             return
+        if deferred and self.store is not None:
+            # The session is stored once Redis answers (_join_later); the
+            # client has its pid from now on, so a later drop recovers.
+            pid = new_pid()
         self.broadcaster.send_now(eio_sid, encode_connect(sid, pid))
         self._mark_live(sid, pid)
         self.broadcaster.release(eio_sid)
         log.debug("connected", extra={"sid": sid, "rooms": len(rooms), "deferred": deferred})
         if deferred:
             self.metrics.lookup_retries.inc()
-            self.deferred[sid] = spawn(self._join_later(sid, token), name="records-join-later")
+            self.deferred[sid] = spawn(self._join_later(sid, token, pid), name="records-join-later")
 
     async def _recover(self, eio_sid: str, token: str | None, request: RecoveryRequest) -> bool:
         """Register the session again and queue its CONNECT reply, then every
@@ -273,18 +278,33 @@ class Connections:
             self.metrics.connected.inc()
         self.live[sid] = pid
 
-    async def _join_later(self, sid: str, token: str | None) -> None:
+    async def _join_later(self, sid: str, token: str | None, pid: str | None = None) -> None:
+        """Redis could not answer at connect: the token lookup, and the
+        recovery session under `pid` (sent in the CONNECT reply), once it
+        does; the session is stored before the rooms are joined, so that
+        anything the socket gets live is in its replay should it drop."""
         try:
-            user = await with_backoff(lambda: lookup_channel_user(self.redis, token), what="token lookup")
+            if pid is not None and valid_token(token):
+                _, _, raw = await with_backoff(
+                    lambda: self.store.open_session(sid, token, pid=pid), what="recovery session"
+                )
+                user = parse_current_user(raw)
+                rooms = rooms_for(user)
+            else:
+                user = await with_backoff(lambda: lookup_channel_user(self.redis, token), what="token lookup")
+                rooms = rooms_for(user)
+                if pid is not None:
+                    await with_backoff(
+                        lambda: self.store.create_session(sid, token, rooms, pid=pid), what="recovery session"
+                    )
         except asyncio.CancelledError:
             return
         if sid not in self.live:
             return
-        rooms = rooms_for(user)
         for room in rooms:
             self.rooms.enter(sid, room)
         self.deferred.pop(sid, None)
-        log.info("rooms joined after redis returned", extra={"sid": sid, "rooms": len(rooms)})
+        log.info("rooms joined after redis returned", extra={"sid": sid, "rooms": len(rooms), "stored": pid is not None})
 
     # -- disconnects and sessions ------------------------------------------
 

@@ -15,11 +15,11 @@ from . import catchup
 from .keys import Keys
 from .log import EventLog
 from .offsets import ZERO_OFFSET, LoggedEvent, offset_key, parse_offset
-from .sessions import RestoredSession, SessionStore, token_fingerprint
+from .sessions import RestoredSession, SessionStore, new_pid, token_fingerprint
 
 __all__ = [
     "ZERO_OFFSET", "EventLog", "Keys", "LoggedEvent", "RecoveryStore", "RestoredSession", "SessionStore",
-    "offset_key", "parse_offset", "token_fingerprint",
+    "new_pid", "offset_key", "parse_offset", "token_fingerprint",
 ]
 
 
