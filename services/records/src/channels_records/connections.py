@@ -177,12 +177,8 @@ class Connections:
             self.metrics.recoveries.labels("refused").inc()
             return False
         count = self.relayed_count()
-        try:
-            restored = await asyncio.wait_for(
-                self.store.restore(request.pid, token, request.offset), self.lookup_timeout * 2
-            )
-        except REDIS_FAILURES as exc:
-            log.warning("recovery unavailable", extra={"error": type(exc).__name__})
+        restored = await self._restore(eio_sid, token, request)
+        if restored is False:
             self.metrics.recoveries.labels("error").inc()
             return False
         if restored is None:
@@ -230,6 +226,27 @@ class Connections:
         self.metrics.recoveries.labels("recovered").inc()
         log.info("session recovered", extra={"sid": sid, "replayed": len(replayed)})
         return True
+
+    async def _restore(self, eio_sid: str, token: str | None, request: RecoveryRequest):
+        """The restore's log read, asked again with backoff while Redis
+        says "not now" (a restarted Redis loading its AOF answers LOADING
+        for seconds after the subscription is back) for up to twice the
+        lookup timeout in all. False when Redis never answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lookup_timeout * 2
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.wait_for(
+                    self.store.restore(request.pid, token, request.offset), max(0.05, deadline - loop.time())
+                )
+            except REDIS_FAILURES as exc:
+                attempt += 1
+                delay = min(1.0, 0.05 * 2 ** attempt)
+                if self._gone(eio_sid) or loop.time() + delay >= deadline:
+                    log.warning("recovery unavailable", extra={"error": type(exc).__name__, "attempts": attempt})
+                    return False
+                await asyncio.sleep(delay)
 
     async def _missed_meanwhile(
         self, request: RecoveryRequest, token: str | None, missed: list, relayed_meanwhile: bool = False
