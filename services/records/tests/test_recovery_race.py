@@ -142,7 +142,26 @@ async def test_a_failed_second_read_is_no_replay():
             raise OSError("redis went away")
 
     c = make(Failing([]), relayed="3-0")
+    c.lookup_timeout = 0.2  # its retries give up after twice this
     assert await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")]) is None
+
+
+async def test_a_second_read_redis_refuses_for_a_moment_is_asked_again():
+    """Issue 24 (soak seed 11): a stale pooled connection after a Redis
+    restart failed the second read, and the client started afresh."""
+    class Flaky(Store):
+        failures = 2
+
+        async def restore(self, pid, token, offset):
+            if self.failures:
+                self.failures -= 1
+                raise OSError("stale connection")
+            return await super().restore(pid, token, offset)
+
+    store = Flaky([ev("1-0"), ev("2-0"), ev("3-0")])
+    c = make(store, relayed="3-0")
+    missed = await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")])
+    assert [e.offset for e in missed] == ["1-0", "2-0", "3-0"] and store.failures == 0
 
 
 async def test_a_recovery_waits_a_moment_for_the_subscription():

@@ -177,7 +177,7 @@ class Connections:
             self.metrics.recoveries.labels("refused").inc()
             return False
         count = self.relayed_count()
-        restored = await self._restore(eio_sid, token, request)
+        restored = await self._restore(eio_sid, token, request.pid, request.offset, "recovery unavailable")
         if restored is False:
             self.metrics.recoveries.labels("error").inc()
             return False
@@ -194,7 +194,7 @@ class Connections:
         for room in restored.rooms:
             self.rooms.enter(sid, room)
         missed = await self._missed_meanwhile(
-            request, token, restored.missed, relayed_meanwhile=self.relayed_count() != count
+            request, token, restored.missed, relayed_meanwhile=self.relayed_count() != count, eio_sid=eio_sid
         )
         if self._gone(eio_sid):
             return True  # registered: the gateway cleans it up
@@ -227,29 +227,31 @@ class Connections:
         log.info("session recovered", extra={"sid": sid, "replayed": len(replayed)})
         return True
 
-    async def _restore(self, eio_sid: str, token: str | None, request: RecoveryRequest):
+    async def _restore(self, eio_sid: str | None, token: str | None, pid: str, offset: str | None, failed: str):
         """The restore's log read, asked again with backoff while Redis
         says "not now" (a restarted Redis loading its AOF answers LOADING
-        for seconds after the subscription is back) for up to twice the
-        lookup timeout in all. False when Redis never answered."""
+        for seconds after the subscription is back, a stale pooled
+        connection) for up to twice the lookup timeout in all. False (and
+        the warning `failed`) when Redis never answered."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.lookup_timeout * 2
         attempt = 0
         while True:
             try:
                 return await asyncio.wait_for(
-                    self.store.restore(request.pid, token, request.offset), max(0.05, deadline - loop.time())
+                    self.store.restore(pid, token, offset), max(0.05, deadline - loop.time())
                 )
             except REDIS_FAILURES as exc:
                 attempt += 1
                 delay = min(1.0, 0.05 * 2 ** attempt)
-                if self._gone(eio_sid) or loop.time() + delay >= deadline:
-                    log.warning("recovery unavailable", extra={"error": type(exc).__name__, "attempts": attempt})
+                if (eio_sid is not None and self._gone(eio_sid)) or loop.time() + delay >= deadline:
+                    log.warning(failed, extra={"error": type(exc).__name__, "attempts": attempt})
                     return False
                 await asyncio.sleep(delay)
 
     async def _missed_meanwhile(
-        self, request: RecoveryRequest, token: str | None, missed: list, relayed_meanwhile: bool = False
+        self, request: RecoveryRequest, token: str | None, missed: list, relayed_meanwhile: bool = False,
+        eio_sid: str | None = None,
     ) -> list | None:
         """Events this instance broadcast while the restore was reading the
         log went to the session's rooms before the socket was in them, and
@@ -267,12 +269,8 @@ class Connections:
             relayed is None or (newest is not None and self.order_key(relayed) <= self.order_key(newest))
         ):
             return missed
-        try:
-            again = await asyncio.wait_for(self.store.restore(request.pid, token, newest), self.lookup_timeout)
-        except REDIS_FAILURES as exc:
-            log.warning("recovery second read failed", extra={"error": type(exc).__name__})
-            return None
-        if again is None:
+        again = await self._restore(eio_sid, token, request.pid, newest, "recovery second read failed")
+        if again is None or again is False:
             return None
         seen = {event.offset for event in missed}
         return missed + [event for event in again.missed if event.offset not in seen]
