@@ -28,7 +28,7 @@ MAX_ROOM_LENGTH = 200
 # A catch-up after a resubscription: events it replays at most, and the
 # attempts at reading them before the rooms' sockets are disconnected.
 CATCH_UP_MAX_EVENTS = 10_000
-CATCH_UP_ATTEMPTS = 4
+CATCH_UP_ATTEMPTS = 6
 # Events broadcast without an offset (the log failed) remembered for the
 # catch-up's skipping, at most.
 MAX_UNLOGGED = 10_000
@@ -299,7 +299,7 @@ class Relay:
                         "catch-up after resubscribing: log read failed",
                         extra={"error": type(exc).__name__, "attempt": attempt + 1},
                     )
-                    await asyncio.sleep(0.2 * 2 ** attempt * (0.5 + random.random() / 2))
+                    await asyncio.sleep(min(1.0, 0.2 * 2 ** attempt) * (0.5 + random.random() / 2))
             for room in lost:
                 self.on_lost(room)
             unlogged = self._unlogged
