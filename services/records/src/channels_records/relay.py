@@ -4,6 +4,7 @@ here: the caller logs the reason and drops the message."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 from collections import Counter, deque
@@ -89,6 +90,14 @@ class _Pending:
         self.done = False
 
 
+def _digest(room: str, event: str, payload: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for part in (room, event, payload):
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.digest()
+
+
 class _CatchUp:
     """A place in the broadcast order, after everything the previous
     subscription handed over: nothing behind it goes out before the
@@ -125,8 +134,9 @@ class Relay:
         # copies (same offsets: dedup) are not broadcast again.
         self._caught: set[str] = set()
         self._caught_top: tuple[int, int] | None = None
-        # (room, event, payload) broadcast without an offset since the last
-        # one with: a catch-up does not send them a second time.
+        # Digests of (room, event, payload) broadcast without an offset
+        # since the last one with: a catch-up does not send them a second
+        # time. Digests, not payloads: bounded memory while Redis is down.
         self._unlogged: Counter = Counter()
         self.metrics = metrics
         self.store = store
@@ -254,7 +264,7 @@ class Relay:
     def _emit(self, result: Broadcast, offset: str | None) -> None:
         if offset is None:
             if len(self._unlogged) < MAX_UNLOGGED:
-                self._unlogged[(result.room, result.event, result.payload)] += 1
+                self._unlogged[_digest(result.room, result.event, result.payload)] += 1
         elif self._caught:
             if offset in self._caught:
                 return  # the catch-up broadcast it already
@@ -305,9 +315,11 @@ class Relay:
             unlogged = self._unlogged
             for room, event in events:
                 payload = event.data.decode("utf-8", "replace")
-                if unlogged[(room, event.event, payload)] > 0:
-                    unlogged[(room, event.event, payload)] -= 1
-                    continue  # broadcast already, without its offset
+                if unlogged:
+                    digest = _digest(room, event.event, payload)
+                    if unlogged[digest] > 0:
+                        unlogged[digest] -= 1
+                        continue  # broadcast already, without its offset
                 self.broadcaster.to_room(room, encode_event(event.event, payload, event.offset), event.offset)
                 self._caught.add(event.offset)
                 self.last_offset = event.offset
