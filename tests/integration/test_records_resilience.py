@@ -248,3 +248,46 @@ def test_connection_storm_of_2000_clients(redis_url):
         svc.stop()
         rails.close()
         r.close()
+
+
+def test_a_client_that_connected_during_an_outage_recovers_its_next_drop(private_redis):
+    """A connect while Redis is down gets a fresh session whose rooms wait
+    for Redis; that session is stored once Redis is back, so the client's
+    next drop recovers (and replays what it missed) instead of starting
+    afresh again."""
+    svc = start_records(private_redis.url)
+    rails = Rails(private_redis.url)
+    clients = None
+    try:
+        rails.token("tok-outage", 41, [410])
+        rails.r.save()  # the restarted Redis loads the token
+        svc.wait_http("/readyz", 20)
+        private_redis.kill()
+        wait_for(lambda: httpx.get(svc.url + "/readyz").status_code == 503, 15, what="not ready")
+        clients = SioClients(svc.url, [{"name": "late", "token": "tok-outage", "transports": ["websocket"]}],
+                             reconnectionDelay=50, reconnectionDelayMax=100)
+        clients.wait_connected(["late"])
+        first = clients.of("late", "connect")[0]
+        assert first["recovered"] is False and first["pid"]
+
+        private_redis.start()
+        svc.wait_http("/readyz", 20)
+
+        def joined():
+            rails.records("group-410", {"probe": True})
+            time.sleep(0.3)
+            return any(p["records"].get("probe") for p in payloads(clients, "late"))
+
+        wait_for(joined, 30, interval=0.2, what="rooms joined after redis came back")
+        clients.send(cmd="drop", c="late")
+        clients.wait_connected(["late"], count=2)
+        again = clients.of("late", "connect")[1]
+        assert again["recovered"] is True, again
+        assert again["pid"] == first["pid"]
+        rails.records("group-410", {"after": True})
+        wait_for(lambda: any(p["records"].get("after") for p in payloads(clients, "late")), 15, what="event after")
+    finally:
+        if clients:
+            clients.close()
+        svc.stop()
+        rails.close()

@@ -422,3 +422,45 @@ async def test_a_redis_that_refuses_the_epoch_marker_gets_a_plain_subscribe_next
     finally:
         await sub.stop()
         await fake.close()
+
+
+async def test_a_redis_still_loading_keeps_the_epoch_marker_for_the_next_attempt(caplog):
+    """Right after a restart Redis answers LOADING to the marker's script:
+    "not now", not "never". The next attempt sends the marker again (an
+    instance without markers beside one with would log everything twice)."""
+    from tests.support import ScriptedRedis
+
+    state = {"loading": True, "in_multi": False}
+
+    def loading_then_ready(command: list[bytes]) -> bytes:
+        name = command[0].upper()
+        if name == b"MULTI":
+            state["in_multi"] = True
+            return b"-LOADING Redis is loading the dataset in memory\r\n" if state["loading"] else b"+OK\r\n"
+        if name == b"EXEC":
+            state["in_multi"] = False
+            if state["loading"]:
+                state["loading"] = False
+                return b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+            marker = b"*3\r\n$7\r\nmessage\r\n$7\r\nt:epoch\r\n$1\r\n5\r\n"
+            return b"*2\r\n" + _plain_redis([b"SUBSCRIBE", b"/records", b"t:epoch"]) + b":5\r\n" + marker
+        if state["in_multi"]:
+            return b"-LOADING Redis is loading the dataset in memory\r\n" if state["loading"] else b"+QUEUED\r\n"
+        return _plain_redis(command)
+
+    fake = ScriptedRedis(loading_then_ready)
+    url = await fake.start()
+    got = []
+    sub = Subscription(url=url, handler=got.append, channels=["/records"], epoch_channel="t:epoch", max_backoff=0.2)
+    sub.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="channels.redis"):
+            assert await sub.wait_live(10)
+        assert sub.epoch_channel == "t:epoch" and len(fake.connections) == 2
+        assert [c[0].upper() for c in fake.commands].count(b"MULTI") == 2
+        await until(lambda: got, what="the marker")
+        assert got[0].channel == "t:epoch" and got[0].data == b"5"
+        assert not any("subscribing without" in r.getMessage() for r in caplog.records)
+    finally:
+        await sub.stop()
+        await fake.close()

@@ -768,3 +768,42 @@ async def test_within_an_epoch_every_instance_counts_from_zero(clients, redis):
     assert await log_message(a, "group-1", "records", data) == o3
     assert await log_message(b, "group-1", "records", data) == o3
     assert [e[0] for e in await stream(redis, "group-1")] == [o1, o2, o3]
+
+
+async def test_mark_live_across_a_redis_restart_retries_with_a_warning_and_ends_on_the_redis_clock(
+    private_redis, caplog
+):
+    """The subscription can come back before the pool's connections notice
+    the restart (a stale connection, Redis still loading): mark_live keeps
+    asking Redis for its clock, with a one-line warning per failure and no
+    traceback, and ends with a mark from it."""
+    pooled = create_redis(private_redis.url, max_connections=2)
+    store = RecoveryStore(pooled, window_ms=WINDOW, instance_id="a", start_grace_ms=50)
+    try:
+        await pooled.ping()  # a pooled connection, stale once Redis restarts
+        private_redis.kill()
+        store.log._start_ms = 0  # an old mark, to be replaced
+        back = asyncio.Event()
+        restarted_at = []
+
+        def restart():
+            import time as _time
+
+            _time.sleep(1.0)  # longer than the pool's own retries
+            # Redis runs on this machine's clock: no answer from it predates this.
+            restarted_at.append(int(_time.time() * 1000))
+            private_redis.start()
+
+        loop = asyncio.get_running_loop()
+        restarter = loop.run_in_executor(None, restart)
+        restarter.add_done_callback(lambda _: loop.call_soon_threadsafe(back.set))
+        with caplog.at_level(logging.WARNING, logger="channels.records.recovery"):
+            await asyncio.wait_for(store.mark_live(), 30)
+        await back.wait()
+        seconds, micros = await pooled.time()
+        now = seconds * 1000 + micros // 1000
+        assert restarted_at[0] - 50 <= store.log._start_ms <= now - 50
+        warnings = [r for r in caplog.records if "redis clock unavailable" in r.getMessage()]
+        assert warnings and all(r.exc_info is None for r in warnings)
+    finally:
+        await pooled.aclose()

@@ -142,7 +142,26 @@ async def test_a_failed_second_read_is_no_replay():
             raise OSError("redis went away")
 
     c = make(Failing([]), relayed="3-0")
+    c.lookup_timeout = 0.2  # its retries give up after twice this
     assert await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")]) is None
+
+
+async def test_a_second_read_redis_refuses_for_a_moment_is_asked_again():
+    """Issue 24 (soak seed 11): a stale pooled connection after a Redis
+    restart failed the second read, and the client started afresh."""
+    class Flaky(Store):
+        failures = 2
+
+        async def restore(self, pid, token, offset):
+            if self.failures:
+                self.failures -= 1
+                raise OSError("stale connection")
+            return await super().restore(pid, token, offset)
+
+    store = Flaky([ev("1-0"), ev("2-0"), ev("3-0")])
+    c = make(store, relayed="3-0")
+    missed = await c._missed_meanwhile(RecoveryRequest("p" * 20, "0-1"), "tok", [ev("1-0")])
+    assert [e.offset for e in missed] == ["1-0", "2-0", "3-0"] and store.failures == 0
 
 
 async def test_a_recovery_waits_a_moment_for_the_subscription():
@@ -158,3 +177,43 @@ async def test_a_recovery_waits_a_moment_for_the_subscription():
     assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is True
     assert live == [c.lookup_timeout] and store.reads == ["0-1"] and "recovered" in metrics.seen
     assert sock.take_pending()[1:] == ['42["records",{},"1-0"]'] and rooms.of_sid == {"s": {"g"}}
+
+
+async def test_a_restore_redis_cannot_answer_yet_is_asked_again():
+    """Issue 24: right after a Redis restart the subscription is live
+    while Redis still answers LOADING; the recovery waits for it rather
+    than giving a fresh session."""
+    from redis.exceptions import BusyLoadingError
+
+    class Loading(Store):
+        def __init__(self, log, refusals):
+            super().__init__(log)
+            self.refusals = refusals
+
+        async def restore(self, pid, token, offset):
+            if self.refusals:
+                self.refusals -= 1
+                raise BusyLoadingError("Redis is loading the dataset in memory")
+            return await super().restore(pid, token, offset)
+
+    store = Loading([ev("1-0")], refusals=3)
+    c, sock, _rooms, broadcaster, metrics = wired(store, feed=lambda: 7)
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is True
+    assert "recovered" in metrics.seen and store.refusals == 0
+    assert sock.take_pending()[1:] == ['42["records",{},"1-0"]']
+
+
+async def test_a_restore_redis_never_answers_gives_a_fresh_session():
+    from redis.exceptions import BusyLoadingError
+
+    class Down(Store):
+        async def restore(self, pid, token, offset):
+            raise BusyLoadingError("Redis is loading the dataset in memory")
+
+    store = Down([])
+    c, sock, rooms, broadcaster, metrics = wired(store, feed=lambda: 7)
+    c.lookup_timeout = 0.2
+    broadcaster.hold("e0")
+    assert await c._recover("e0", "tok", RecoveryRequest("p" * 20, "0-1")) is False
+    assert metrics.seen == ["error"] and rooms.sid_of == {} and sock.pending == []

@@ -377,7 +377,7 @@ class Subscription:
                 message = _message(reply)
             except ReplyError as exc:
                 log.warning("redis refused a subscription command", extra={"error": str(exc)})
-                if self.epoch_channel and self._pong is not None:
+                if self.epoch_channel and self._pong is not None and not _transient(exc):
                     log.warning("subscribing without an epoch marker from now on")
                     self.epoch_channel = None
                 if self._link is not None:
@@ -489,6 +489,17 @@ def _message(reply) -> Message | None:
     if isinstance(reply, ReplyError):
         raise reply
     return None
+
+
+# Refusals that say "not now" (a Redis still loading its dataset, a busy
+# script, a replica without its primary), not "never": the next attempt
+# keeps the epoch marker. Two instances, one with markers and one without,
+# would log every message twice (their dedup keys differ).
+_TRANSIENT_REFUSALS = ("LOADING", "BUSY", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def _transient(exc: BaseException) -> bool:
+    return str(exc).lstrip("-").upper().startswith(_TRANSIENT_REFUSALS)
 
 
 def _mark_retrieved(future: asyncio.Future) -> None:

@@ -84,6 +84,7 @@ class RecordsService:
         self.store = None
         self.connections: Connections | None = None
         self.subscription: Subscription | None = None
+        self.relay: Relay | None = None
         self._tasks: list[asyncio.Task] = []
         self._evicting: set[str] = set()
         observe_service(self.metrics.registry, "records", self._ready,
@@ -119,7 +120,10 @@ class RecordsService:
             max_events_per_room=s.recovery_max_events_per_room,
         )
         epochs = self.store.keys.epoch  # counter key and marker channel (see EventLog.set_epoch)
-        relay = Relay(self.broadcaster, self.metrics, self.store, epoch_channel=epochs)
+        relay = self.relay = Relay(
+            self.broadcaster, self.metrics, self.store, epoch_channel=epochs,
+            rooms=lambda: list(self.rooms.members), on_lost=self._room_lost,
+        )
         self.connections = Connections(
             self.engine,
             self.rooms,
@@ -162,7 +166,11 @@ class RecordsService:
         dedup restarts. With epoch markers, the subscription's own marker is
         the first message to come and restarts it exactly there, in order
         behind any message of the old epoch still held. Without, it restarts
-        from the moment the subscription began (Redis clock)."""
+        from the moment the subscription began (Redis clock). After a drop,
+        the relay first catches up on what other instances logged meanwhile
+        (Relay.resubscribed)."""
+        if self.subscription.generation > 1:
+            self.relay.resubscribed()
         if self.subscription.epoch_channel:
             return None
         self.store.set_epoch(None)
@@ -171,6 +179,18 @@ class RecordsService:
             self.store.listening_since(at)
             return None
         return self.store.mark_live()  # Redis did not tell the time: from now, less a grace
+
+    def _room_lost(self, room: str) -> None:
+        """Events of `room` were missed and cannot be replayed here: its
+        sockets are cut, so that their clients reconnect and recover (or
+        start afresh, `recovered: false`) rather than live with a gap."""
+        members = list(self.rooms.members.get(room, {}).values())
+        log.warning("events missed while resubscribing cannot be replayed, disconnecting the room's sockets",
+                    extra={"sockets": len(members)})
+        for eio_sid in members:
+            sock = self.engine.sockets.get(eio_sid)
+            if sock is not None and not sock.closing:
+                sock.close(eio.TRANSPORT_CLOSE, abort=True)
 
     def _evict(self, eio_sid: str) -> None:
         """A socket would exceed its send buffer: cut it off (once)."""

@@ -17,6 +17,7 @@ from . import engineio as eio
 from .broadcast import Broadcaster
 from .gateway import CLIENT_DISCONNECT
 from .protocol import RecoveryRequest, encode_connect, encode_event, parse_recovery
+from .recovery import new_pid
 from .rooms import rooms_for
 from .sockets import Rooms, new_sid
 
@@ -150,13 +151,17 @@ class Connections:
         if self._gone(eio_sid):
             self.rooms.remove(sid)
             return
+        if deferred and self.store is not None:
+            # The session is stored once Redis answers (_join_later); the
+            # client has its pid from now on, so a later drop recovers.
+            pid = new_pid()
         self.broadcaster.send_now(eio_sid, encode_connect(sid, pid))
         self._mark_live(sid, pid)
         self.broadcaster.release(eio_sid)
         log.debug("connected", extra={"sid": sid, "rooms": len(rooms), "deferred": deferred})
         if deferred:
             self.metrics.lookup_retries.inc()
-            self.deferred[sid] = spawn(self._join_later(sid, token), name="records-join-later")
+            self.deferred[sid] = spawn(self._join_later(sid, token, pid), name="records-join-later")
 
     async def _recover(self, eio_sid: str, token: str | None, request: RecoveryRequest) -> bool:
         """Register the session again and queue its CONNECT reply, then every
@@ -172,12 +177,8 @@ class Connections:
             self.metrics.recoveries.labels("refused").inc()
             return False
         count = self.relayed_count()
-        try:
-            restored = await asyncio.wait_for(
-                self.store.restore(request.pid, token, request.offset), self.lookup_timeout * 2
-            )
-        except REDIS_FAILURES as exc:
-            log.warning("recovery unavailable", extra={"error": type(exc).__name__})
+        restored = await self._restore(eio_sid, token, request.pid, request.offset, "recovery unavailable")
+        if restored is False:
             self.metrics.recoveries.labels("error").inc()
             return False
         if restored is None:
@@ -193,7 +194,7 @@ class Connections:
         for room in restored.rooms:
             self.rooms.enter(sid, room)
         missed = await self._missed_meanwhile(
-            request, token, restored.missed, relayed_meanwhile=self.relayed_count() != count
+            request, token, restored.missed, relayed_meanwhile=self.relayed_count() != count, eio_sid=eio_sid
         )
         if self._gone(eio_sid):
             return True  # registered: the gateway cleans it up
@@ -226,8 +227,31 @@ class Connections:
         log.info("session recovered", extra={"sid": sid, "replayed": len(replayed)})
         return True
 
+    async def _restore(self, eio_sid: str | None, token: str | None, pid: str, offset: str | None, failed: str):
+        """The restore's log read, asked again with backoff while Redis
+        says "not now" (a restarted Redis loading its AOF answers LOADING
+        for seconds after the subscription is back, a stale pooled
+        connection) for up to twice the lookup timeout in all. False (and
+        the warning `failed`) when Redis never answered."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lookup_timeout * 2
+        attempt = 0
+        while True:
+            try:
+                return await asyncio.wait_for(
+                    self.store.restore(pid, token, offset), max(0.05, deadline - loop.time())
+                )
+            except REDIS_FAILURES as exc:
+                attempt += 1
+                delay = min(1.0, 0.05 * 2 ** attempt)
+                if (eio_sid is not None and self._gone(eio_sid)) or loop.time() + delay >= deadline:
+                    log.warning(failed, extra={"error": type(exc).__name__, "attempts": attempt})
+                    return False
+                await asyncio.sleep(delay)
+
     async def _missed_meanwhile(
-        self, request: RecoveryRequest, token: str | None, missed: list, relayed_meanwhile: bool = False
+        self, request: RecoveryRequest, token: str | None, missed: list, relayed_meanwhile: bool = False,
+        eio_sid: str | None = None,
     ) -> list | None:
         """Events this instance broadcast while the restore was reading the
         log went to the session's rooms before the socket was in them, and
@@ -245,12 +269,8 @@ class Connections:
             relayed is None or (newest is not None and self.order_key(relayed) <= self.order_key(newest))
         ):
             return missed
-        try:
-            again = await asyncio.wait_for(self.store.restore(request.pid, token, newest), self.lookup_timeout)
-        except REDIS_FAILURES as exc:
-            log.warning("recovery second read failed", extra={"error": type(exc).__name__})
-            return None
-        if again is None:
+        again = await self._restore(eio_sid, token, request.pid, newest, "recovery second read failed")
+        if again is None or again is False:
             return None
         seen = {event.offset for event in missed}
         return missed + [event for event in again.missed if event.offset not in seen]
@@ -273,18 +293,33 @@ class Connections:
             self.metrics.connected.inc()
         self.live[sid] = pid
 
-    async def _join_later(self, sid: str, token: str | None) -> None:
+    async def _join_later(self, sid: str, token: str | None, pid: str | None = None) -> None:
+        """Redis could not answer at connect: the token lookup, and the
+        recovery session under `pid` (sent in the CONNECT reply), once it
+        does; the session is stored before the rooms are joined, so that
+        anything the socket gets live is in its replay should it drop."""
         try:
-            user = await with_backoff(lambda: lookup_channel_user(self.redis, token), what="token lookup")
+            if pid is not None and valid_token(token):
+                _, _, raw = await with_backoff(
+                    lambda: self.store.open_session(sid, token, pid=pid), what="recovery session"
+                )
+                user = parse_current_user(raw)
+                rooms = rooms_for(user)
+            else:
+                user = await with_backoff(lambda: lookup_channel_user(self.redis, token), what="token lookup")
+                rooms = rooms_for(user)
+                if pid is not None:
+                    await with_backoff(
+                        lambda: self.store.create_session(sid, token, rooms, pid=pid), what="recovery session"
+                    )
         except asyncio.CancelledError:
             return
         if sid not in self.live:
             return
-        rooms = rooms_for(user)
         for room in rooms:
             self.rooms.enter(sid, room)
         self.deferred.pop(sid, None)
-        log.info("rooms joined after redis returned", extra={"sid": sid, "rooms": len(rooms)})
+        log.info("rooms joined after redis returned", extra={"sid": sid, "rooms": len(rooms), "stored": pid is not None})
 
     # -- disconnects and sessions ------------------------------------------
 

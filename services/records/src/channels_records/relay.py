@@ -4,13 +4,17 @@ here: the caller logs the reason and drops the message."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
-from collections import deque
+import random
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from channels_common import jsonin
+from channels_common.tasks import spawn
 
 from .protocol import encode_event
+from .recovery.offsets import offset_key
 from .rooms import NOTICE_ROOM
 
 log = logging.getLogger("channels.records.relay")
@@ -22,6 +26,13 @@ NOTICE_EVENT = "notice"
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 MAX_ROOM_LENGTH = 200
+# A catch-up after a resubscription: events it replays at most, and the
+# attempts at reading them before the rooms' sockets are disconnected.
+CATCH_UP_MAX_EVENTS = 10_000
+CATCH_UP_ATTEMPTS = 6
+# Events broadcast without an offset (the log failed) remembered for the
+# catch-up's skipping, at most.
+MAX_UNLOGGED = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +90,26 @@ class _Pending:
         self.done = False
 
 
+def _digest(room: str, event: str, payload: str) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for part in (room, event, payload):
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.digest()
+
+
+class _CatchUp:
+    """A place in the broadcast order, after everything the previous
+    subscription handed over: nothing behind it goes out before the
+    events missed meanwhile (see Relay.resubscribed)."""
+
+    __slots__ = ("done", "started")
+
+    def __init__(self) -> None:
+        self.done = False
+        self.started = False
+
+
 class Relay:
     """The subscription handler: validate, give each message its recovery
     offset, broadcast. Called with the messages of one pub/sub read at a
@@ -89,8 +120,24 @@ class Relay:
     in call order), and broadcasts still go out strictly in publish order: a
     message waits for the ones before it, never the other way round."""
 
-    def __init__(self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000, epoch_channel=None):
+    def __init__(
+        self, broadcaster, metrics, store=None, *, max_in_flight: int = 1000, epoch_channel=None,
+        rooms=list, on_lost=lambda room: None,
+    ):
         self.broadcaster = broadcaster
+        # For a catch-up after a resubscription: the rooms with sockets
+        # here, and what to do with a room whose missed events cannot all
+        # be given (disconnect its sockets: their clients recover).
+        self.rooms = rooms
+        self.on_lost = on_lost
+        # Offsets a catch-up broadcast, and the newest of them: their live
+        # copies (same offsets: dedup) are not broadcast again.
+        self._caught: set[str] = set()
+        self._caught_top: tuple[int, int] | None = None
+        # Digests of (room, event, payload) broadcast without an offset
+        # since the last one with: a catch-up does not send them a second
+        # time. Digests, not payloads: bounded memory while Redis is down.
+        self._unlogged: Counter = Counter()
         self.metrics = metrics
         self.store = store
         # Markers on this channel start a new subscription epoch for the
@@ -202,16 +249,90 @@ class Relay:
         queue = self._in_flight
         while queue and queue[0].done:
             pending = queue.popleft()
+            if type(pending) is _CatchUp:
+                continue
             try:
                 self._emit(pending.broadcast, pending.offset)
             except Exception:
                 log.exception("broadcast failed", extra={"room": pending.broadcast.room})
+        if queue and type(queue[0]) is _CatchUp and not queue[0].started:
+            queue[0].started = True
+            spawn(self._catch_up(queue[0]), name="records-catch-up")
         if len(queue) < self.max_in_flight:
             self._room.set()
 
     def _emit(self, result: Broadcast, offset: str | None) -> None:
+        if offset is None:
+            if len(self._unlogged) < MAX_UNLOGGED:
+                self._unlogged[_digest(result.room, result.event, result.payload)] += 1
+        elif self._caught:
+            if offset in self._caught:
+                return  # the catch-up broadcast it already
+            if offset_key(offset) > self._caught_top:
+                self._caught.clear()  # past the catch-up: offsets come in order
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
         if offset is not None:
             self.last_offset = offset
+            self._unlogged.clear()
         self.emitted += 1
         self.metrics.hot.relayed_one(result.event)
+
+    # -- after a resubscription ----------------------------------------------
+
+    def resubscribed(self) -> None:
+        """The subscription is live again after a drop: what other
+        instances logged meanwhile never reached this one. Called before
+        the new subscription hands anything over: its messages are logged
+        as usual but broadcast only after the catch-up (`_catch_up`)."""
+        if self.store is None or self.last_offset is None:
+            return  # nothing relayed yet: no place to catch up from
+        self._in_flight.append(_CatchUp())
+        self._drain()
+
+    async def _catch_up(self, mark: _CatchUp) -> None:
+        """Broadcast every event logged in the rooms with sockets here after
+        the last offset this instance broadcast, in offset order, each
+        once; disconnect the sockets of a room for which that cannot be
+        done (trimmed, too many, Redis not answering): a gap is never silent."""
+        try:
+            since = self.last_offset
+            rooms = list(self.rooms())
+            events, lost = [], rooms
+            for attempt in range(CATCH_UP_ATTEMPTS):
+                try:
+                    events, lost = await asyncio.wait_for(
+                        self.store.read_since(rooms, since, CATCH_UP_MAX_EVENTS), 5.0
+                    )
+                    break
+                except Exception as exc:  # noqa: BLE001 - Redis down or worse: the rooms' sockets are told
+                    log.warning(
+                        "catch-up after resubscribing: log read failed",
+                        extra={"error": type(exc).__name__, "attempt": attempt + 1},
+                    )
+                    await asyncio.sleep(min(1.0, 0.2 * 2 ** attempt) * (0.5 + random.random() / 2))
+            for room in lost:
+                self.on_lost(room)
+            unlogged = self._unlogged
+            for room, event in events:
+                payload = event.data.decode("utf-8", "replace")
+                if unlogged:
+                    digest = _digest(room, event.event, payload)
+                    if unlogged[digest] > 0:
+                        unlogged[digest] -= 1
+                        continue  # broadcast already, without its offset
+                self.broadcaster.to_room(room, encode_event(event.event, payload, event.offset), event.offset)
+                self._caught.add(event.offset)
+                self.last_offset = event.offset
+                self.emitted += 1
+            if self._caught:
+                self._caught_top = max(offset_key(o) for o in self._caught)
+            if events or lost:
+                log.info(
+                    "caught up after resubscribing",
+                    extra={"events": len(events), "rooms": len(rooms), "lost_rooms": len(lost)},
+                )
+        except Exception:
+            log.exception("catch-up after resubscribing failed")
+        finally:
+            mark.done = True
+            self._drain()

@@ -1,7 +1,7 @@
 """Connection state recovery kept in Redis: sessions and a per-room event log.
 
 Parts: offsets.py, keys.py, lua/ (package data) run by scripts.py, log.py,
-sessions.py; `RecoveryStore` wires them. Invariants: offsets increase
+sessions.py, catchup.py; `RecoveryStore` wires them. Invariants: offsets increase
 strictly across rooms and instances; an event is replayed only if every
 event after the client's offset in its rooms is still logged (never a
 partial replay). Keys, dedup and costs: docs/recovery.md.
@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from . import catchup
 from .keys import Keys
 from .log import EventLog
 from .offsets import ZERO_OFFSET, LoggedEvent, offset_key, parse_offset
-from .sessions import RestoredSession, SessionStore, token_fingerprint
+from .sessions import RestoredSession, SessionStore, new_pid, token_fingerprint
 
 __all__ = [
     "ZERO_OFFSET", "EventLog", "Keys", "LoggedEvent", "RecoveryStore", "RestoredSession", "SessionStore",
-    "offset_key", "parse_offset", "token_fingerprint",
+    "new_pid", "offset_key", "parse_offset", "token_fingerprint",
 ]
 
 
@@ -62,3 +63,8 @@ class RecoveryStore:
         self.touch = self.sessions.touch
         self.forget = self.sessions.forget
         self.restore = self.sessions.restore
+        self._redis = redis
+
+    async def read_since(self, rooms: list[str], offset: str, max_events: int = 10_000):
+        """See catchup.read_since: what this instance's subscription missed."""
+        return await catchup.read_since(self._redis, self.keys, rooms, offset, max_events)

@@ -7,13 +7,15 @@ together in the next one, in call order."""
 from __future__ import annotations
 
 import asyncio
+import logging
+import random
 import time
 from collections.abc import Callable
 
 from channels_common.redis_line import RedisLine
 from channels_common.resp import pack_command
 from channels_common.tasks import spawn
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .keys import Keys
@@ -26,6 +28,10 @@ MAX_BATCH = 500
 LINE_TIMEOUT_SECONDS = 5.0
 # Occurrences of one payload whose offsets the dedup hash keeps.
 DEDUP_KEEP = 64
+# mark_live's retries of the Redis clock: the longest pause between two.
+MARK_RETRY_MAX_SECONDS = 2.0
+
+log = logging.getLogger("channels.records.recovery")
 
 
 class EventLog:
@@ -65,6 +71,7 @@ class EventLog:
         # The local wall clock until mark_live() reads Redis's; the grace
         # absorbs skew between the two.
         self._start_ms = self._now_local() - start_grace_ms
+        self._marks = 0  # start marks set so far: a newer one supersedes a mark_live still retrying
         self.epoch: int | None = None  # see set_epoch
         self._serial = 0
         self._pending: list[_Queued] = []  # in call order
@@ -95,6 +102,7 @@ class EventLog:
         any message: a fresh occurrence count from then, with no grace, so
         that an occurrence logged earlier (published while this instance was
         not listening) is never taken for one it is about to see."""
+        self._marks += 1
         self._start_ms = int(at_ms)
 
     async def mark_live(self) -> None:
@@ -102,13 +110,34 @@ class EventLog:
         published while it was down were not seen, so this instance starts a
         fresh occurrence count from now (Redis clock) less the start grace.
         Occurrences logged within the grace before it started listening are
-        taken for ones it will see: prefer `listening_since`."""
+        taken for ones it will see: prefer `listening_since`. Until Redis
+        tells its time (a stale pooled connection after a restart, Redis
+        still loading), the mark is the local clock's, and the clock is
+        asked again with backoff, a warning line per failure; a newer mark
+        (another call, `listening_since`) ends the retries. Never raises a
+        Redis error."""
+        self._marks += 1
+        mine = self._marks
+        self._start_ms = self._now_local() - self.start_grace_ms
         if self._clock:
-            now = self._now_local()
-        else:
-            seconds, micros = await self._redis.time()
-            now = int(seconds) * 1000 + int(micros) // 1000
-        self._start_ms = now - self.start_grace_ms
+            return
+        attempt = 0
+        while True:
+            try:
+                seconds, micros = await self._redis.time()
+                break
+            except (RedisError, OSError) as exc:
+                attempt += 1
+                log.warning(
+                    "recovery start mark: redis clock unavailable, retrying",
+                    extra={"error": type(exc).__name__, "attempt": attempt},
+                )
+                delay = min(MARK_RETRY_MAX_SECONDS, 0.05 * 2 ** min(attempt, 10))
+                await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                if mine != self._marks:
+                    return
+        if mine == self._marks:
+            self._start_ms = int(seconds) * 1000 + int(micros) // 1000 - self.start_grace_ms
 
     def log_batch(
         self,

@@ -38,6 +38,11 @@ class RestoredSession:
     missed: list[LoggedEvent]
 
 
+def new_pid() -> str:
+    """A secret session id: what a client shows to recover its session."""
+    return secrets.token_urlsafe(24)
+
+
 def token_fingerprint(token: str | None) -> str:
     if token is None:
         return "none"
@@ -59,10 +64,13 @@ class SessionStore:
         # Connects: one EVALSHA each, on a line of their own (see open_session).
         self._connects = BatchedCalls(RedisLine(redis, CONNECT_TIMEOUT_SECONDS))
 
-    async def create_session(self, sid: str, token: str | None, rooms: list[str]) -> tuple[str, str]:
-        """A new secret pid for a connected socket, and the offset at connect
-        time (a client that gets no event before dropping recovers from it)."""
-        pid = secrets.token_urlsafe(24)
+    async def create_session(
+        self, sid: str, token: str | None, rooms: list[str], pid: str | None = None
+    ) -> tuple[str, str]:
+        """A new secret pid for a connected socket (or `pid`, one from
+        `new_pid` already sent to it), and the offset at connect time (a
+        client that gets no event before dropping recovers from it)."""
+        pid = pid or new_pid()
         unique_rooms = list(dict.fromkeys(rooms))
         offset = await self._create(
             self._redis,
@@ -72,12 +80,13 @@ class SessionStore:
         offset = offset.decode() if isinstance(offset, bytes) else str(offset)
         return pid, offset
 
-    async def open_session(self, sid: str, token: str) -> tuple[str, str, bytes | None]:
+    async def open_session(self, sid: str, token: str, pid: str | None = None) -> tuple[str, str, bytes | None]:
         """At connect, in one round trip: the record Rails stored for
         `token` (None when there is none) and a new session (secret pid,
-        connect offset) whose rooms follow from that record. Concurrent
-        connects share round trips (a line of their own, pipelined)."""
-        pid = secrets.token_urlsafe(24)
+        or `pid` as in create_session; connect offset) whose rooms follow
+        from that record. Concurrent connects share round trips (a line of
+        their own, pipelined)."""
+        pid = pid or new_pid()
         keys = [self.keys.session(pid), self.keys.last, current_user_key(token)]
         args = [sid, token_fingerprint(token), self.window_ms]
         try:
