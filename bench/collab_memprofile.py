@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from channels_dev.redis_server import start_local_redis
 
-from bench.memprofile import wait_snapshot
+from bench.memprofile import trace_snapshots, wait_snapshot
 from bench.processes import NodeDriver, Server, free_port
 from bench.procstat import settled_rss
 from bench.run import ensure_node_modules, start_rails_stub
@@ -33,21 +33,8 @@ from bench.run import ensure_node_modules, start_rails_stub
 def serve_traced() -> None:
     """The server side: channels-collab with a SIGUSR1 heap snapshot."""
     import os
-    import tracemalloc
 
-    out = Path(os.environ["MEMTRACE_DIR"])
-    tracemalloc.start(int(os.environ.get("MEMTRACE_FRAMES", "8")))
-    taken = [0]
-
-    def snapshot(_signum, _frame):
-        if os.environ.get("MEMTRACE_GC"):
-            import gc
-
-            gc.collect()
-        tracemalloc.take_snapshot().dump(str(out / f"snapshot-{taken[0]}.pickle"))
-        taken[0] += 1
-
-    signal.signal(signal.SIGUSR1, snapshot)
+    out = trace_snapshots()
     if os.environ.get("MEMTRACE_REFERRERS"):
         signal.signal(signal.SIGUSR2, lambda _s, _f: _referrers(os.environ["MEMTRACE_REFERRERS"], out))
     from channels_collab.app import main

@@ -34,17 +34,28 @@ from bench.procstat import settled_rss
 from bench.records_bench import RecordsConfig, warm_up, write_tokens
 
 
-def serve_traced() -> None:
-    """The server side: channels-records with a SIGUSR1 heap snapshot."""
+def trace_snapshots() -> Path:
+    """Start tracemalloc in this (server) process and dump a heap snapshot to
+    MEMTRACE_DIR on each SIGUSR1 (after a collection with MEMTRACE_GC set)."""
     out = Path(os.environ["MEMTRACE_DIR"])
     tracemalloc.start(int(os.environ.get("MEMTRACE_FRAMES", "8")))
     taken = [0]
 
     def snapshot(_signum, _frame):
+        if os.environ.get("MEMTRACE_GC"):
+            import gc
+
+            gc.collect()
         tracemalloc.take_snapshot().dump(str(out / f"snapshot-{taken[0]}.pickle"))
         taken[0] += 1
 
     signal.signal(signal.SIGUSR1, snapshot)
+    return out
+
+
+def serve_traced() -> None:
+    """The server side: channels-records with a SIGUSR1 heap snapshot."""
+    trace_snapshots()
     from channels_records.app import main
 
     sys.exit(main())
