@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from channels_dev.redis_server import start_local_redis
 
-from bench.memprofile import trace_snapshots, wait_snapshot
+from bench.memprofile import print_by_package, trace_snapshots, wait_snapshot
 from bench.processes import NodeDriver, Server, free_port
 from bench.procstat import settled_rss
 from bench.run import ensure_node_modules, start_rails_stub
@@ -118,15 +118,8 @@ async def measure(args) -> None:
         frames = s.traceback if args.traceback else s.traceback[:1]
         where = " <- ".join(f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno}" for f in frames)
         print(f"  {s.size_diff / n:9.0f} B  {s.count_diff / n:6.1f} blocks  {where}")
-    by_file: dict[str, int] = {}
-    for s in stats:
-        parts = Path(s.traceback[0].filename).parts
-        key = next((p for p in parts if p.startswith(("channels_", "pycrdt", "anyio", "redis", "asyncio",
-                                                        "uvloop", "prometheus"))), parts[-1])
-        by_file[key] = by_file.get(key, 0) + s.size_diff
-    print("\nby package, bytes per document:")
-    for key, size in sorted(by_file.items(), key=lambda kv: -kv[1])[:12]:
-        print(f"  {size / n:9.0f} B  {key}")
+    print_by_package(stats, n, "document", ("channels_", "pycrdt", "anyio", "redis", "asyncio",
+                                            "uvloop", "prometheus"))
 
 
 def main() -> int:

@@ -126,13 +126,19 @@ async def measure(args) -> None:
         frame = s.traceback[0]
         short = "/".join(Path(frame.filename).parts[-2:])
         print(f"  {s.size_diff / n:9.0f} B  {s.count_diff / n:6.1f} blocks  {short}:{frame.lineno}")
+    print_by_package(stats, n, "connection", ("channels_", "engineio", "socketio", "websockets", "uvicorn",
+                                              "redis", "asyncio", "starlette", "uvloop"))
+
+
+def print_by_package(stats, n: int, unit: str, packages: tuple[str, ...]) -> None:
+    """The snapshot difference summed by the first path part naming one of
+    `packages` (else the file's name), per `unit`, the twelve largest."""
     by_file: dict[str, int] = {}
     for s in stats:
         parts = Path(s.traceback[0].filename).parts
-        key = next((p for p in parts if p.startswith(("channels_", "engineio", "socketio", "websockets", "uvicorn",
-                                                        "redis", "asyncio", "starlette", "uvloop"))), parts[-1])
+        key = next((p for p in parts if p.startswith(packages)), parts[-1])
         by_file[key] = by_file.get(key, 0) + s.size_diff
-    print("\nby package, bytes per connection:")
+    print(f"\nby package, bytes per {unit}:")
     for key, size in sorted(by_file.items(), key=lambda kv: -kv[1])[:12]:
         print(f"  {size / n:9.0f} B  {key}")
 
