@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import shlex
 import subprocess
@@ -103,7 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="records: the load generator's websocket client (raw: leanest; ws: the npm package)")
     p.add_argument("--step-seconds", type=float, help="records: seconds per rate step (default 4)")
     p.add_argument("--docs", type=positive_int, help="collab: documents, two providers each (default 500, quick 100)")
-    p.add_argument("--edit-rate", type=float, default=1.0, help="collab: updates/s per editor")
+    p.add_argument("--edit-rate", type=float,
+                   help="collab and cluster: updates/s per editor (default: collab 4, i.e. 2,000 updates/s over "
+                        "500 documents, the rate of issue 22's bar; cluster 1)")
     p.add_argument("--edit-seconds", type=float, help="collab: length of the edit phase (default 10)")
     p.add_argument("--big-repeats", type=positive_int, help="collab: new clients timed on the 100 KB document")
     p.add_argument("--trickle-mib", type=positive_float,
@@ -131,9 +134,14 @@ def polling_config(args, rec: RecordsConfig) -> RecordsConfig:
     return cfg
 
 
+# Updates/s per editor when --edit-rate is not given.
+COLLAB_EDIT_RATE = 4.0
+CLUSTER_EDIT_RATE = 1.0
+
+
 def configs(args) -> tuple[RecordsConfig, CollabConfig, TrickleConfig]:
     rec = RecordsConfig()
-    col = CollabConfig(edit_rate=args.edit_rate)
+    col = CollabConfig(edit_rate=args.edit_rate or COLLAB_EDIT_RATE)
     tri = TrickleConfig()
     if args.trickle_mib is not None:
         tri.mib = args.trickle_mib
@@ -309,6 +317,7 @@ class Profiler:
 
 async def main_async(args) -> int:
     rec_cfg, col_cfg, tri_cfg = configs(args)
+    clu_cfg = dataclasses.replace(col_cfg, edit_rate=args.edit_rate or CLUSTER_EDIT_RATE)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(targets) - set(TARGETS)
     if unknown or not targets:
@@ -389,12 +398,12 @@ async def main_async(args) -> int:
                 ),
             )
         if args.scenario in ("cluster", "all"):
-            log(f"collab cluster: 2 instances on one Redis, {col_cfg.docs} documents, editor on one instance "
-                f"and observer on the other, {col_cfg.edit_rate:g} updates/s for {col_cfg.edit_seconds:g} s")
+            log(f"collab cluster: 2 instances on one Redis, {clu_cfg.docs} documents, editor on one instance "
+                f"and observer on the other, {clu_cfg.edit_rate:g} updates/s for {clu_cfg.edit_seconds:g} s")
             results["cluster"] = await run_rounds(
                 "cluster", targets, args, out, stamp, log, best_collab_run,
                 lambda who, profiler: run_collab_cluster(
-                    collab_cluster(who, redis_server.url, rails_url), col_cfg, log, redis_server.url,
+                    collab_cluster(who, redis_server.url, rails_url), clu_cfg, log, redis_server.url,
                     redis_server.process.pid, helper_pids=(rails.pid,),
                 ),
             )
@@ -423,7 +432,7 @@ async def main_async(args) -> int:
         c = results["collab"]
         rows = report.collab_rows(c.get("ours", empty), c.get("reference", empty))
         title = (f"Collab: {col_cfg.docs} documents x 2 providers, "
-                 f"{col_cfg.edit_rate:g} update/s per editor")
+                 f"{col_cfg.edit_rate:g} update/s per editor ({col_cfg.docs * col_cfg.edit_rate:,.0f} updates/s)")
         tables.append(report.table(title, rows))
         markdown += [f"**{title}**\n", report.markdown_table(rows), ""]
     if "trickle" in results:

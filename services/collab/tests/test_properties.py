@@ -90,6 +90,24 @@ def test_any_frame_gives_a_message_or_a_protocol_error(frame):
     assert message is not None
 
 
+def _outcome(decoder, frame):
+    try:
+        return decoder(frame)
+    except p.HocuspocusProtocolError:
+        return p.HocuspocusProtocolError
+
+
+sync_frames = st.builds(lambda a, s, u, r: p.encode_sync(a, s, u, r), addresses,
+                        st.sampled_from(list(p.SyncStep)), st.binary(max_size=20_000), st.booleans())
+
+
+@given(st.binary(max_size=120) | (sync_frames | server_frames.map(lambda c: c[0])).flatmap(mutated) | sync_frames)
+def test_the_short_sync_fast_path_decodes_as_the_reader_does(frame):
+    # decode() tries a Reader-free path for common Sync frames first; it must
+    # never answer differently from the full decoder (a value, or refusal).
+    assert _outcome(p.decode, frame) == _outcome(p._decode_with_reader, frame)
+
+
 @given(addresses.filter(lambda a: "\0" not in a), st.none() | st.text(max_size=20))
 def test_addresses_split_into_name_and_session(name, session):
     address = name if session is None else name + p.SESSION_SEPARATOR + session

@@ -138,3 +138,15 @@ def test_token_never_shows_in_a_repr():
     message = p.decode(p.encode_token("doc", "1,very-secret"))
     assert message.token == "1,very-secret"
     assert "very-secret" not in repr(message)
+
+
+@pytest.mark.parametrize("size", [0, 1, 127, 128, 255, 16_383, 16_384, 70_000])
+@pytest.mark.parametrize("address", ["d", "a" * 127, "a" * 128, "doc\0session"])
+def test_sync_frames_of_every_length_class_decode_alike_on_both_paths(size, address):
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frame = p.encode_sync(address, p.SyncStep.UPDATE, payload)
+    assert p.decode(frame) == p._decode_with_reader(frame) == p.Sync(address, p.SyncStep.UPDATE, payload)
+    # Cut anywhere, both refuse it alike.
+    for cut in {1, len(frame) // 2, len(frame) - 1}:
+        with pytest.raises(p.HocuspocusProtocolError):
+            p.decode(frame[:cut])

@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from . import protocol as p
 from .awareness import AwarenessRelay
 from .cluster import Cluster
-from .live import NO_CLIENTS, BadUpdate, LiveDocument, Peer, broadcast, crdt_call
+from .live import NO_CLIENTS, BadUpdate, LiveDocument, Peer, broadcast, broadcast_update, crdt_call
 from .metrics import CollabMetrics
 from .snapshot import Loaded
 from .store import Debounce, DraftStore
@@ -193,9 +193,10 @@ class DocumentRegistry:
             self.metrics.drafts_saved.inc()
 
     def _changed(self, doc: LiveDocument) -> None:
-        deadline = doc.debounce.changed(self.clock())
+        now = self.clock()
+        deadline = doc.debounce.changed(now)
         if doc.timer is None and self._call_later is not None:
-            doc.timer = self._call_later(max(0.0, deadline - self.clock()), lambda: self._timer_fired(doc))
+            doc.timer = self._call_later(max(0.0, deadline - now), lambda: self._timer_fired(doc))
 
     def _timer_fired(self, doc: LiveDocument) -> None:
         doc.timer = None
@@ -241,15 +242,16 @@ class DocumentRegistry:
         """Apply and fan out `update`; True when it changed the document."""
         if update == p.EMPTY_UPDATE:
             return False
-        doc._outbox.clear()
+        outbox = doc._outbox
+        outbox.clear()
         crdt_call(doc.ydoc.apply_update, update)
-        if not doc._outbox:
+        if not outbox:
             return False  # a duplicate, or structs waiting for missing ones
-        emitted = doc._outbox[:]
-        doc._outbox.clear()
+        emitted = outbox[:]
+        outbox.clear()
         for change in emitted:
             # The origin already has it; every other peer gets the same bytes.
-            broadcast(doc, lambda address, u=change: p.encode_update(address, u), exclude=origin)
+            broadcast_update(doc, change, origin)
         self._changed(doc)
         return True
 

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from pycrdt import Awareness, Doc
 
+from .protocol import encode_update
 from .store import Debounce
 
 
@@ -107,6 +108,19 @@ class LiveDocument:
     def collect(self, event) -> None:
         """The ydoc's observer (a bound method: no closure per document)."""
         self._outbox.append(event.update)
+
+
+def broadcast_update(doc: LiveDocument, update: bytes, exclude: Peer | None) -> None:
+    """`broadcast` of one Yjs update, without a closure per change."""
+    cached_address = None
+    frame = b""
+    for peer in tuple(doc.peers):
+        if peer is exclude:
+            continue
+        if peer.address != cached_address:
+            cached_address = peer.address
+            frame = encode_update(cached_address, update)
+        peer.send(frame)
 
 
 def broadcast(doc: LiveDocument, encode: Callable[[str], bytes], exclude: Peer | None = None) -> None:

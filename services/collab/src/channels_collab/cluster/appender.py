@@ -14,6 +14,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from functools import lru_cache
 
 from channels_common.redis_line import RedisLine
 from channels_common.resp import pack_command
@@ -55,6 +56,13 @@ MAX_QUEUED_AWARENESS = 10_000
 # The append command's variable parts, between its constant ones: log key,
 # members key, (instance), update, (ttl), (inbox cap), document name, (inboxes).
 _APPEND = b"%s$%d\r\n%s\r\n$%d\r\n%s\r\n%s$%d\r\n%s\r\n%s%s$%d\r\n%s\r\n%s"
+
+
+@lru_cache(maxsize=4096)
+def _encoded_keys(keys: Keys, name: str) -> tuple[bytes, bytes, bytes]:
+    """A document's log key, members key and name as the append sends them
+    (encoded once per document, not per update; bounded like the headers)."""
+    return keys.log(name).encode(), keys.members(name).encode(), name.encode()
 
 
 def _bulk(data: bytes) -> bytes:
@@ -264,7 +272,7 @@ class Appender:
             if update is None:
                 continue
             name = entry.name
-            log_key, members_key, name_b = k.log(name).encode(), k.members(name).encode(), name.encode()
+            log_key, members_key, name_b = _encoded_keys(k, name)
             positions.append((len(commands), name))
             commands.append(_APPEND % (
                 head, len(log_key), log_key, len(members_key), members_key, instance, len(update), update,
