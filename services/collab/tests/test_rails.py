@@ -218,3 +218,37 @@ async def test_one_caller_holds_at_most_its_share_of_rails():
     assert rails.most_in_flight == 3  # the hog's two, and the other caller's one
     # The other caller was not queued behind the hog's six.
     assert [r[1]["document_name"] for r in rails.requests].index("comment-other") <= 2
+
+
+WARM_UP_CHECK = """
+import asyncio, sys
+from channels_collab.rails import RailsAuthenticator
+
+async def answer(reader, writer):
+    await reader.readuntil(b"\\r\\n\\r\\n")
+    await reader.read(4096)
+    writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\n{}")
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    auth = RailsAuthenticator(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout_seconds=5)
+    await auth.warm_up()
+    before = set(sys.modules)
+    decision = await auth.authenticate("token", "comment-1-body")
+    assert decision.allowed, decision
+    print(sorted(set(sys.modules) - before))
+
+asyncio.run(main())
+"""
+
+
+def test_after_the_warm_up_the_first_call_imports_nothing():
+    # In a process of its own: in this one, earlier tests imported everything.
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", WARM_UP_CHECK], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

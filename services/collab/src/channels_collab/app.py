@@ -184,6 +184,7 @@ class CollabService:
         # An auth never outlives the connection deadline (see Connection.check).
         auth_timeout = min(s.auth_timeout_seconds, self.limits.timeout_seconds)
         self.authenticator = RailsAuthenticator(s.rails_base_url, timeout_seconds=auth_timeout)
+        await self.authenticator.warm_up()
         self._tasks.append(spawn(self._sweep(), name="collab-sweep"))
         self.ready = True
         freeze_startup_objects()

@@ -16,6 +16,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
+import anyio
+import anyio.streams.stapled
+import anyio.streams.tls
 import httpx
 from channels_common import jsonin
 
@@ -174,6 +177,13 @@ class RailsAuthenticator:
         else:
             # The first one now, so that startup pays for what it loads.
             self._idle.put_nowait(self._new_client())
+
+    async def warm_up(self) -> None:
+        """Load at startup what the first call would: anyio (4.16 imports
+        lazily) loads its asyncio backend and its socket modules, which
+        httpcore connects with, on first use (~750 KiB, docs/collab.md)."""
+        await anyio.sleep(0)
+        anyio.connect_tcp  # noqa: B018 - the attribute's lazy import is the point
 
     async def aclose(self) -> None:
         clients, self._clients = self._clients, []
