@@ -249,6 +249,6 @@ def test_after_the_warm_up_the_first_call_imports_nothing():
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-c", WARM_UP_CHECK], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "-c", WARM_UP_CHECK], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

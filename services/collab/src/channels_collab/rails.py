@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 import anyio
+import anyio.lowlevel
 import anyio.streams.stapled
 import anyio.streams.tls
 import httpx
@@ -182,7 +183,7 @@ class RailsAuthenticator:
         """Load at startup what the first call would: anyio (4.16 imports
         lazily) loads its asyncio backend and its socket modules, which
         httpcore connects with, on first use (~750 KiB, docs/collab.md)."""
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         anyio.connect_tcp  # noqa: B018 - the attribute's lazy import is the point
 
     async def aclose(self) -> None:
