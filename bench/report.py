@@ -192,7 +192,7 @@ def collab_rows(ours: dict, ref: dict) -> list:
         ("  same, each server's best round (µs)", best_round(ours, "edit", "cpu_us_per_update"),
          best_round(ref, "edit", "cpu_us_per_update"), ".0f", ("<=", 0.8)),
         ("memory per loaded document (KiB)", kib(ours, "per_doc_loaded_bytes"), kib(ref, "per_doc_loaded_bytes"),
-         ".1f", ("<=", 1.0)),
+         ".1f", ("<=", 0.15)),
         ("  same, after the edit phase (KiB)", kib(ours, "per_doc_edited_bytes"),
          kib(ref, "per_doc_edited_bytes"), ".1f", None),
         ("sync 100 KB document to a new client (ms)", _get(ours, "bigsync", "median"),
