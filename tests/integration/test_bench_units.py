@@ -245,3 +245,13 @@ def test_the_rate_bar_compares_offered_rates_sustained_and_shows_what_was_delive
     rows = report.records_rows({"steps": [ours], "headline": ours}, {"steps": [ref], "headline": ref}, polling=True)
     assert rows[0][1:3] == (12000, 12000) and rows[0][4] == (">=", 1.0)
     assert rows[1][0] == "  delivered in that step (/s)" and rows[1][1:3] == (11909.0, 11975.0)
+
+
+def test_best_round_is_the_lowest_of_a_servers_rounds():
+    from bench.report import best_round
+
+    rounds = [{"edit": {"cpu_us_per_update": v}} for v in (130, 114, 122)]
+    assert best_round({"edit": {"cpu_us_per_update": 130}, "rounds": rounds}, "edit", "cpu_us_per_update") == 114
+    assert best_round({"edit": {"cpu_us_per_update": 97}}, "edit", "cpu_us_per_update") == 97
+    assert best_round({}, "edit", "cpu_us_per_update") is None
+    assert best_round({"rounds": [{"edit": {}}, rounds[2]]}, "edit", "cpu_us_per_update") == 122
