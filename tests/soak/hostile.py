@@ -244,23 +244,35 @@ class Hostile:
 
     async def _greedy(self, rng: random.Random, reader, writer) -> None:
         """120 auths Rails answers too late (past the 100 pending documents
-        that pause collab's reading of the socket), then a hang-up, RST or
-        FIN, 3 s later: its calls to Rails must stay within its share and
-        stop once it is gone (run.py counts them at the Rails stand-in)."""
+        that pause collab's reading of the socket), then 3 s later a
+        hang-up, FIN and RST in turn. After a FIN the client still reads,
+        so collab's writes succeed and only its poll of paused sockets can
+        tell it has gone. Its calls to Rails must stay within its share and
+        stop once it is gone (Hostile.check counts them at the Rails stand-in)."""
         async with self.greedy:
             token = f"504,greedy-{rng.getrandbits(48):012x}"
             base = rng.randrange(10**6, 10**7)
+            fin = len(self.greedy_hung_up) % 2 == 0
             writer.write(b"".join(masked(0x82, hocuspocus(f"comment-{base + i}-body", 2, b"\x00" + _varstring(token)))
                                   for i in range(120)))
             try:
                 await writer.drain()
                 await asyncio.sleep(3)
+                if fin:
+                    writer.write_eof()
+                    self.greedy_hung_up[token] = time.monotonic()
+                    try:
+                        await asyncio.wait_for(self._read_to_end(reader), 30)
+                    except (TimeoutError, OSError):
+                        pass
             finally:
-                if rng.random() < 0.5:
-                    writer.transport.abort()
-                else:
-                    writer.close()
-                self.greedy_hung_up[token] = time.monotonic()
+                writer.transport.abort()
+                self.greedy_hung_up.setdefault(token, time.monotonic())
+
+    @staticmethod
+    async def _read_to_end(reader) -> None:
+        while await reader.read(65536):
+            pass
 
     async def hocuspocus_frames(self, rng: random.Random) -> None:
         ws = await self._ws(self.collab_port, "/")
