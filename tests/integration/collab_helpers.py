@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from tests.support import NodeScript, ServiceProcess, free_port
@@ -45,6 +46,11 @@ class RailsStandIn:
         self.answered_slowly: list[int] = []
         self.abandoned: list[int] = []
         self.slow_seconds = slow_seconds
+        # Per user_secret: when each call came (time.monotonic()), how many
+        # are being decided now, and the most ever decided at once.
+        self.calls_at: dict[str, list[float]] = {}
+        self.in_flight_by: Counter[str] = Counter()
+        self.peak_in_flight_by: Counter[str] = Counter()
         self.lock = threading.Lock()
         stand_in = self
 
@@ -55,15 +61,21 @@ class RailsStandIn:
             def do_POST(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
+                secret = str(body.get("user_secret", ""))
                 with stand_in.lock:
                     index = len(stand_in.requests)
                     stand_in.requests.append({"path": self.path, **body})
                     stand_in.deciding.add(index)
+                    stand_in.calls_at.setdefault(secret, []).append(time.monotonic())
+                    stand_in.in_flight_by[secret] += 1
+                    stand_in.peak_in_flight_by[secret] = max(stand_in.peak_in_flight_by[secret],
+                                                             stand_in.in_flight_by[secret])
                 try:
                     decided = stand_in.decide(self.path, body, self.connection, index)
                 finally:
                     with stand_in.lock:
                         stand_in.deciding.discard(index)
+                        stand_in.in_flight_by[secret] -= 1
                 if decided is None:
                     return  # the caller hung up before the answer
                 status, answer = decided

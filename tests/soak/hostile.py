@@ -1,7 +1,10 @@
 """Hostile traffic beside the good clients, all through the proxies or
 Redis: mutated websocket frames, Engine.IO/Socket.IO packets and Hocuspocus
-messages, drip-fed request heads, abandoned pre-auth sockets, and malformed
-or oversized payloads PUBLISHed on /records, /system_notice and chatbot/*.
+messages, drip-fed request heads, abandoned pre-auth sockets (some asking
+Rails about more documents than collab reads before it pauses them), and
+malformed or oversized payloads PUBLISHed on /records, /system_notice and
+chatbot/*. What became of each drip-fed head and each greedy socket's
+token is kept for run.py's invariants.
 It never touches the documents, rooms or Matrix rooms the invariants read
 (the hostile renders go to a room of their own)."""
 
@@ -12,12 +15,26 @@ import base64
 import json
 import os
 import random
+import time
 from collections import Counter
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tests.support import masked
+
+# collab's share of Rails per socket (rails.MAX_CALLS_PER_CALLER), as the
+# contract the soak holds it to, and the time a hung-up socket's calls may
+# go on (see Hostile.check).
+MAX_CALLS_PER_SOCKET = 4
+# As the Rails stand-in sees it, a call collab gave up on at its timeout
+# ends a moment after collab has started the next in its slot: each slot
+# may show two calls at once, never more.
+SEEN_CALLS_PER_SOCKET = 2 * MAX_CALLS_PER_SOCKET
+HUNG_UP_GRACE_SECONDS = 6.0
+# Auths a greedy socket sends: reading resumes (and a FIN is seen) only once
+# fewer than 100 wait, so the pause outlasts the grace by far.
+GREEDY_AUTHS = 300
 
 
 def _varuint(n: int) -> bytes:
@@ -67,6 +84,14 @@ class Hostile:
         self.errors: Counter[str] = Counter()
         self.slots = asyncio.Semaphore(12)
         self.drips = asyncio.Semaphore(4)
+        # Drip-fed heads: closed by the server (a 408, EOF or reset) before
+        # the whole head was sent, or sent whole without being closed.
+        self.drips_closed = 0
+        self.drips_outlived = 0
+        # Greedy abandoned collab sockets, at most two at a time: the token
+        # each asked Rails with, and when it hung up (time.monotonic()).
+        self.greedy = asyncio.Semaphore(2)
+        self.greedy_hung_up: dict[str, float] = {}
         self.tasks: set[asyncio.Task] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -175,18 +200,28 @@ class Hostile:
         writer.transport.abort()
 
     async def drip_head(self, rng: random.Random) -> None:
+        # 73 bytes, one each 0.4 s: about 29 s, near three times the head
+        # deadline (HTTP_HEAD_TIMEOUT_SECONDS, 10 s), and within the act's 40 s.
         async with self.drips:
             port = rng.choice([self.records_port, self.collab_port])
-            head = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 40
+            head = b"GET /socket.io/?EIO=4&transport=polling HTTP/1.1\r\nHost: x\r\nX-Slow: yy\r\n\r\n"
             reader, writer = await self._connect(port)
+            answer = asyncio.ensure_future(reader.read(1))  # done: the server answered or closed
             try:
                 for byte in head:
-                    writer.write(bytes((byte,)))
-                    await writer.drain()
-                    if reader.at_eof():
+                    if answer.done():
+                        self.drips_closed += 1
+                        return
+                    try:
+                        writer.write(bytes((byte,)))
+                        await writer.drain()
+                    except (ConnectionError, OSError):
+                        self.drips_closed += 1
                         return
                     await asyncio.sleep(0.4)
+                self.drips_outlived += 1
             finally:
+                answer.cancel()
                 writer.transport.abort()
 
     async def abandoned(self, rng: random.Random) -> None:
@@ -196,7 +231,11 @@ class Hostile:
             if ws is None:
                 return
             reader, writer = ws
-            if rng.random() < 0.5:  # an auth that Rails answers too late
+            kind = rng.random()
+            if kind < 0.35 and not self.greedy.locked():
+                await self._greedy(rng, reader, writer)
+                return
+            if kind < 0.7:  # an auth that Rails answers too late
                 writer.write(masked(0x82, hocuspocus("comment-77-body", 2, b"\x00" + _varstring("504,x"))))
         else:
             reader, writer = await self._connect(self.records_port)
@@ -209,6 +248,38 @@ class Hostile:
                 reader, writer = ws
         await self._drain(reader, rng.uniform(5, 25))
         writer.transport.abort()
+
+    async def _greedy(self, rng: random.Random, reader, writer) -> None:
+        """GREEDY_AUTHS auths Rails answers too late (past the 100 pending documents
+        that pause collab's reading of the socket), then 3 s later a
+        hang-up, FIN and RST in turn. After a FIN the client still reads,
+        so collab's writes succeed and only its poll of paused sockets can
+        tell it has gone. Its calls to Rails must stay within its share and
+        stop once it is gone (Hostile.check counts them at the Rails stand-in)."""
+        async with self.greedy:
+            token = f"504,greedy-{rng.getrandbits(48):012x}"
+            base = rng.randrange(10**6, 10**7)
+            fin = len(self.greedy_hung_up) % 2 == 0
+            writer.write(b"".join(masked(0x82, hocuspocus(f"comment-{base + i}-body", 2, b"\x00" + _varstring(token)))
+                                  for i in range(GREEDY_AUTHS)))
+            try:
+                await writer.drain()
+                await asyncio.sleep(3)
+                if fin:
+                    writer.write_eof()
+                    self.greedy_hung_up[token] = time.monotonic()
+                    try:
+                        await asyncio.wait_for(self._read_to_end(reader), 30)
+                    except (TimeoutError, OSError):
+                        pass
+            finally:
+                writer.transport.abort()
+                self.greedy_hung_up.setdefault(token, time.monotonic())
+
+    @staticmethod
+    async def _read_to_end(reader) -> None:
+        while await reader.read(65536):
+            pass
 
     async def hocuspocus_frames(self, rng: random.Random) -> None:
         ws = await self._ws(self.collab_port, "/")
@@ -264,6 +335,40 @@ class Hostile:
                 choices.append(("chatbot/publish", self.junk_chatbot.replace("@HTML@", json.dumps(html)[1:-1]).encode()))
         channel, data = rng.choice(choices)
         await self.redis.publish(channel, data)
+
+    def check(self, rails) -> list[str]:
+        """The invariants of the hostile acts themselves (issue 21's heads
+        that never time out and the Rails pool one socket could drain):
+        every drip-fed head was closed by the server before it was sent
+        whole; no greedy socket had more than SEEN_CALLS_PER_SOCKET calls at
+        Rails at once, nor had one begun over HUNG_UP_GRACE_SECONDS after
+        it hung up (collab polls paused sockets for their peer once a
+        second; a stalled proxy passes the hang-up on within 4 s)."""
+        problems = []
+        if self.drips_outlived:
+            problems.append(f"{self.drips_outlived} drip-fed request heads were sent whole without the server "
+                            f"closing them ({self.drips_closed} closed)")
+        with rails.lock:
+            for token, hung_up in self.greedy_hung_up.items():
+                calls = rails.calls_at.get(token, [])
+                late = sum(1 for at in calls if at > hung_up + HUNG_UP_GRACE_SECONDS)
+                peak = rails.peak_in_flight_by.get(token, 0)
+                if peak > SEEN_CALLS_PER_SOCKET:
+                    problems.append(f"a greedy pre-auth socket had {peak} calls at Rails at once "
+                                    f"(its share is {MAX_CALLS_PER_SOCKET}, seen as at most {SEEN_CALLS_PER_SOCKET}; "
+                                    f"{len(calls)} calls in all)")
+                if late:
+                    problems.append(f"{late} of a greedy pre-auth socket's {len(calls)} calls to Rails began "
+                                    f"over {HUNG_UP_GRACE_SECONDS} s after it hung up")
+        return problems
+
+    def greedy_figure(self, rails) -> str:
+        with rails.lock:
+            peaks = [rails.peak_in_flight_by.get(t, 0) for t in self.greedy_hung_up]
+            calls = [len(rails.calls_at.get(t, [])) for t in self.greedy_hung_up]
+        return (f"hostile: {self.drips_closed} drip-fed heads closed by the server, {self.drips_outlived} sent whole; "
+                f"{len(peaks)} greedy pre-auth sockets, at most {max(peaks, default=0)} Rails calls at once and "
+                f"{max(calls, default=0)} in all for one")
 
     def figure(self) -> str:
         return f"{sum(self.counts.values())} hostile acts"

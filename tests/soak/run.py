@@ -268,6 +268,8 @@ def run(config: Config) -> Result:
                                        f"{RSS_BOUND_MIB[inst.service]} MiB")
         if hostile.errors:
             result.problems.append(f"hostile traffic harness errors: {dict(hostile.errors)}")
+        say(result, hostile.greedy_figure(rails))
+        result.problems += hostile.check(rails)
     except Exception as exc:  # noqa: BLE001 - any failure of the run is reported as one
         import traceback
 

@@ -92,3 +92,28 @@ def test_the_bots_check_counts_doubles_and_gaps():
     load.numbers = posted.__getitem__
     f = load.check()
     assert (f.expected, f.once, f.missing, f.doubled) == (7, 5, 1, 1)
+
+
+def test_the_hostile_checks_fail_on_heads_never_closed_and_a_greedy_socket_past_its_share():
+    from collections import Counter
+
+    from tests.soak.hostile import HUNG_UP_GRACE_SECONDS, SEEN_CALLS_PER_SOCKET, Hostile
+
+    class Rails:  # what the Rails stand-in counts per token
+        def __init__(self):
+            self.lock = threading.Lock()
+            self.calls_at = {"504,fair": [10.0, 11.0, 13.0 + HUNG_UP_GRACE_SECONDS - 1], "504,hog": [10.0, 30.0]}
+            self.peak_in_flight_by = Counter({"504,fair": SEEN_CALLS_PER_SOCKET, "504,hog": 32})
+
+    rails = Rails()
+    hostile = Hostile(0, 0, "redis://unused", 1, None)
+    hostile.drips_closed = 5
+    hostile.greedy_hung_up = {"504,fair": 13.0}
+    assert hostile.check(rails) == []
+    hostile.drips_outlived = 2
+    hostile.greedy_hung_up["504,hog"] = 13.0
+    problems = hostile.check(rails)
+    assert len(problems) == 3, problems
+    assert problems[0].startswith("2 drip-fed request heads were sent whole")
+    assert "had 32 calls at Rails at once" in problems[1]
+    assert problems[2].startswith("1 of a greedy pre-auth socket's 2 calls to Rails began over")

@@ -3,10 +3,12 @@ RespProtocolError; replies encoded as Redis sends them read back as the
 values they carry, however the bytes are cut, with a bounded number of
 element headers read per element and per read; lengths and counts past
 the limits, and nesting past its bound, are refused before anything is
-allocated for them."""
+allocated for them; replies cut across reads leave no memory behind once
+read."""
 
 from __future__ import annotations
 
+import itertools
 import tracemalloc
 
 from channels_common.resp import ReplyError, ReplyReader, RespProtocolError, pack_command
@@ -140,3 +142,37 @@ def test_declared_lengths_and_counts_allocate_nothing_and_past_the_limit_are_ref
         tracemalloc.stop()
     assert (got is None) == over and got in (None, [])
     assert peak < 16 * 1024, peak
+
+
+@given(
+    st.integers(8 * 1024, 32 * 1024),
+    st.integers(10, 20),
+    st.data(),
+)
+def test_replies_cut_across_reads_leave_no_memory_behind_once_read(size, rounds, data):
+    # Memory held after many cut replies is bounded by one reply (the
+    # reader's own buffer), not by how many were cut: a shared exception
+    # instance, raised for "not all there yet", once kept every cut read
+    # alive on its ever-growing traceback.
+    wire = b"*3\r\n$7\r\nmessage\r\n$8\r\n/records\r\n$%d\r\n%b\r\n" % (size, b"y" * size)
+    cuts = [sorted(data.draw(st.lists(st.integers(len(wire) // 2, len(wire) - 1), min_size=1, max_size=3)))
+            for _ in range(rounds)]
+    reader = ReplyReader()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for points in cuts:
+            edges = [0, *points, len(wire)]
+            got = []
+            for a, b in itertools.pairwise(edges):
+                got += reader.feed(wire[a:b])
+            assert len(got) == 1 and len(got[0][2]) == size
+            del got
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert reader.buffered == 0
+    # At least half of every reply was read before it was complete: held,
+    # they would be rounds / 2 replies' worth.
+    reply = len(wire)
+    assert grown <= 2 * reply + 32 * 1024, f"{grown} bytes held after {rounds} cut replies of {reply}"

@@ -204,6 +204,39 @@ async def test_fair_share_cancelled_waits_take_nothing():
     assert share.running == 0 and share.held("b") == 0
 
 
+async def test_fair_share_a_slot_freed_as_waits_are_cancelled_goes_to_a_live_wait():
+    # A socket's auths cancelled together, its call first: the call's
+    # release ran before the cancelled waits had taken themselves out, and
+    # granted one of them: InvalidStateError out of release() (an "auth
+    # failed unexpectedly" traceback) and a slot lost for good.
+    from channels_collab.rails import FairShare
+
+    share = FairShare(size=1, per_caller=1)
+
+    async def call(caller):
+        await share.acquire(caller)
+        try:
+            await asyncio.sleep(30)
+        finally:
+            share.release(caller)
+
+    holder = asyncio.create_task(call("a"))
+    await asyncio.sleep(0)
+    cancelled = [asyncio.create_task(call("a")) for _ in range(3)]
+    live = asyncio.create_task(call("b"))
+    await asyncio.sleep(0)
+    holder.cancel()
+    for task in cancelled:
+        task.cancel()
+    results = await asyncio.gather(holder, *cancelled, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results), results
+    await asyncio.sleep(0)
+    assert share.running == 1 and share.held("b") == 1 and share.held("a") == 0 and share.waiting == 0
+    live.cancel()
+    await asyncio.gather(live, return_exceptions=True)
+    assert share.running == 0 and share.waiting == 0
+
+
 async def test_one_caller_holds_at_most_its_share_of_rails():
     async with FakeRails([], delay=0.2) as rails:
         auth = RailsAuthenticator(rails.url, timeout_seconds=5, max_concurrent=8, max_per_caller=2)

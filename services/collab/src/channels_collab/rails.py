@@ -81,8 +81,9 @@ class FairShare:
     """`size` slots shared by callers (sockets): each caller holds at most
     `per_caller` at once, and a freed slot goes to the next waiting caller
     in round-robin order, each caller's own waits first come, first served.
-    A wait cancelled before its slot is granted takes nothing; one
-    cancelled just after gives its slot back."""
+    A wait cancelled before its slot is granted takes nothing, even when
+    the grant comes before its task resumes; one cancelled just after
+    gives its slot back."""
 
     def __init__(self, size: int, per_caller: int):
         self.size = size
@@ -144,6 +145,10 @@ class FairShare:
             future = queue.popleft()
             if queue:
                 self._waiting[caller] = queue  # to the back of the turn order
+            if future.done():
+                # Cancelled, its task not yet resumed to take it out (a
+                # socket's auths cancelled together): nothing to grant.
+                continue
             self._take(caller)
             future.set_result(None)
 
