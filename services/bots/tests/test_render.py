@@ -1,9 +1,10 @@
 """HTML -> the plain-text `body` of a Matrix message."""
 
-import time
 
 import pytest
 from channels_bots.render import MAX_HTML_CHARS, MAX_INDENT_DEPTH, MAX_TEXT_CHARS, TRUNCATED, html_to_text
+
+from services.bots.tests.render_work import render_work
 
 
 @pytest.mark.parametrize(
@@ -68,17 +69,6 @@ def test_an_over_long_text_is_cut_with_a_marker():
     assert html_to_text("<p>" + "word " * 1000 + "</p>") == ("word " * 1000).strip()
 
 
-def _cpu_seconds(html: str, repeat: int) -> float:
-    # CPU time of this process, the best of a few runs: a ratio of two such
-    # sizes is what is compared, never an absolute time.
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.process_time()
-        html_to_text(html)
-        best = min(best, time.process_time() - start)
-    return best
-
-
 @pytest.mark.parametrize(
     "unit, tail",
     [
@@ -91,12 +81,12 @@ def _cpu_seconds(html: str, repeat: int) -> float:
     ],
 )
 def test_rendering_is_linear_in_the_input(unit, tail):
-    # Counts are out of reach here (the cost was inside str.join and the
-    # stdlib parser), so: ten times the input may cost at most thirty times
-    # the CPU (a quadratic renderer costs about a hundred times).
-    n = 60_000 // len(unit + tail) // 10
+    # The properties' check at the sizes of real messages: four times the
+    # input (up to 60,000 characters, under the read cap) may cost at most
+    # six times the work, counted (render_work), never timed.
+    n = 60_000 // len(unit + tail) // 4
     small = unit * n + tail * n
-    big = unit * (10 * n) + tail * (10 * n)
+    big = unit * (4 * n) + tail * (4 * n)
     assert not html_to_text(big).endswith(TRUNCATED)  # under the cap: the whole input is rendered
-    ratio = _cpu_seconds(big, 3) / max(_cpu_seconds(small, 5), 1e-4)
-    assert ratio < 30, ratio
+    work_small, work_big = render_work(small), render_work(big)
+    assert work_big <= 6 * work_small + 4 * len(big), (work_small, work_big)
