@@ -21,6 +21,9 @@ from pycrdt import Doc, Text
 from tests.integration.collab_helpers import Provider, start_collab, token
 from tests.support import wait_for
 
+# Collab instances as processes: `make test`, not `make test-fast`.
+pytestmark = pytest.mark.slow
+
 _ids = itertools.count(random.Random(__name__).randint(1000, 9000) * 1000)  # seeded; the module has its own key prefix
 
 

@@ -51,6 +51,7 @@ def bots_process():
             service.kill()
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 def test_sigterm_finishes_in_flight_and_queued_sends(redis_url, homeserver, bots_process):
     homeserver.add_bot(TOKEN, ROOM)
     homeserver.send_delay = 0.5
@@ -65,6 +66,7 @@ def test_sigterm_finishes_in_flight_and_queued_sends(redis_url, homeserver, bots
     assert '"abandoned": 0' in bots.logs()
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 def test_sigterm_gives_up_on_sends_that_outlast_the_grace_period(redis_url, homeserver, bots_process):
     homeserver.add_bot(TOKEN, ROOM)
     # A homeserver that does not answer for far longer than the grace period.
@@ -84,6 +86,7 @@ def test_sigterm_gives_up_on_sends_that_outlast_the_grace_period(redis_url, home
     assert TOKEN not in logs
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 def test_survives_a_redis_outage_and_delivers_afterwards(private_redis, homeserver, bots_process):
     homeserver.add_bot(TOKEN, ROOM)
     bots = bots_process(private_redis.url)
@@ -108,6 +111,7 @@ def test_survives_a_redis_outage_and_delivers_afterwards(private_redis, homeserv
     assert bots.process.poll() is None
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 def test_idle_clients_are_closed_by_the_sweeper(redis_url, homeserver, bots_process):
     homeserver.add_bot(TOKEN, ROOM)
     bots = bots_process(redis_url, BOTS_CLIENT_IDLE_SECONDS="1")

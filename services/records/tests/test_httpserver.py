@@ -269,6 +269,7 @@ async def test_a_client_not_reading_its_responses_is_not_read_from():
     assert t.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 async def test_idle_connections_are_closed_by_one_sweep_but_a_held_poll_is_not_idle():
     engine, connect, _, _ = make(keep_alive_seconds=0.5)
     silent, silent_t = connect()  # never sends a byte

@@ -651,6 +651,7 @@ async def test_a_garbled_log_reply_fails_that_call_and_the_next_one_gets_a_fresh
         await fake.close()
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 async def test_a_log_connection_that_dies_while_idle_goes_back_to_the_pool(private_redis):
     client = create_redis(private_redis.url, max_connections=2, pool_timeout=3.0)
     store = RecoveryStore(client, window_ms=WINDOW, instance_id="x")
@@ -770,6 +771,7 @@ async def test_within_an_epoch_every_instance_counts_from_zero(clients, redis):
     assert [e[0] for e in await stream(redis, "group-1")] == [o1, o2, o3]
 
 
+@pytest.mark.slow  # seconds of real waiting: make test, not test-fast
 async def test_mark_live_across_a_redis_restart_retries_with_a_warning_and_ends_on_the_redis_clock(
     private_redis, caplog
 ):
