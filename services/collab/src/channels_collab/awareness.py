@@ -102,7 +102,7 @@ class AwarenessRelay:
         if not doc.peers:
             return
         # Sent to the origin too: providers count it as a sign of life.
-        broadcast(doc, lambda address: p.encode_awareness(address, payload))
+        broadcast(doc, p.encode_awareness, payload)
 
     @staticmethod
     def expire(docs: Iterable[LiveDocument], now_ms: float | None = None) -> int:

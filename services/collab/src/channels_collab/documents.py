@@ -26,7 +26,7 @@ from redis.exceptions import RedisError
 from . import protocol as p
 from .awareness import AwarenessRelay
 from .cluster import Cluster
-from .live import NO_CLIENTS, BadUpdate, LiveDocument, Peer, broadcast, broadcast_update, crdt_call
+from .live import NO_CLIENTS, BadUpdate, LiveDocument, Peer, broadcast, crdt_call
 from .metrics import CollabMetrics
 from .snapshot import Loaded
 from .store import Debounce, DraftStore
@@ -251,7 +251,7 @@ class DocumentRegistry:
         outbox.clear()
         for change in emitted:
             # The origin already has it; every other peer gets the same bytes.
-            broadcast_update(doc, change, origin)
+            broadcast(doc, p.encode_update, change, exclude=origin)
         self._changed(doc)
         return True
 
@@ -315,7 +315,7 @@ class DocumentRegistry:
         return self.presence.apply(doc, peer, update)
 
     def stateless(self, doc: LiveDocument, peer: Peer, payload: str) -> None:
-        broadcast(doc, lambda address: p.encode_stateless(address, payload), exclude=peer)
+        broadcast(doc, p.encode_stateless, payload, exclude=peer)
 
     def query_awareness(self, doc: LiveDocument, peer: Peer) -> None:
         self.presence.query(doc, peer)

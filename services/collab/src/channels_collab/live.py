@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 from pycrdt import Awareness, Doc
 
-from .protocol import encode_update
 from .store import Debounce
 
 
@@ -110,8 +109,9 @@ class LiveDocument:
         self._outbox.append(event.update)
 
 
-def broadcast_update(doc: LiveDocument, update: bytes, exclude: Peer | None) -> None:
-    """`broadcast` of one Yjs update, without a closure per change."""
+def broadcast(doc: LiveDocument, encode: Callable[..., bytes], payload, exclude: Peer | None = None) -> None:
+    """Send `encode(address, payload)` to every peer but `exclude`: one
+    encoding per distinct address, no closure per call."""
     cached_address = None
     frame = b""
     for peer in tuple(doc.peers):
@@ -119,17 +119,5 @@ def broadcast_update(doc: LiveDocument, update: bytes, exclude: Peer | None) -> 
             continue
         if peer.address != cached_address:
             cached_address = peer.address
-            frame = encode_update(cached_address, update)
-        peer.send(frame)
-
-
-def broadcast(doc: LiveDocument, encode: Callable[[str], bytes], exclude: Peer | None = None) -> None:
-    cached_address = None
-    frame = b""
-    for peer in list(doc.peers):
-        if peer is exclude:
-            continue
-        if peer.address != cached_address:
-            cached_address = peer.address
-            frame = encode(cached_address)
+            frame = encode(cached_address, payload)
         peer.send(frame)
