@@ -303,3 +303,27 @@ def test_tls_and_foreign_transports_have_no_raw_descriptor():
 
     assert raw_fd(Tls()) == -1
     assert raw_fd(FakeTransport()) == -1
+
+
+def test_a_floor_holds_while_events_come_out_of_offset_order():
+    """Soak seed 24: a catch-up after a resubscription sent a newer event of
+    another room to a socket just recovered; that took its floor as passed,
+    and the live copy of an event its replay had carried went out again.
+    While the relay says events are unordered, only the replayed offsets
+    count, and the floor stays."""
+    engine = make_engine(1)
+    b = Broadcaster(
+        engine, make_rooms({"g": ["e0"], "h": ["e0"]}), limit_bytes=1000, on_overflow=lambda e: None,
+        order_key=lambda o: tuple(int(x) for x in o.split("-")),
+    )
+    b.set_floor("e0", "5-0", {"5-0"})
+    b.unordered = True
+    b.to_room("h", '2["records",7,"7-0"]', "7-0")  # the catch-up's, newer
+    b.to_room("g", '2["records",5,"5-0"]', "5-0")  # the live copy of a replayed one
+    assert drain(engine.sockets["e0"]) == ['42["records",7,"7-0"]']
+    assert b.floors  # still held
+    b.unordered = False  # the relay is past the catch-up
+    b.to_room("g", '2["records",8,"8-0"]', "8-0")
+    b.to_room("g", '2["records",5,"5-0"]', "5-0")  # once in order, a floor passed is gone
+    assert drain(engine.sockets["e0"]) == ['42["records",8,"8-0"]', '42["records",5,"5-0"]']
+    assert b.floors == {} and b.floor_offsets == {}

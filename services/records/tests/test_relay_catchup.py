@@ -102,3 +102,29 @@ async def test_a_room_trimmed_past_the_last_offset_is_reported_lost(redis_url, r
     finally:
         await a_client.aclose()
         await b_client.aclose()
+
+
+async def test_recovery_floors_hold_from_the_catch_up_until_live_events_pass_it(redis_url, redis):
+    # The catch-up's events are newer than live copies still to come in rooms
+    # it did not read (joined since): the broadcaster is told events are
+    # unordered until a live event past everything caught up goes out.
+    a_client, b_client = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
+    try:
+        a = RecoveryStore(a_client, window_ms=WINDOW, instance_id="a")
+        b = RecoveryStore(b_client, window_ms=WINDOW, instance_id="b")
+        out = Recorder()
+        out.unordered = False
+        relay = Relay(out, Metrics(), b, rooms=lambda: ["group-1"])
+        relay.handle_batch([message("group-1", 0)])
+        await wait_for_async(lambda: len(out.sent) == 1)
+        await log_on(a, "group-1", 1)
+        relay.resubscribed()
+        await wait_for_async(lambda: len(out.sent) == 2)
+        assert out.unordered is True
+        relay.handle_batch([message("group-1", 2)])
+        await wait_for_async(lambda: len(out.sent) == 3)
+        assert out.unordered is False
+        assert [n for _, n, _ in out.sent] == [0, 1, 2]
+    finally:
+        await a_client.aclose()
+        await b_client.aclose()

@@ -103,6 +103,11 @@ class Broadcaster:
         # eio_sid -> the offsets that replay carried: only these are skipped
         # at or below the floor (see set_floor).
         self.floor_offsets: dict[str, frozenset[str]] = {}
+        # Set by the relay while events may come out of offset order (a
+        # catch-up after a resubscription sent newer events of some rooms
+        # before the live copies of older ones): a floor is then not taken
+        # as passed by a newer event, so the replayed offsets stay skipped.
+        self.unordered = False
         self.order_key = order_key
         # room -> _Route. Valid only while the room's members and their
         # sockets' states stay as they were: the engine and the manager
@@ -212,7 +217,7 @@ class Broadcaster:
                         return False  # already replayed
                     # At or below the floor but not replayed: an offset the
                     # log gave another event. Sent rather than lost.
-                else:
+                elif not self.unordered:
                     del self.floors[eio_sid]  # caught up: events come in offset order
                     self.floor_offsets.pop(eio_sid, None)
                     self._routes.clear()

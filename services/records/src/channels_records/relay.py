@@ -270,6 +270,7 @@ class Relay:
                 return  # the catch-up broadcast it already
             if offset_key(offset) > self._caught_top:
                 self._caught.clear()  # past the catch-up: offsets come in order
+                self.broadcaster.unordered = False
         self.broadcaster.to_room(result.room, encode_event(result.event, result.payload, offset), offset)
         if offset is not None:
             self.last_offset = offset
@@ -313,6 +314,9 @@ class Relay:
             for room in lost:
                 self.on_lost(room)
             unlogged = self._unlogged
+            # Live copies of older events in rooms the read did not cover
+            # (joined since) may follow these: recovery floors must hold.
+            self.broadcaster.unordered = bool(events)
             for room, event in events:
                 payload = event.data.decode("utf-8", "replace")
                 if unlogged:
@@ -326,6 +330,8 @@ class Relay:
                 self.emitted += 1
             if self._caught:
                 self._caught_top = max(offset_key(o) for o in self._caught)
+            else:
+                self.broadcaster.unordered = False
             if events or lost:
                 log.info(
                     "caught up after resubscribing",
