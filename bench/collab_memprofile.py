@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from channels_dev.redis_server import start_local_redis
 
-from bench.memprofile import print_by_package, trace_snapshots, wait_snapshot
+from bench.memprofile import print_growth, trace_snapshots, wait_snapshot
 from bench.processes import NodeDriver, Server, free_port
 from bench.procstat import settled_rss
 from bench.run import ensure_node_modules, start_rails_stub
@@ -107,19 +107,11 @@ async def measure(args) -> None:
         rails.wait()
         redis_server.cleanup()
 
-    stats = after.compare_to(before, "traceback" if args.traceback else "lineno")
-    traced = sum(s.size_diff for s in stats)
     print(f"{n} documents loaded ({loaded.get('failed', 0)} failed), two providers each")
-    print(f"RSS growth:         {(rss_after - rss_before) / n / 1024:7.1f} KiB per document"
-          " (RSS includes tracemalloc's own bookkeeping)")
-    print(f"Python heap growth: {traced / n / 1024:7.1f} KiB per document (tracemalloc)")
-    print(f"\ntop {args.top} allocation sites, bytes per document:")
-    for s in stats[: args.top]:
-        frames = s.traceback if args.traceback else s.traceback[:1]
-        where = " <- ".join(f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno}" for f in frames)
-        print(f"  {s.size_diff / n:9.0f} B  {s.count_diff / n:6.1f} blocks  {where}")
-    print_by_package(stats, n, "document", ("channels_", "pycrdt", "anyio", "redis", "asyncio",
-                                            "uvloop", "prometheus"))
+    print_growth(after.compare_to(before, "traceback" if args.traceback else "lineno"), n, "document",
+                 rss_after - rss_before, args.top,
+                 ("channels_", "pycrdt", "anyio", "redis", "asyncio", "uvloop", "prometheus"),
+                 whole_traceback=args.traceback)
 
 
 def main() -> int:

@@ -115,19 +115,26 @@ async def measure(args) -> None:
         await redis.aclose()
         redis_server.cleanup()
 
-    stats = after.compare_to(before, "lineno")
-    traced = sum(s.size_diff for s in stats)
     print(f"{n} idle connections")
-    print(f"RSS growth:        {(rss_after - rss_before) / n / 1024:7.1f} KiB per connection"
+    print_growth(after.compare_to(before, "lineno"), n, "connection", rss_after - rss_before, args.top,
+                 ("channels_", "engineio", "socketio", "websockets", "uvicorn", "redis", "asyncio", "starlette",
+                  "uvloop"))
+
+
+def print_growth(stats, n: int, unit: str, rss_growth: int, top: int, packages: tuple[str, ...],
+                 whole_traceback: bool = False) -> None:
+    """RSS and heap growth per `unit`, the `top` allocation sites (their
+    first frame, or every frame), and the growth by package."""
+    traced = sum(s.size_diff for s in stats)
+    print(f"RSS growth:         {rss_growth / n / 1024:7.1f} KiB per {unit}"
           " (RSS includes tracemalloc's own bookkeeping)")
-    print(f"Python heap growth:{traced / n / 1024:7.1f} KiB per connection (tracemalloc)")
-    print(f"\ntop {args.top} allocation sites, bytes per connection:")
-    for s in stats[: args.top]:
-        frame = s.traceback[0]
-        short = "/".join(Path(frame.filename).parts[-2:])
-        print(f"  {s.size_diff / n:9.0f} B  {s.count_diff / n:6.1f} blocks  {short}:{frame.lineno}")
-    print_by_package(stats, n, "connection", ("channels_", "engineio", "socketio", "websockets", "uvicorn",
-                                              "redis", "asyncio", "starlette", "uvloop"))
+    print(f"Python heap growth: {traced / n / 1024:7.1f} KiB per {unit} (tracemalloc)")
+    print(f"\ntop {top} allocation sites, bytes per {unit}:")
+    for s in stats[:top]:
+        frames = s.traceback if whole_traceback else s.traceback[:1]
+        where = " <- ".join(f"{'/'.join(Path(f.filename).parts[-2:])}:{f.lineno}" for f in frames)
+        print(f"  {s.size_diff / n:9.0f} B  {s.count_diff / n:6.1f} blocks  {where}")
+    print_by_package(stats, n, unit, packages)
 
 
 def print_by_package(stats, n: int, unit: str, packages: tuple[str, ...]) -> None:
